@@ -1,0 +1,29 @@
+# Two entry points for newcomers: `make demo` and `make test` (see README.md).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.fedmerge-installed
+
+.PHONY: demo test bench install clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch/torchvision first and pinned: pip takes them from the local wheel cache where one exists
+	$(PY) -m pip install -q "torch==2.14.1" "torchvision==0.29.1" || $(PY) -m pip install -q "torch<=2.14.1" "torchvision<=0.29.1"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m fedmerge.cli demo --out runs/demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q --timeout=900 $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) -m benchmarks --scale cpu --out results/cpu
+
+clean:
+	rm -rf $(VENV) runs results .pytest_cache

@@ -1,0 +1,1 @@
+"""fedmerge.client."""
