@@ -1,0 +1,99 @@
+"""Apply an alignment to a model's parameters and average aligned models.
+
+For a layer with output group o and input layout [(g_1, c_1), ..., (g_k, c_k)] (x ``repeat`` spatial
+positions after a flatten), model i's weight becomes ``T_i,o  W_i  blockdiag(T_i,g1^-1, ...)`` (conv kernels
+per spatial tap), its bias ``T_i,o b``. BatchNorm vectors (weight, bias, running mean) transform like outputs,
+its running variance through ``(T o T)(var + eps) - eps``: exact for permutations and positive rescalings,
+and re-estimated anyway by a BatchNorm reset after a general (CCA) merge.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .graph import FIXED, LayerSpec, MergeSpec, Segment
+from .matching import Alignment
+
+StateDict = dict[str, torch.Tensor]
+
+
+def _block(segs: Sequence[Segment], mats: dict[int, torch.Tensor]) -> torch.Tensor | None:
+    """Block-diagonal matrix over the segments (identity for fixed ones); None when all are identity."""
+    if all(s.group == FIXED or s.group not in mats for s in segs):
+        return None
+    total = sum(s.size for s in segs)
+    out = torch.zeros(total, total, dtype=torch.float64)
+    o = 0
+    for s in segs:
+        m = mats.get(s.group) if s.group != FIXED else None
+        out[o:o + s.size, o:o + s.size] = m if m is not None else torch.eye(s.size, dtype=torch.float64)
+        o += s.size
+    return out
+
+
+def align_state(state: StateDict, spec: MergeSpec, t: dict[int, torch.Tensor], t_inv: dict[int, torch.Tensor],
+                bn_eps: dict[str, float] | None = None) -> StateDict:
+    """Express one model's parameters in the shared basis given its per-group (T, T^-1)."""
+    out = dict(state)
+    for layer in spec.layers.values():
+        _align_layer(out, layer, t, t_inv, (bn_eps or {}).get(layer.name, 1e-5))
+    return out
+
+
+def _align_layer(sd: StateDict, layer: LayerSpec, t, t_inv, eps: float) -> None:
+    t_out = _block(layer.out, t)
+    p = layer.name + "."
+    if layer.kind == "bn":
+        if t_out is None:
+            return
+        for k in ("weight", "bias", "running_mean"):
+            if p + k in sd:
+                v = sd[p + k]
+                sd[p + k] = (t_out @ v.to(torch.float64)).to(v.dtype)
+        if p + "running_var" in sd:
+            v = sd[p + "running_var"]
+            new = (t_out * t_out) @ (v.to(torch.float64) + eps) - eps
+            sd[p + "running_var"] = torch.clamp(new, min=0).to(v.dtype)
+        return
+    w = sd[p + "weight"]
+    w64 = w.to(torch.float64)
+    if t_out is not None:
+        w64 = torch.tensordot(t_out, w64, dims=([1], [0]))
+        if sd.get(p + "bias") is not None:
+            b = sd[p + "bias"]
+            sd[p + "bias"] = (t_out @ b.to(torch.float64)).to(b.dtype)
+    t_in = _block(layer.inp, t_inv)
+    if t_in is not None:
+        if layer.kind == "conv":  # (O, I, kh, kw): contract I with T_in^-1
+            w64 = torch.einsum("oikl,ij->ojkl", w64, t_in)
+        else:  # linear (O, I*repeat), channel-major
+            o_dim = w64.shape[0]
+            w64 = w64.reshape(o_dim, t_in.shape[0], layer.repeat)
+            w64 = torch.einsum("ocr,cd->odr", w64, t_in).reshape(o_dim, -1)
+    sd[p + "weight"] = w64.to(w.dtype)
+
+
+def average_states(states: Sequence[StateDict], weights: Sequence[float], reference: int = 0) -> StateDict:
+    """Weighted average of floating-point entries; integer buffers (BN counters) from the reference."""
+    out = {}
+    for k, ref in states[reference].items():
+        if ref.is_floating_point():
+            acc = torch.zeros_like(ref, dtype=torch.float64)
+            for w, s in zip(weights, states):
+                acc += w * s[k].to(torch.float64)
+            out[k] = acc.to(ref.dtype)
+        else:
+            out[k] = ref.clone()
+    return out
+
+
+def merge_states(states: Sequence[StateDict], spec: MergeSpec, alignment: Alignment, weights: Sequence[float],
+                 reference: int = 0, bn_eps: dict[str, float] | None = None) -> StateDict:
+    """Align every model with its transforms and average: the merged parameters."""
+    aligned = []
+    for i, sd in enumerate(states):
+        t = {g: pairs[i][0] for g, pairs in alignment.items()}
+        t_inv = {g: pairs[i][1] for g, pairs in alignment.items()}
+        aligned.append(align_state(sd, spec, t, t_inv, bn_eps))
+    return average_states(aligned, weights, reference)

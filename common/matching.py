@@ -1,0 +1,159 @@
+"""Matching methods: pure functions from statistics (or weights) to per-group transforms.
+
+An :data:`Alignment` maps each merge group to one ``(T, T_inv)`` pair per model, in float64: ``T`` maps the
+model's units into the shared basis (the reference's, for all-to-one methods: there ``T_ref = I``), ``T_inv``
+maps back. A merged layer is ``W = sum_i w_i T_i,out W_i T_i,in^-1`` (see :mod:`fedmerge.common.align`).
+
+CCA Merge (Horoi et al., ICML 2024): with regularised covariances S_AA, S_BB and cross-covariance S_AB,
+SVD of S_AA^-1/2 S_AB S_BB^-1/2 = U diag(rho) V^T gives canonical bases P_A = S_AA^-1/2 U and
+P_B = S_BB^-1/2 V; the transform mapping B's units onto A's is T = (P_B P_A^-1)^T
+= S_AA^1/2 U V^T S_BB^-1/2, with inverse S_BB^1/2 V U^T S_AA^-1/2 (closed forms, no explicit inverse).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from .graph import MergeSpec
+from .stats import Statistics
+
+Alignment = dict[int, list[tuple[torch.Tensor, torch.Tensor]]]
+DTYPE = torch.float64
+
+
+def identity_alignment(spec: MergeSpec, num_models: int) -> Alignment:
+    return {g: [(torch.eye(grp.dim, dtype=DTYPE), torch.eye(grp.dim, dtype=DTYPE)) for _ in range(num_models)]
+            for g, grp in spec.groups.items()}
+
+
+def _all_to_one(stats: Statistics, spec: MergeSpec, reference: int,
+                pair_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+                ) -> Alignment:
+    out: Alignment = {}
+    for g, grp in spec.groups.items():
+        eye = torch.eye(grp.dim, dtype=DTYPE)
+        row = []
+        for i in range(stats.num_models):
+            if i == reference:
+                row.append((eye, eye))
+            else:
+                s_aa, s_bb, s_ab = stats.pair(reference, i, g)
+                row.append(pair_fn(s_aa, s_bb, s_ab))
+        out[g] = row
+    return out
+
+
+# --- permutation (linear assignment on correlations) --------------------------------------------------------
+def correlation(s_aa: torch.Tensor, s_bb: torch.Tensor, s_ab: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    sd_a = torch.sqrt(torch.clamp(torch.diagonal(s_aa), min=0))
+    sd_b = torch.sqrt(torch.clamp(torch.diagonal(s_bb), min=0))
+    return s_ab / torch.clamp(torch.outer(sd_a, sd_b), min=eps)
+
+
+def permutation_from_scores(scores: torch.Tensor) -> torch.Tensor:
+    """Permutation matrix P maximising sum_j scores[j, col(j)] with P[j, col(j)] = 1, so P @ x_B ~ x_A."""
+    s = np.nan_to_num(scores.detach().cpu().numpy(), nan=0.0, posinf=0.0, neginf=0.0)
+    rows, cols = linear_sum_assignment(s, maximize=True)
+    p = torch.zeros(scores.shape, dtype=DTYPE)
+    p[torch.as_tensor(rows), torch.as_tensor(cols)] = 1.0
+    return p
+
+
+def permute_pair(s_aa, s_bb, s_ab):
+    p = permutation_from_scores(correlation(s_aa, s_bb, s_ab))
+    return p, p.T.clone()
+
+
+def match_permute(stats: Statistics, spec: MergeSpec, reference: int = 0) -> Alignment:
+    """Permute: each model's units matched one-to-one to the reference's by maximal activation correlation."""
+    return _all_to_one(stats, spec, reference, permute_pair)
+
+
+# --- CCA --------------------------------------------------------------------------------------------------
+def _sym_powers(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S^1/2, S^-1/2) of a symmetric positive definite matrix via eigh."""
+    s = (s + s.T) / 2
+    evals, evecs = torch.linalg.eigh(s)
+    floor = torch.clamp(evals.max(), min=1e-300) * 1e-15
+    evals = torch.clamp(evals, min=floor)
+    r = torch.sqrt(evals)
+    return (evecs * r) @ evecs.T, (evecs / r) @ evecs.T
+
+
+def _unit_scales(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-unit standard deviations (dead units floored to a tiny positive value) and the dead-unit mask."""
+    var = torch.clamp(torch.diagonal(s), min=0)
+    floor = max(float(var.mean()), 1e-300) * 1e-12
+    return torch.sqrt(torch.clamp(var, min=floor)), var <= floor
+
+
+def _dead(s: torch.Tensor) -> torch.Tensor:
+    return _unit_scales(s)[1]
+
+
+def cca_pair(s_aa: torch.Tensor, s_bb: torch.Tensor, s_ab: torch.Tensor, gamma: float = 0.1,
+             regularization: str = "corr") -> tuple[torch.Tensor, torch.Tensor]:
+    """CCA transform (T, T^-1) mapping model B's units onto model A's.
+
+    ``regularization="corr"`` (default): CCA on standardised units with ridge ``gamma * I`` on the
+    correlation matrices -- gamma is relative to each unit's scale, and the result is exactly invariant to
+    permuting and positively rescaling units. ``"trace"``: ridge ``gamma * tr(S)/d * I`` on the raw
+    covariances (the paper's form with a scale-relative gamma).
+
+    Directions the probe does not determine (dead units, probes smaller than the width) are mapped
+    deterministically: dead units of B onto dead units of A, positively, in order.
+    """
+    if not gamma >= 0:
+        raise ValueError(f"gamma must be >= 0, got {gamma}")
+    d_a, d_b = s_aa.shape[0], s_bb.shape[0]
+    prior = torch.zeros(d_a, d_b, dtype=s_ab.dtype)
+    dead_a, dead_b = torch.nonzero(_dead(s_aa)).flatten(), torch.nonzero(_dead(s_bb)).flatten()
+    k = min(len(dead_a), len(dead_b))
+    prior[dead_a[:k], dead_b[:k]] = 1.0
+    if regularization == "corr":
+        sd_a, sd_b = _unit_scales(s_aa)[0], _unit_scales(s_bb)[0]
+        r_aa = s_aa / torch.outer(sd_a, sd_a) + gamma * torch.eye(d_a, dtype=s_aa.dtype)
+        r_bb = s_bb / torch.outer(sd_b, sd_b) + gamma * torch.eye(d_b, dtype=s_bb.dtype)
+        r_ab = s_ab / torch.outer(sd_a, sd_b)
+        t, t_inv = _cca_core(r_aa, r_bb, r_ab, prior)
+        # back to raw units: x_A = D_a z_A, z_A = T_std z_B, z_B = D_b^-1 x_B
+        return sd_a[:, None] * t / sd_b[None, :], sd_b[:, None] * t_inv / sd_a[None, :]
+    if regularization == "trace":
+        sc_a = max(float(torch.trace(s_aa)) / d_a, 1e-300)
+        sc_b = max(float(torch.trace(s_bb)) / d_b, 1e-300)
+        return _cca_core(s_aa + gamma * sc_a * torch.eye(d_a, dtype=s_aa.dtype),
+                         s_bb + gamma * sc_b * torch.eye(d_b, dtype=s_bb.dtype), s_ab, prior)
+    raise ValueError(f"regularization must be 'corr' or 'trace', got {regularization!r}")
+
+
+def _polar(m: torch.Tensor) -> torch.Tensor:
+    u, _, vh = torch.linalg.svd(m)
+    return u @ vh
+
+
+def _cca_core(s_aa, s_bb, s_ab, prior=None):
+    a_h, a_mh = _sym_powers(s_aa)
+    b_h, b_mh = _sym_powers(s_bb)
+    u, sv, vh = torch.linalg.svd(a_mh @ s_ab @ b_mh)
+    null = sv <= sv.max().clamp_min(1e-300) * 1e-9
+    if bool(null.any()):  # undetermined directions: best orthogonal map towards the prior pairing
+        u0, v0 = u[:, null], vh[null].T
+        k = u0.T @ (prior if prior is not None else torch.zeros_like(s_ab)) @ v0
+        q = _polar(k) if float(k.abs().max()) > 0 else torch.eye(k.shape[0], dtype=k.dtype)
+        live = ~null
+        rot = u[:, live] @ vh[live] + u0 @ q @ v0.T
+    else:
+        rot = u @ vh
+    t = a_h @ rot @ b_mh
+    t_inv = b_h @ rot.T @ a_mh
+    return t, t_inv
+
+
+def match_cca(stats: Statistics, spec: MergeSpec, reference: int = 0, gamma: float = 0.1,
+              regularization: str = "corr") -> Alignment:
+    """CCA Merge all-to-one: every model's units mapped onto the reference's canonical directions."""
+    return _all_to_one(stats, spec, reference,
+                       lambda a, b, ab: cca_pair(a, b, ab, gamma=gamma, regularization=regularization))

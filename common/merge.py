@@ -1,0 +1,381 @@
+"""The public merging API: ``merge_models`` and ``collect_statistics``.
+
+    merged = merge_models(models, probe, method="cca", reference=0, gamma="auto",
+                          bn_reset=None, repair=False, weights=None)
+
+Steps: derive the merge spec from ``torch.fx``; split the probe into a fitting part and a held-out part
+when something must be selected (``gamma="auto"``, ``reference="best"``); collect statistics; compute the
+alignment with the chosen method; align and average; reset BatchNorm statistics (default for nets with BN)
+or apply REPAIR (nets without BN). :func:`merge_from_statistics` does the same from statistics computed
+elsewhere (the Flower server, with statistics uploaded by clients).
+"""
+from __future__ import annotations
+
+import copy
+import importlib
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import matching
+from .align import merge_states
+from .graph import FIXED, MergeSpec, derive_spec
+from .probe import Batches, as_batches
+from .stats import Moments, Statistics, collect_statistics
+
+__all__ = ["merge_models", "collect_statistics", "merge_from_statistics", "reset_bn_stats", "METHODS",
+           "MergeInfo", "GAMMA_GRID"]
+
+GAMMA_GRID = (1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
+
+
+@dataclass(frozen=True)
+class Method:
+    needs: str  # "none" | "stats" (reference pairs) | "stats_all" (all pairs) | "weights"
+    target: str  # "module:function"
+    tunable_gamma: bool = False
+
+    def fn(self) -> Callable:
+        mod, name = self.target.split(":")
+        return getattr(importlib.import_module(mod, __package__), name)
+
+
+METHODS: dict[str, Method] = {
+    "avg": Method("none", ".matching:identity_alignment"),
+    "permute": Method("stats", ".matching:match_permute"),
+    "cca": Method("stats", ".matching:match_cca", tunable_gamma=True),
+    "ot": Method("stats", ".baselines:match_ot"),
+    "zipit": Method("stats_all", ".baselines:match_zipit"),
+    "weight_matching": Method("weights", ".baselines:match_weights"),
+    "merge_many": Method("weights", ".baselines:match_merge_many"),
+}
+
+
+@dataclass
+class MergeInfo:
+    method: str
+    reference: int
+    gamma: float | None = None
+    gamma_scores: dict[float, tuple[float, float]] = field(default_factory=dict)
+    reference_scores: list[float] = field(default_factory=list)
+    bn_reset: bool = False
+    repair: bool = False
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _validate(models: Sequence[nn.Module], weights) -> list[float]:
+    if not isinstance(models, (list, tuple)) or len(models) < 2:
+        raise ValueError("merge_models needs a list of at least 2 models")
+    cls = type(models[0])
+    ref = models[0].state_dict()
+    for i, m in enumerate(models[1:], 1):
+        if type(m) is not cls:
+            raise ValueError(f"model {i} is a {type(m).__name__}, model 0 a {cls.__name__}: one architecture only")
+        sd = m.state_dict()
+        if sd.keys() != ref.keys():
+            raise ValueError(f"model {i} has different parameter names than model 0: "
+                             f"{sorted(set(sd) ^ set(ref))[:5]}")
+        for k, v in sd.items():
+            if v.shape != ref[k].shape:
+                raise ValueError(f"model {i} parameter '{k}' has shape {tuple(v.shape)}, model 0 {tuple(ref[k].shape)}")
+    for i, m in enumerate(models):
+        for k, v in m.state_dict().items():
+            if v.is_floating_point() and not torch.isfinite(v).all():
+                raise ValueError(f"model {i} parameter '{k}' has non-finite values")
+    if weights is None:
+        return [1.0 / len(models)] * len(models)
+    w = [float(x) for x in weights]
+    if len(w) != len(models) or any(not math.isfinite(x) or x < 0 for x in w) or sum(w) <= 0:
+        raise ValueError(f"weights must be {len(models)} non-negative numbers with a positive sum, got {weights}")
+    return [x / sum(w) for x in w]
+
+
+def _device(device) -> torch.device:
+    return torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+@torch.no_grad()
+def reset_bn_stats(model: nn.Module, batches: Batches, device=None) -> nn.Module:
+    """Re-estimate every BatchNorm's running statistics on ``batches`` (cumulative average)."""
+    dev = _device(device)
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return model
+    orig_device = next(iter(model.parameters())).device
+    model.eval().to(dev)
+    saved = []
+    for bn in bns:
+        saved.append(bn.momentum)
+        bn.reset_running_stats()
+        bn.momentum = None
+        bn.train()
+    for x, _ in batches:
+        model(x.to(dev))
+    for bn, mom in zip(bns, saved):
+        bn.momentum = mom
+    return model.eval().to(orig_device)
+
+
+@torch.no_grad()
+def _logits(model: nn.Module, batches: Batches, device) -> torch.Tensor:
+    model.eval().to(device)
+    out = torch.cat([model(x.to(device)).float().cpu() for x, _ in batches])
+    return out
+
+
+def _score(logits: torch.Tensor, batches: Batches, target_logits: torch.Tensor | None) -> tuple[float, float]:
+    """(primary, secondary) -- higher is better. Labels: (accuracy, -loss); no labels: agreement with the
+    ensemble's predictions and -KL to its distribution."""
+    if not torch.isfinite(logits).all():
+        return (-math.inf, -math.inf)
+    _, y = batches.tensors()
+    if y is not None:
+        return (float((logits.argmax(1) == y).float().mean()), -float(F.cross_entropy(logits, y)))
+    p = F.softmax(target_logits, 1)
+    return (float((logits.argmax(1) == p.argmax(1)).float().mean()),
+            -float(F.kl_div(F.log_softmax(logits, 1), p, reduction="batchmean")))
+
+
+def _resolve_probe(probe, need_held: bool, held_out: float, seed: int) -> tuple[Batches, Batches | None]:
+    batches = as_batches(probe)
+    if not need_held:
+        return batches, None
+    return batches.split(held_out, seed)
+
+
+def merge_models(models: Sequence[nn.Module], probe: Any, method: str = "cca", reference: int | str = 0,
+                 gamma: float | str = "auto", bn_reset: bool | None = None, repair: bool = False,
+                 weights: Sequence[float] | None = None, *, device=None, held_out: float = 0.2, seed: int = 0,
+                 gamma_grid: Sequence[float] = GAMMA_GRID, return_info: bool = False, **method_kwargs):
+    """Merge ``models`` (one architecture, any traceable model of supported layers) into one.
+
+    method: ``avg``, ``permute``, ``weight_matching``, ``ot``, ``zipit``, ``merge_many``, ``cca``.
+    reference: index of the model all others are aligned to, or ``"best"`` (best on a held-out probe slice).
+    gamma: CCA regularisation relative to the unit scale, or ``"auto"`` (chosen on a held-out probe slice).
+    bn_reset: re-estimate BatchNorm statistics on the probe (default: when the model has BatchNorm).
+    repair: REPAIR (rescale each merged unit to the average aligned statistics; for nets without BN).
+    weights: per-model averaging weights (e.g. client sample counts), normalised.
+    Returns the merged model (same class as ``models[0]``), and a :class:`MergeInfo` if ``return_info``.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
+    w = _validate(models, weights)
+    if not (reference == "best" or (isinstance(reference, int) and 0 <= reference < len(models))):
+        raise ValueError(f"reference must be a model index in [0, {len(models)}) or 'best', got {reference!r}")
+    auto_gamma = gamma == "auto" and METHODS[method].tunable_gamma
+    if isinstance(gamma, str) and gamma != "auto":
+        raise ValueError(f"gamma must be a number >= 0 or 'auto', got {gamma!r}")
+    if not isinstance(gamma, str) and (not math.isfinite(float(gamma)) or float(gamma) < 0):
+        raise ValueError(f"gamma must be a number >= 0 or 'auto', got {gamma!r}")
+    dev = _device(device)
+    t0 = time.perf_counter()
+    fit, held = _resolve_probe(probe, auto_gamma or reference == "best", held_out, seed)
+    spec = derive_spec(models[0], fit.example())
+    timings = {"spec": time.perf_counter() - t0}
+
+    ensemble = None
+    if held is not None and not held.has_labels:
+        ensemble = torch.stack([_logits(m, held, dev) for m in models]).mean(0)
+    ref_scores = []
+    if reference == "best":
+        t = time.perf_counter()
+        ref_scores = [_score(_logits(m, held, dev), held, ensemble)[0] for m in models]
+        reference = max(range(len(models)), key=lambda i: ref_scores[i])
+        timings["select_reference"] = time.perf_counter() - t
+
+    stats = None
+    needs = METHODS[method].needs
+    if needs in ("stats", "stats_all"):
+        t = time.perf_counter()
+        stats = collect_statistics(models, fit, reference=reference,
+                                   pairs="all" if needs == "stats_all" else "reference", spec=spec, device=dev)
+        timings["statistics"] = time.perf_counter() - t
+    states = [{k: v.detach().cpu() for k, v in m.state_dict().items()} for m in models]
+    merged, info = merge_from_statistics(
+        models[reference], states, spec, stats, method=method, reference=reference,
+        gamma=("auto" if auto_gamma else (None if isinstance(gamma, str) else gamma)), weights=w, bn_reset=bn_reset, repair=repair,
+        reset_batches=fit, eval_batches=held, eval_target=ensemble, gamma_grid=gamma_grid, device=dev,
+        repair_models=models, **method_kwargs)
+    info.reference_scores = ref_scores
+    info.timings = {**timings, **info.timings, "total": time.perf_counter() - t0}
+    return (merged, info) if return_info else merged
+
+
+def compute_alignment(method: str, spec: MergeSpec, stats: Statistics | None, states, reference: int,
+                      gamma: float | None = None, **kw) -> matching.Alignment:
+    m = METHODS[method]
+    fn = m.fn()
+    if m.needs == "none":
+        return fn(spec, len(states))
+    if m.needs == "weights":
+        return fn(states, spec, reference=reference, **kw)
+    if stats is None:
+        raise ValueError(f"method {method!r} needs activation statistics")
+    if m.needs == "stats_all":
+        return fn(stats, spec, **kw)
+    if m.tunable_gamma:
+        return fn(stats, spec, reference=reference, gamma=gamma, **kw)
+    return fn(stats, spec, reference=reference, **kw)
+
+
+def merge_from_statistics(template: nn.Module, states, spec: MergeSpec, stats: Statistics | None, *,
+                          method: str = "cca", reference: int = 0, gamma: float | str = 0.1,
+                          weights: Sequence[float] | None = None, bn_reset: bool | None = None,
+                          repair: bool = False, reset_batches: Batches | None = None,
+                          eval_batches: Batches | None = None, eval_target: torch.Tensor | None = None,
+                          gamma_grid: Sequence[float] = GAMMA_GRID, device=None, repair_models=None,
+                          **method_kwargs) -> tuple[nn.Module, MergeInfo]:
+    """Merge given parameter dicts from precomputed statistics; ``template`` gives the architecture."""
+    dev = _device(device)
+    n = len(states)
+    w = weights or [1.0 / n] * n
+    bn = has_batchnorm(template) if bn_reset is None else bool(bn_reset)
+    if bn and reset_batches is None:
+        raise ValueError("bn_reset needs probe batches to re-estimate BatchNorm statistics")
+    bn_eps = {name: m.eps for name, m in template.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    info = MergeInfo(method=method, reference=reference, bn_reset=bn, repair=repair)
+    timings = {"transforms": 0.0, "apply": 0.0, "bn_reset": 0.0, "repair": 0.0}
+
+    def build(g):
+        t = time.perf_counter()
+        alignment = compute_alignment(method, spec, stats, states, reference, gamma=g, **method_kwargs)
+        timings["transforms"] += time.perf_counter() - t
+        t = time.perf_counter()
+        merged_sd = merge_states(states, spec, alignment, w, reference, bn_eps)
+        model = copy.deepcopy(template).cpu()
+        model.load_state_dict(merged_sd)
+        timings["apply"] += time.perf_counter() - t
+        if repair:
+            t = time.perf_counter()
+            if repair_models is None or reset_batches is None:
+                raise ValueError("repair needs the endpoint models and probe batches")
+            apply_repair(model, repair_models, spec, alignment, w, reset_batches, dev)
+            timings["repair"] += time.perf_counter() - t
+        if bn:
+            t = time.perf_counter()
+            reset_bn_stats(model, reset_batches, dev)
+            timings["bn_reset"] += time.perf_counter() - t
+        return model
+
+    if gamma == "auto":
+        if eval_batches is None:
+            raise ValueError("gamma='auto' needs a held-out probe slice")
+        t = time.perf_counter()
+        best = None
+        for g in gamma_grid:
+            model = build(float(g))
+            score = _score(_logits(model, eval_batches, dev), eval_batches, eval_target)
+            info.gamma_scores[float(g)] = score
+            if best is None or score > best[0]:
+                best = (score, float(g), model)
+        info.gamma = best[1]
+        timings["select_gamma"] = time.perf_counter() - t
+        merged = best[2]
+    else:
+        info.gamma = float(gamma) if METHODS[method].tunable_gamma else None
+        merged = build(info.gamma)
+    for k, v in merged.state_dict().items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise FloatingPointError(f"merge produced non-finite values in '{k}'")
+    info.timings = timings
+    return merged.cpu().eval(), info
+
+
+# --- REPAIR -------------------------------------------------------------------------------------------------
+class _Repaired(nn.Module):
+    def __init__(self, layer: nn.Module, mean: torch.Tensor, std: torch.Tensor):
+        super().__init__()
+        self.layer = layer
+        bn_cls = nn.BatchNorm2d if isinstance(layer, nn.Conv2d) else nn.BatchNorm1d
+        self.bn = bn_cls(mean.numel(), momentum=None).to(layer.weight.device)
+        self.bn.weight.data.copy_(std.float())
+        self.bn.bias.data.copy_(mean.float())
+
+    def forward(self, x):
+        return self.bn(self.layer(x))
+
+
+def _producers_for_repair(spec: MergeSpec) -> list[str]:
+    return [l.name for l in spec.layers.values()
+            if l.kind in ("conv", "linear") and l.out[0].group != FIXED and l.norm is None]
+
+
+@torch.no_grad()
+def _output_moments(model: nn.Module, names: list[str], batches: Batches, device) -> dict[str, Moments]:
+    mods = dict(model.named_modules())
+    acc = {n: Moments(0, None, None) for n in names}
+    hooks = []
+
+    def hook(name):
+        def fn(_m, _i, out):
+            x = out if out.dim() == 2 else out.transpose(0, 1).reshape(out.shape[1], -1).T
+            acc[name] = acc[name].combine(Moments.of(x))
+        return fn
+
+    for n in names:
+        hooks.append(mods[n].register_forward_hook(hook(n)))
+    try:
+        model.eval().to(device)
+        for x, _ in batches:
+            model(x.to(device))
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: Moments(m.n, m.mean.cpu(), m.m2.cpu()) for n, m in acc.items()}
+
+
+@torch.no_grad()
+def apply_repair(merged: nn.Module, models: Sequence[nn.Module], spec: MergeSpec, alignment, weights,
+                 batches: Batches, device) -> nn.Module:
+    """REPAIR (Jordan et al., 2023): give every merged unit the weighted average of the aligned endpoint
+    models' pre-activation mean and std, by a temporary BatchNorm re-estimated on the probe and folded in."""
+    names = _producers_for_repair(spec)
+    if not names:
+        return merged
+    targets = {n: (torch.zeros(0), torch.zeros(0)) for n in names}
+    for i, m in enumerate(models):
+        orig = next(iter(m.parameters())).device
+        moms = _output_moments(m, names, batches, device)
+        m.to(orig)
+        for n in names:
+            t = alignment[spec.layers[n].out[0].group][i][0]
+            mean = t @ moms[n].mean
+            var = torch.clamp(torch.einsum("ij,jk,ik->i", t, moms[n].cov, t), min=0)
+            pm, pv = targets[n]
+            targets[n] = (mean * weights[i] + (pm if pm.numel() else 0), var * weights[i] + (pv if pv.numel() else 0))
+    mods = dict(merged.named_modules())
+    wrapped = {}
+    for n in names:
+        layer = mods[n]
+        if layer.bias is None:
+            continue  # nowhere to put the shift without changing the architecture
+        parent_name, _, attr = n.rpartition(".")
+        parent = mods[parent_name] if parent_name else merged
+        mean, var = targets[n]
+        wrapper = _Repaired(layer, mean, torch.sqrt(var + 1e-5))
+        setattr(parent, attr, wrapper)
+        wrapped[n] = (parent, attr, wrapper)
+    try:
+        merged.eval().to(device)
+        for _, _, wr in wrapped.values():
+            wr.bn.train()
+        for x, _ in batches:
+            merged(x.to(device))
+    finally:
+        for n, (parent, attr, wr) in wrapped.items():
+            bn, layer = wr.bn, wr.layer
+            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+            shape = (-1,) + (1,) * (layer.weight.dim() - 1)
+            layer.weight.mul_(scale.view(shape))
+            layer.bias.copy_((layer.bias - bn.running_mean) * scale + bn.bias)
+            setattr(parent, attr, layer)
+    return merged.cpu()

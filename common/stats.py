@@ -1,0 +1,309 @@
+"""Streaming activation statistics at every merge group, computable in pieces.
+
+Per group and model: sample count, mean and the sum of centred outer products (``m2``); per (reference,
+model) pair: the sum of centred cross products. Chunks are combined with Chan et al.'s parallel update in
+float64, so memory is O(d^2) per group whatever the probe size, and statistics computed on parts of the
+probe or by different parties combine exactly into the one-shot result.
+
+Conv activations contribute every spatial position as a sample. Several sites of one group (the states of
+a residual stream) pool their samples.
+
+The pieces the Flower protocol exchanges:
+  * :func:`own_statistics` (a client, its own model),
+  * :func:`cross_statistics` (a client, its model against the reference it was sent),
+  * :func:`collect_statistics` (everything at once, offline or on a server that holds the probe).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .graph import MergeSpec, derive_spec, trace
+from .probe import Batches, as_batches
+
+DTYPE = torch.float64
+
+
+@dataclass
+class Moments:
+    """Statistics of one model at one group: n samples, mean (d,), m2 = sum (x-mean)(x-mean)^T (d, d)."""
+
+    n: int
+    mean: torch.Tensor
+    m2: torch.Tensor
+
+    @property
+    def cov(self) -> torch.Tensor:
+        return self.m2 / max(self.n - 1, 1)
+
+    def combine(self, other: "Moments") -> "Moments":
+        if self.n == 0:
+            return other
+        if other.n == 0:
+            return self
+        n = self.n + other.n
+        delta = other.mean - self.mean
+        mean = self.mean + delta * (other.n / n)
+        m2 = self.m2 + other.m2 + torch.outer(delta, delta) * (self.n * other.n / n)
+        return Moments(n, mean, m2)
+
+    @staticmethod
+    def of(x: torch.Tensor) -> "Moments":
+        x = x.to(DTYPE)
+        mean = x.mean(0)
+        xc = x - mean
+        return Moments(x.shape[0], mean, xc.T @ xc)
+
+
+@dataclass
+class CrossMoments:
+    """Cross statistics of a pair at one group: c = sum (a - mean_a)(b - mean_b)^T (d_a, d_b)."""
+
+    n: int
+    mean_a: torch.Tensor
+    mean_b: torch.Tensor
+    c: torch.Tensor
+
+    @property
+    def cov(self) -> torch.Tensor:
+        return self.c / max(self.n - 1, 1)
+
+    def combine(self, other: "CrossMoments") -> "CrossMoments":
+        if self.n == 0:
+            return other
+        if other.n == 0:
+            return self
+        n = self.n + other.n
+        da, db = other.mean_a - self.mean_a, other.mean_b - self.mean_b
+        c = self.c + other.c + torch.outer(da, db) * (self.n * other.n / n)
+        return CrossMoments(n, self.mean_a + da * (other.n / n), self.mean_b + db * (other.n / n), c)
+
+    @staticmethod
+    def of(a: torch.Tensor, b: torch.Tensor) -> "CrossMoments":
+        a, b = a.to(DTYPE), b.to(DTYPE)
+        ma, mb = a.mean(0), b.mean(0)
+        return CrossMoments(a.shape[0], ma, mb, (a - ma).T @ (b - mb))
+
+
+GroupMoments = dict[int, Moments]
+GroupCross = dict[int, CrossMoments]
+
+
+@dataclass
+class Statistics:
+    """Everything the matching methods read: per-model own blocks and per-pair cross blocks, per group."""
+
+    own: list[GroupMoments]
+    cross: dict[tuple[int, int], GroupCross] = field(default_factory=dict)
+    reference: int = 0
+
+    @property
+    def num_models(self) -> int:
+        return len(self.own)
+
+    def pair(self, i: int, j: int, g: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(S_ii, S_jj, S_ij) covariances of models i, j at group g."""
+        if (i, j) in self.cross:
+            s_ij = self.cross[(i, j)][g].cov
+        elif (j, i) in self.cross:
+            s_ij = self.cross[(j, i)][g].cov.T
+        elif i == j:
+            s_ij = self.own[i][g].cov
+        else:
+            raise KeyError(f"no cross statistics between models {i} and {j}: collect them with pairs='all'")
+        return self.own[i][g].cov, self.own[j][g].cov, s_ij
+
+    def has_pair(self, i: int, j: int) -> bool:
+        return i == j or (i, j) in self.cross or (j, i) in self.cross
+
+
+# --- extraction ---------------------------------------------------------------------------------------------
+def site_extractor(model: nn.Module, spec: MergeSpec) -> nn.Module:
+    """A GraphModule sharing ``model``'s parameters that returns the site activations (and nothing after)."""
+    gm = trace(model)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    missing = [s for s in spec.site_nodes if s not in nodes]
+    if missing:
+        raise ValueError(f"model does not match the merge spec: nodes {missing} not found")
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    with gm.graph.inserting_before(out):
+        gm.graph.output(tuple(nodes[s] for s in spec.site_nodes))
+    gm.graph.erase_node(out)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm
+
+
+def _samples(t: torch.Tensor) -> torch.Tensor:
+    """(N, C, *spatial) -> (N * prod(spatial), C)."""
+    if t.dim() == 2:
+        return t
+    return t.transpose(0, 1).reshape(t.shape[1], -1).T
+
+
+def group_features(spec: MergeSpec, site_values: Sequence[torch.Tensor]) -> dict[int, torch.Tensor]:
+    by_site = dict(zip(spec.site_nodes, site_values))
+    return {g: torch.cat([_samples(by_site[s]) for s in grp.sites]) for g, grp in spec.groups.items()}
+
+
+def _device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _check_finite(feats: dict[int, torch.Tensor], who: str) -> None:
+    for g, f in feats.items():
+        if not torch.isfinite(f).all():
+            raise FloatingPointError(f"{who}: non-finite activations at merge group {g}")
+
+
+@torch.no_grad()
+def _stream(models: Sequence[nn.Module], spec: MergeSpec, batches: Batches, device) -> Iterable[list[dict]]:
+    dev = _device(device)
+    extractors = []
+    states = []
+    for m in models:
+        states.append((m.training, next(iter(m.parameters())).device))
+        m.eval().to(dev)
+        extractors.append(site_extractor(m, spec))
+    try:
+        for x, _ in batches:
+            x = x.to(dev)
+            feats = [group_features(spec, ex(x)) for ex in extractors]
+            for i, f in enumerate(feats):
+                _check_finite(f, f"model {i}")
+            yield feats
+    finally:
+        for m, (training, d) in zip(models, states):
+            m.train(training).to(d)
+
+
+def own_statistics(model: nn.Module, probe, spec: MergeSpec | None = None, device=None) -> GroupMoments:
+    """Statistics of one model on the probe (what a client uploads after training)."""
+    batches = as_batches(probe)
+    spec = spec or derive_spec(model, batches.example())
+    acc: GroupMoments = {g: Moments(0, None, None) for g in spec.groups}
+    for (f,) in _stream([model], spec, batches, device):
+        for g, x in f.items():
+            acc[g] = acc[g].combine(Moments.of(x))
+    return {g: _cpu(m) for g, m in acc.items()}
+
+
+def cross_statistics(reference: nn.Module, model: nn.Module, probe, spec: MergeSpec | None = None,
+                     device=None) -> GroupCross:
+    """Cross statistics between the reference and ``model`` (a client answering the server's query)."""
+    batches = as_batches(probe)
+    spec = spec or derive_spec(reference, batches.example())
+    acc: GroupCross = {g: CrossMoments(0, None, None, None) for g in spec.groups}
+    for fa, fb in _stream([reference, model], spec, batches, device):
+        for g in spec.groups:
+            acc[g] = acc[g].combine(CrossMoments.of(fa[g], fb[g]))
+    return {g: _cpu(m) for g, m in acc.items()}
+
+
+def collect_statistics(models: Sequence[nn.Module], probe, reference: int = 0, pairs: str = "reference",
+                       spec: MergeSpec | None = None, device=None) -> Statistics:
+    """All statistics in one pass over the probe: own blocks of every model and cross blocks of
+    (reference, i) for every i (``pairs="reference"``, all that all-to-one needs) or of every pair
+    (``pairs="all"``, for ZipIt! with more than two models)."""
+    if pairs not in ("reference", "all"):
+        raise ValueError(f"pairs must be 'reference' or 'all', got {pairs!r}")
+    batches = as_batches(probe)
+    n = len(models)
+    if not 0 <= reference < n:
+        raise ValueError(f"reference index {reference} out of range for {n} models")
+    spec = spec or derive_spec(models[0], batches.example())
+    keys = ([(reference, i) for i in range(n) if i != reference] if pairs == "reference"
+            else [(i, j) for i in range(n) for j in range(i + 1, n)])
+    own = [{g: Moments(0, None, None) for g in spec.groups} for _ in range(n)]
+    cross = {k: {g: CrossMoments(0, None, None, None) for g in spec.groups} for k in keys}
+    for feats in _stream(models, spec, batches, device):
+        for i in range(n):
+            for g, x in feats[i].items():
+                own[i][g] = own[i][g].combine(Moments.of(x))
+        for (i, j) in keys:
+            for g in spec.groups:
+                cross[(i, j)][g] = cross[(i, j)][g].combine(CrossMoments.of(feats[i][g], feats[j][g]))
+    return Statistics(own=[{g: _cpu(m) for g, m in o.items()} for o in own],
+                      cross={k: {g: _cpu(m) for g, m in c.items()} for k, c in cross.items()},
+                      reference=reference)
+
+
+def _cpu(m):
+    if isinstance(m, Moments):
+        if m.n == 0:
+            raise ValueError("empty probe: no samples to compute statistics from")
+        return Moments(m.n, m.mean.cpu(), m.m2.cpu())
+    if m.n == 0:
+        raise ValueError("empty probe: no samples to compute statistics from")
+    return CrossMoments(m.n, m.mean_a.cpu(), m.mean_b.cpu(), m.c.cpu())
+
+
+# --- wire format (flat dicts of numpy arrays, for Flower ArrayRecords / safetensors) -----------------------
+def moments_to_arrays(own: GroupMoments, prefix: str = "own") -> dict[str, np.ndarray]:
+    out = {}
+    for g, m in own.items():
+        out[f"{prefix}.{g}.n"] = np.array([m.n], dtype=np.int64)
+        out[f"{prefix}.{g}.mean"] = m.mean.numpy()
+        out[f"{prefix}.{g}.m2"] = m.m2.numpy()
+    return out
+
+
+def cross_to_arrays(cross: GroupCross, prefix: str = "cross") -> dict[str, np.ndarray]:
+    out = {}
+    for g, m in cross.items():
+        out[f"{prefix}.{g}.n"] = np.array([m.n], dtype=np.int64)
+        out[f"{prefix}.{g}.mean_a"] = m.mean_a.numpy()
+        out[f"{prefix}.{g}.mean_b"] = m.mean_b.numpy()
+        out[f"{prefix}.{g}.c"] = m.c.numpy()
+    return out
+
+
+def _grab(arrays, key):
+    if key not in arrays:
+        raise KeyError(f"statistics upload is missing '{key}'")
+    return arrays[key]
+
+
+def moments_from_arrays(arrays: dict[str, np.ndarray], spec: MergeSpec, prefix: str = "own") -> GroupMoments:
+    out = {}
+    for g, grp in spec.groups.items():
+        n = int(np.asarray(_grab(arrays, f"{prefix}.{g}.n")).reshape(-1)[0])
+        mean = torch.as_tensor(np.asarray(_grab(arrays, f"{prefix}.{g}.mean")), dtype=DTYPE)
+        m2 = torch.as_tensor(np.asarray(_grab(arrays, f"{prefix}.{g}.m2")), dtype=DTYPE)
+        _check_block(f"{prefix}.{g}", n, [(mean, (grp.dim,)), (m2, (grp.dim, grp.dim))], symmetric=m2)
+        out[g] = Moments(n, mean, m2)
+    return out
+
+
+def cross_from_arrays(arrays: dict[str, np.ndarray], spec: MergeSpec, prefix: str = "cross") -> GroupCross:
+    out = {}
+    for g, grp in spec.groups.items():
+        n = int(np.asarray(_grab(arrays, f"{prefix}.{g}.n")).reshape(-1)[0])
+        ma = torch.as_tensor(np.asarray(_grab(arrays, f"{prefix}.{g}.mean_a")), dtype=DTYPE)
+        mb = torch.as_tensor(np.asarray(_grab(arrays, f"{prefix}.{g}.mean_b")), dtype=DTYPE)
+        c = torch.as_tensor(np.asarray(_grab(arrays, f"{prefix}.{g}.c")), dtype=DTYPE)
+        _check_block(f"{prefix}.{g}", n, [(ma, (grp.dim,)), (mb, (grp.dim,)), (c, (grp.dim, grp.dim))])
+        out[g] = CrossMoments(n, ma, mb, c)
+    return out
+
+
+def _check_block(name, n, arrays, symmetric=None):
+    if n <= 1:
+        raise ValueError(f"statistics block '{name}': sample count {n} must be > 1")
+    for t, shape in arrays:
+        if tuple(t.shape) != shape:
+            raise ValueError(f"statistics block '{name}': shape {tuple(t.shape)}, expected {shape}")
+        if not torch.isfinite(t).all():
+            raise ValueError(f"statistics block '{name}': non-finite values")
+    if symmetric is not None:
+        scale = symmetric.abs().max().clamp_min(1e-300)
+        if (symmetric - symmetric.T).abs().max() > 1e-6 * scale:
+            raise ValueError(f"statistics block '{name}': covariance is not symmetric")
+        if torch.diagonal(symmetric).min() < -1e-9 * scale:
+            raise ValueError(f"statistics block '{name}': covariance has a negative variance")
