@@ -77,17 +77,20 @@ def _sym_powers(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(S^1/2, S^-1/2) of a symmetric positive definite matrix via eigh."""
     s = (s + s.T) / 2
     evals, evecs = torch.linalg.eigh(s)
-    floor = torch.clamp(evals.max(), min=1e-300) * 1e-15
+    floor = torch.clamp(evals.max(), min=1e-300) * 1e-8  # condition number <= 1e8 even with gamma = 0
     evals = torch.clamp(evals, min=floor)
     r = torch.sqrt(evals)
     return (evecs * r) @ evecs.T, (evecs / r) @ evecs.T
 
 
 def _unit_scales(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-unit standard deviations (dead units floored to a tiny positive value) and the dead-unit mask."""
+    """Per-unit standard deviations and the dead-unit mask. Dead units (no variance on the probe) get the
+    live units' typical scale, so that mapping them never produces huge weights."""
     var = torch.clamp(torch.diagonal(s), min=0)
-    floor = max(float(var.mean()), 1e-300) * 1e-12
-    return torch.sqrt(torch.clamp(var, min=floor)), var <= floor
+    dead = var <= max(float(var.mean()), 1e-300) * 1e-12
+    live = var[~dead]
+    fill = float(live.mean()) if live.numel() else 1.0
+    return torch.sqrt(torch.where(dead, torch.full_like(var, fill), var)), dead
 
 
 def _dead(s: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,314 @@
+"""Correctness of the merging engine: spec derivation, statistics in pieces, CCA/permute exactness."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fedmerge import collect_statistics, merge_models
+from fedmerge.common.align import align_state
+from fedmerge.common.graph import FIXED, UnsupportedModelError, derive_spec
+from fedmerge.common.matching import cca_pair, match_cca
+from fedmerge.common.merge import reset_bn_stats
+from fedmerge.common.probe import as_batches
+from fedmerge.common.stats import (Statistics, cross_from_arrays, cross_statistics, cross_to_arrays,
+                                   moments_from_arrays, moments_to_arrays, own_statistics)
+from toy_models import ConcatNet, TinyMLP, TinyResNet, TinyVGG, randomize_bn
+
+torch.manual_seed(0)
+X = torch.randn(96, 3, 16, 16)
+
+
+def rel_err(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def equivalent_copy(model, x, kind, seed=1):
+    """A function-equivalent copy of ``model`` with hidden units permuted or positively rescaled."""
+    spec = derive_spec(model, x)
+    g = torch.Generator().manual_seed(seed)
+    t, t_inv = {}, {}
+    for gid, grp in spec.groups.items():
+        if kind == "perm":
+            p = torch.eye(grp.dim, dtype=torch.float64)[torch.randperm(grp.dim, generator=g)]
+            t[gid], t_inv[gid] = p, p.T
+        else:
+            s = 0.25 + 3 * torch.rand(grp.dim, generator=g, dtype=torch.float64)
+            t[gid], t_inv[gid] = torch.diag(s), torch.diag(1 / s)
+    other = copy.deepcopy(model)
+    other.load_state_dict(align_state(model.state_dict(), spec, t, t_inv))
+    with torch.no_grad():
+        assert rel_err(other(x), model(x)) < 1e-5, "the transformed copy must compute the same function"
+        changed = any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
+    assert changed
+    return other.eval()
+
+
+MODELS = {
+    "vgg": lambda: TinyVGG().eval(),
+    "vgg_bn": lambda: randomize_bn(TinyVGG(bn=True)),
+    "resnet": lambda: randomize_bn(TinyResNet()),
+    "concat": lambda: ConcatNet().eval(),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(MODELS))
+@pytest.mark.parametrize("method", ["permute", "cca"])
+def test_merge_with_permuted_copy_is_exact(arch, method):
+    a = MODELS[arch]()
+    b = equivalent_copy(a, X, "perm")
+    merged = merge_models([a, b], X, method=method, gamma=0.1, bn_reset=False)
+    assert type(merged) is type(a)
+    with torch.no_grad():
+        assert rel_err(merged(X), a(X)) <= 1e-4
+        # averaging without alignment is not exact: the test is meaningful
+        assert rel_err(merge_models([a, b], X, method="avg", bn_reset=False)(X), a(X)) > 1e-3
+
+
+@pytest.mark.parametrize("arch", sorted(MODELS))
+def test_cca_with_rescaled_copy_is_exact(arch):
+    a = MODELS[arch]()
+    b = equivalent_copy(a, X, "scale")
+    for gamma in (0.01, 1.0):
+        merged = merge_models([a, b], X, method="cca", gamma=gamma, bn_reset=False)
+        with torch.no_grad():
+            assert rel_err(merged(X), a(X)) <= 1e-4
+
+
+def test_cca_auto_gamma_and_best_reference_with_three_copies():
+    a = MODELS["resnet"]()
+    models = [a, equivalent_copy(a, X, "perm", 2), equivalent_copy(a, X, "scale", 3)]
+    merged, info = merge_models(models, X, method="cca", gamma="auto", reference="best", bn_reset=False,
+                                return_info=True)
+    assert info.gamma in info.gamma_scores and len(info.gamma_scores) >= 3
+    assert 0 <= info.reference < 3 and len(info.reference_scores) == 3
+    with torch.no_grad():
+        assert rel_err(merged(X), a(X)) <= 1e-4
+    assert info.timings["statistics"] > 0 and info.timings["transforms"] > 0
+
+
+def test_spec_of_resnet_shares_residual_stream():
+    spec = derive_spec(TinyResNet(), X)
+    # groups: stem+layer1 stream, layer1 inner x2, layer2 stream (shortcut conv + block outputs), layer2 inner x2
+    assert len(spec.groups) == 6
+    stream = spec.layers["conv1"].out[0].group
+    assert spec.layers["layer1.0.bn2"].out[0].group == stream
+    assert spec.layers["layer1.1.bn2"].out[0].group == stream
+    stream2 = spec.layers["layer2.0.shortcut.0"].out[0].group
+    assert stream2 != stream and spec.layers["layer2.1.conv2"].out[0].group == stream2
+    assert spec.layers["linear"].out[0].group == FIXED and spec.layers["conv1"].inp[0].group == FIXED
+    assert spec.layers["conv1"].norm == "bn1"
+
+
+def test_spec_flatten_repeat_and_concat():
+    spec = derive_spec(TinyVGG(), X)
+    assert spec.layers["classifier"].repeat == 16
+    spec = derive_spec(ConcatNet(), X)
+    inp = spec.layers["c"].inp
+    assert [s.size for s in inp] == [6, 8] and inp[0].group != inp[1].group
+
+
+class LayerNormNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.norm, self.fc2 = nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.fc2(self.norm(self.fc1(x)))
+
+
+class GatedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.out = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.out(self.fc1(x) * torch.sigmoid(self.fc2(x)))
+
+
+class DepthwiseNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.dw = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3, groups=8)
+
+    def forward(self, x):
+        return self.dw(F.relu(self.c1(x))).mean((2, 3))
+
+
+class BranchyNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: not traceable
+            return self.fc(x)
+        return -self.fc(x)
+
+
+@pytest.mark.parametrize("net,x,pattern", [
+    (LayerNormNet(), torch.randn(4, 8), r"LayerNorm.*'norm'"),
+    (GatedNet(), torch.randn(4, 8), r"product of two feature tensors"),
+    (DepthwiseNet(), torch.randn(4, 3, 8, 8), r"grouped/depthwise Conv2d.*'dw'"),
+    (BranchyNet(), torch.randn(4, 8), r"could not trace BranchyNet"),
+])
+def test_unsupported_op_gives_clear_error(net, x, pattern):
+    with pytest.raises(UnsupportedModelError, match=pattern):
+        derive_spec(net, x)
+    with pytest.raises(UnsupportedModelError):
+        merge_models([net, copy.deepcopy(net)], x, method="cca", gamma=0.1)
+
+
+def _close(a, b):
+    return torch.allclose(a, b, rtol=1e-9, atol=1e-9 * float(b.abs().max()) + 1e-12)
+
+
+def test_statistics_in_pieces_equal_one_shot():
+    models = [MODELS["resnet"]() for _ in range(3)]
+    for i, m in enumerate(models):  # three different models
+        torch.manual_seed(10 + i)
+        m.load_state_dict(randomize_bn(TinyResNet(), seed=i).state_dict())
+    spec = derive_spec(models[0], X)
+    full = collect_statistics(models, X, reference=1, spec=spec)
+    # each party: its own block, on two halves of the probe combined; cross block with the reference it is sent
+    for i, m in enumerate(models):
+        own_a = own_statistics(m, X[:40], spec)
+        own_b = own_statistics(m, X[40:], spec)
+        for g in spec.groups:
+            comb = own_a[g].combine(own_b[g])
+            assert comb.n == full.own[i][g].n
+            assert _close(comb.mean, full.own[i][g].mean) and _close(comb.m2, full.own[i][g].m2)
+        if i != 1:
+            cross = cross_statistics(models[1], m, as_batches(X, batch_size=17), spec)
+            for g in spec.groups:
+                assert _close(cross[g].c, full.cross[(1, i)][g].c)
+    # one-shot with different batch sizes agrees too
+    other = collect_statistics(models, as_batches(X, batch_size=13), reference=1, spec=spec)
+    for g in spec.groups:
+        assert _close(other.cross[(1, 2)][g].c, full.cross[(1, 2)][g].c)
+
+
+def test_wire_format_round_trip_and_validation():
+    a, b = TinyVGG().eval(), TinyVGG().eval()
+    spec = derive_spec(a, X)
+    own = own_statistics(a, X, spec)
+    cross = cross_statistics(a, b, X, spec)
+    arrays = moments_to_arrays(own)
+    back = moments_from_arrays(arrays, spec)
+    assert all(torch.equal(back[g].m2, own[g].m2) for g in spec.groups)
+    cback = cross_from_arrays(cross_to_arrays(cross), spec)
+    assert all(torch.equal(cback[g].c, cross[g].c) for g in spec.groups)
+    g0 = next(iter(spec.groups))
+    bad = dict(arrays)
+    bad[f"own.{g0}.m2"] = arrays[f"own.{g0}.m2"].copy()
+    bad[f"own.{g0}.m2"][0, 1] += 1.0
+    with pytest.raises(ValueError, match="not symmetric"):
+        moments_from_arrays(bad, spec)
+    bad[f"own.{g0}.m2"] = arrays[f"own.{g0}.m2"][:-1]
+    with pytest.raises(ValueError, match="shape"):
+        moments_from_arrays(bad, spec)
+    bad = dict(arrays)
+    bad[f"own.{g0}.mean"] = arrays[f"own.{g0}.mean"] * float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        moments_from_arrays(bad, spec)
+    with pytest.raises(KeyError, match="missing"):
+        moments_from_arrays({}, spec)
+
+
+@pytest.mark.parametrize("case", ["rank_deficient", "dead", "duplicated", "huge", "tiny"])
+def test_cca_is_finite_on_degenerate_statistics(case):
+    g = torch.Generator().manual_seed(0)
+    d = 12
+    n = 5 if case == "rank_deficient" else 400
+    xa = torch.randn(n, d, generator=g, dtype=torch.float64)
+    xb = xa @ torch.randn(d, d, generator=g, dtype=torch.float64) + 0.1 * torch.randn(n, d, generator=g, dtype=torch.float64)
+    if case == "dead":
+        xa[:, :3] = 0
+        xb[:, 5] = 0
+    if case == "duplicated":
+        xa[:, 1] = xa[:, 0]
+        xb[:, 2:4] = xb[:, :2]
+    scale = {"huge": 1e12, "tiny": 1e-12}.get(case, 1.0)
+    xa, xb = xa * scale, xb * scale
+    ca, cb = xa - xa.mean(0), xb - xb.mean(0)
+    s_aa, s_bb, s_ab = ca.T @ ca / (n - 1), cb.T @ cb / (n - 1), ca.T @ cb / (n - 1)
+    for reg in ("corr", "trace"):
+        for gamma in (0.0, 1e-3, 0.1):
+            t, t_inv = cca_pair(s_aa, s_bb, s_ab, gamma=gamma, regularization=reg)
+            assert torch.isfinite(t).all() and torch.isfinite(t_inv).all()
+            assert torch.allclose(t @ t_inv, torch.eye(d, dtype=torch.float64), atol=1e-6)
+
+
+def test_cca_aligns_a_rotated_copy():
+    """B = an invertible mixing of A's units: CCA (gamma->0) recovers the mixing exactly; permute cannot."""
+    g = torch.Generator().manual_seed(1)
+    xa = torch.randn(500, 6, generator=g, dtype=torch.float64)
+    mix = torch.randn(6, 6, generator=g, dtype=torch.float64) + 3 * torch.eye(6, dtype=torch.float64)
+    xb = xa @ mix.T
+    ca, cb = xa - xa.mean(0), xb - xb.mean(0)
+    t, _ = cca_pair(ca.T @ ca, cb.T @ cb, ca.T @ cb, gamma=1e-10)
+    assert torch.allclose(xb @ t.T, xa, atol=1e-5)
+
+
+def test_bn_reset_and_repair_run():
+    a, b = randomize_bn(TinyResNet()), randomize_bn(TinyResNet(), seed=5)
+    merged = merge_models([a, b], X, method="cca", gamma=0.1)  # bn_reset defaults to True for BN nets
+    bn = merged.bn1
+    with torch.no_grad():
+        ref = copy.deepcopy(merged)
+        reset_bn_stats(ref, as_batches(X))
+    assert torch.allclose(bn.running_mean, ref.bn1.running_mean, atol=1e-5)
+    va, vb = TinyVGG().eval(), TinyVGG().eval()
+    plain = merge_models([va, vb], X, method="cca", gamma=0.1)
+    fixed = merge_models([va, vb], X, method="cca", gamma=0.1, repair=True)
+    # REPAIR restores each unit's pre-activation std to the endpoints' average: the first conv's output
+    with torch.no_grad():
+        target = 0.5 * (va.features[0](X).std((0, 2, 3)).mean() + vb.features[0](X).std((0, 2, 3)).mean())
+        got_fixed = fixed.features[0](X).std((0, 2, 3)).mean()
+        got_plain = plain.features[0](X).std((0, 2, 3)).mean()
+    assert abs(got_fixed - target) < abs(got_plain - target) + 1e-6
+    assert abs(got_fixed - target) / target < 0.05
+
+
+def test_weights_and_bad_inputs():
+    a, b = TinyMLP().eval(), TinyMLP().eval()
+    x = torch.randn(64, 12)
+    m1 = merge_models([a, b], x, method="avg", weights=[3, 1])
+    with torch.no_grad():
+        assert torch.allclose(m1.fc1.weight, 0.75 * a.fc1.weight + 0.25 * b.fc1.weight, atol=1e-6)
+    with pytest.raises(ValueError, match="at least 2"):
+        merge_models([a], x)
+    with pytest.raises(ValueError, match="unknown method"):
+        merge_models([a, b], x, method="magic")
+    with pytest.raises(ValueError, match="weights"):
+        merge_models([a, b], x, weights=[1, -1])
+    with pytest.raises(ValueError, match="reference"):
+        merge_models([a, b], x, reference=5)
+    with pytest.raises(ValueError, match="gamma"):
+        merge_models([a, b], x, gamma=-1.0)
+    with pytest.raises(ValueError, match="one architecture"):
+        merge_models([a, TinyVGG()], x)
+    nan = copy.deepcopy(b)
+    with torch.no_grad():
+        nan.fc2.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="model 1 parameter 'fc2.weight' has non-finite"):
+        merge_models([a, nan], x)
+    with pytest.raises(ValueError, match="probe is empty"):
+        merge_models([a, b], x[:0])
+    # nothing was modified in place
+    assert torch.isfinite(a.fc2.weight).all()
+
+
+def test_mlp_and_statistics_container():
+    a, b = TinyMLP().eval(), TinyMLP().eval()
+    x = torch.randn(200, 12)
+    stats = collect_statistics([a, b], x)
+    assert isinstance(stats, Statistics) and stats.num_models == 2 and stats.has_pair(0, 1)
+    spec = derive_spec(a, x)
+    al = match_cca(stats, spec, gamma=0.1)
+    for g, pairs in al.items():
+        t, t_inv = pairs[1]
+        assert torch.allclose(t @ t_inv, torch.eye(spec.groups[g].dim, dtype=torch.float64), atol=1e-8)
+    with pytest.raises(KeyError, match="pairs='all'"):
+        Statistics(own=stats.own).pair(0, 1, g)
