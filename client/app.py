@@ -1,0 +1,172 @@
+"""The fedmerge ClientApp: train on the local partition, upload weights + own probe statistics, and answer
+the server's cross-statistics query with the reference model it is sent.
+
+Messages (all records are Flower records; nothing is pickled):
+
+* ``train`` in: ``arrays`` (global weights; empty in round 1 when clients start from their own seeds),
+  ``config`` (``server-round``, ``partition-id``/``num-partitions`` when the node has none of its own,
+  ``want-stats``). out: ``arrays`` (local weights), ``metrics`` (``num-examples``, train/test/probe
+  metrics, seconds), and ``own-stats`` (probe statistics of the local model) when asked.
+* ``query.cross_stats`` in: ``reference`` (the reference model's weights), ``config``. out: ``cross-stats``
+  (cross statistics between the reference and the local model kept in ``context.state``), ``metrics``.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedmerge.common.graph import derive_spec
+from fedmerge.common.stats import cross_statistics, cross_to_arrays, moments_to_arrays, own_statistics
+from fedmerge.common.task import FedConfig, build_global_model, probe_batches, test_loader, train_loader
+
+from .train import TrainConfig, evaluate, train
+
+__all__ = ["make_client_app", "app", "LOCAL_KEY", "arrays_to_record", "record_to_arrays"]
+
+LOCAL_KEY = "fedmerge.local-model"
+
+
+def arrays_to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+def record_to_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: record[k].numpy() for k in record.keys()}
+
+
+def _partition(context: Context, config: ConfigRecord) -> tuple[int, int]:
+    nc = context.node_config
+    if "partition-id" in nc and "num-partitions" in nc:
+        return int(nc["partition-id"]), int(nc["num-partitions"])
+    if "partition-id" in config and "num-partitions" in config:
+        return int(config["partition-id"]), int(config["num-partitions"])
+    raise ValueError("this node has no partition: start the supernode with --node-config "
+                     "'partition-id=I num-partitions=N' or let the server assign one")
+
+
+def _faults(cfg: FedConfig, pid: int, config: ConfigRecord) -> list[str]:
+    faults = cfg.fault_for(pid)
+    rnd = int(config.get("server-round", 1))
+    # a fault may be limited to one round: KIND@ROUND (e.g. nan@2)
+    out = []
+    for f in faults:
+        kind, _, r = f.partition("@")
+        if not r or int(r) == rnd:
+            out.append(kind)
+    return out
+
+
+def make_client_app(overrides: dict | None = None) -> ClientApp:
+    """A ClientApp whose task config is the run config (``flwr run``) updated with ``overrides``."""
+    app = ClientApp()
+
+    def config_of(context: Context) -> FedConfig:
+        return FedConfig.from_run_config(context.run_config, **(overrides or {}))
+
+    @app.train()
+    def train_handler(msg: Message, context: Context) -> Message:
+        cfg = config_of(context)
+        config = msg.content.config_records.get("config", ConfigRecord())
+        pid, nparts = _partition(context, config)
+        rnd = int(config.get("server-round", 1))
+        faults = _faults(cfg, pid, config)
+        if "drop-train" in faults:
+            raise RuntimeError(f"injected fault: client {pid} drops out of training")
+        device = cfg.device or None
+        t0 = time.perf_counter()
+        model = build_global_model(cfg, seed=cfg.seed * 1000 + pid)  # own init unless weights are sent
+        arrays = msg.content.array_records.get("arrays")
+        if arrays is not None and len(arrays) > 0:
+            model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
+        loader = train_loader(cfg, pid, nparts, seed=cfg.seed * 1000 + pid + 7919 * rnd)
+        hist = train(model, loader, TrainConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size,
+                                                device=device, seed=cfg.seed * 1000 + pid + rnd))
+        model.cpu().eval()
+        t_train = time.perf_counter() - t0
+        t = time.perf_counter()
+        test = evaluate(model, test_loader(cfg), device=device)
+        fit, held = probe_batches(cfg)
+        held_m = evaluate(model, held, device=device)
+        t_eval = time.perf_counter() - t
+
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        context.state[LOCAL_KEY] = ArrayRecord(state)
+        content = RecordDict({"arrays": ArrayRecord(state)})
+        t_stats = 0.0
+        if bool(config.get("want-stats", True)):
+            t = time.perf_counter()
+            spec = derive_spec(model, fit.example())
+            own = own_statistics(model, fit, spec, device=device)
+            content["own-stats"] = arrays_to_record(moments_to_arrays(own))
+            t_stats = time.perf_counter() - t
+        _inject(content, faults, cfg, pid)
+        content["metrics"] = MetricRecord({
+            "num-examples": int(loader.dataset_size), "partition-id": pid, "train-loss": hist["train_loss"],
+            "test-accuracy": test["accuracy"], "test-loss": test["loss"], "probe-accuracy": held_m["accuracy"],
+            "seconds-train": t_train, "seconds-eval": t_eval, "seconds-stats": t_stats,
+        })
+        return Message(content, reply_to=msg)
+
+    @app.query("cross_stats")
+    def cross_handler(msg: Message, context: Context) -> Message:
+        cfg = config_of(context)
+        config = msg.content.config_records.get("config", ConfigRecord())
+        pid, _ = _partition(context, config)
+        faults = _faults(cfg, pid, config)
+        if "drop-query" in faults:
+            raise RuntimeError(f"injected fault: client {pid} drops out of the statistics query")
+        if LOCAL_KEY not in context.state.array_records:
+            raise RuntimeError("cross-statistics query before training: this node holds no local model")
+        t = time.perf_counter()
+        own_model = build_global_model(cfg)
+        own_model.load_state_dict(context.state.array_records[LOCAL_KEY].to_torch_state_dict())
+        ref_model = build_global_model(cfg)
+        ref_model.load_state_dict(msg.content.array_records["reference"].to_torch_state_dict(), strict=True)
+        fit, _ = probe_batches(cfg)
+        spec = derive_spec(own_model, fit.example())
+        cross = cross_statistics(ref_model.eval(), own_model.eval(), fit, spec, device=cfg.device or None)
+        content = RecordDict({"cross-stats": arrays_to_record(cross_to_arrays(cross))})
+        if "nan-query" in faults:
+            key = next(k for k in content["cross-stats"].keys() if k.endswith(".c"))
+            bad = content["cross-stats"][key].numpy().astype(np.float64).copy()
+            bad.reshape(-1)[0] = np.nan
+            content["cross-stats"][key] = Array(bad)
+        content["metrics"] = MetricRecord({"seconds-cross-stats": time.perf_counter() - t, "partition-id": pid})
+        return Message(content, reply_to=msg)
+
+    @app.evaluate()
+    def evaluate_handler(msg: Message, context: Context) -> Message:
+        cfg = config_of(context)
+        model = build_global_model(cfg)
+        model.load_state_dict(msg.content.array_records["arrays"].to_torch_state_dict(), strict=True)
+        m = evaluate(model, test_loader(cfg), device=cfg.device or None)
+        return Message(RecordDict({"metrics": MetricRecord({"num-examples": m["n"], "accuracy": m["accuracy"],
+                                                            "loss": m["loss"]})}), reply_to=msg)
+
+    return app
+
+
+def _inject(content: RecordDict, faults: list[str], cfg: FedConfig, pid: int) -> None:
+    """Fault injection for tests and demos (``--inject-fault KIND:CLIENT``): corrupt this client's upload."""
+    if not faults:
+        return
+    arrays = content["arrays"]
+    if "nan" in faults:
+        key = next(k for k in arrays.keys() if arrays[k].numpy().dtype.kind == "f")
+        bad = arrays[key].numpy().copy()
+        bad.reshape(-1)[0] = np.nan
+        arrays[key] = Array(bad)
+    if "shape" in faults:
+        key = next(iter(arrays.keys()))
+        arrays[key] = Array(np.zeros((3, 1, 7), dtype=np.float32))
+    if "huge" in faults:
+        arrays["padding.huge"] = Array(np.zeros(64 * 1024 * 1024 // 4, dtype=np.float32))
+    if "slow" in faults:
+        time.sleep(float(cfg.timeout) + 5.0)
+
+
+app = make_client_app()

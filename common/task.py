@@ -1,0 +1,229 @@
+"""The federated task, shared by the ServerApp, the ClientApp and the offline runs: one typed config
+(:class:`FedConfig`, read from a Flower run config) and the deterministic pieces every party rebuilds
+identically from it: the model, the client partitions, the probe set and the test set.
+
+Every party derives the probe from the same seed, so clients and server agree on it without sending it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .data import dataset_info, load_dataset, make_loader, set_seed, split_probe_pool, to_tensor
+from .probe import Batches, as_batches
+from .splits import make_split
+
+__all__ = ["FedConfig", "build_global_model", "client_partition", "probe_batches", "test_loader",
+           "train_loader", "METHOD_CHOICES"]
+
+METHOD_CHOICES = ("avg", "permute", "weight_matching", "ot", "zipit", "merge_many", "cca")
+
+
+@dataclass
+class FedConfig:
+    # data
+    dataset: str = "cifar10-mini"
+    data_root: str = ""
+    split: str = "iid"
+    alpha: float = 0.5
+    num_clients: int = 2
+    probe_size: int = 500
+    probe_from_union: bool = False
+    held_out: float = 0.2
+    max_train: int = 0                 # cap on each client's training images (0 = all), for smoke runs
+    max_test: int = 0                  # cap on test images (0 = all)
+    # model and training
+    arch: str = "cnn"
+    width: float = 1.0
+    epochs: float = 1.0
+    lr: float = 0.05
+    batch_size: int = 64
+    seed: int = 0
+    common_init: bool = False          # round 1 from one shared init (True) or each client's own seed
+    embedding_dim: int = 0             # class-embedding head size for split=disjoint (0 = num_classes)
+    # merging
+    method: str = "cca"
+    reference: str = "best"            # "best" or a client index as a string
+    gamma: str = "auto"                # "auto" or a number
+    bn_reset: str = "auto"             # "auto" (when the model has BatchNorm), "true", "false"
+    repair: bool = False
+    stats_on_server: bool = False      # server holds the probe and computes all statistics (one phase)
+    weighted: bool = True              # average weighted by client sample counts
+    # federation
+    num_server_rounds: int = 1
+    min_clients: int = 2
+    timeout: float = 600.0
+    device: str = ""
+    out: str = "runs/flwr"
+    faults: str = ""                   # fault injection "KIND:CLIENT,KIND:CLIENT" (tests and demos)
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        from .splits import SPLITS
+
+        if self.method not in METHOD_CHOICES:
+            raise ValueError(f"method must be one of {METHOD_CHOICES}, got {self.method!r}")
+        dataset_info(self.dataset)  # raises for an unknown data set
+        from .splits import ALIASES
+        if self.split not in SPLITS and self.split not in ALIASES:
+            raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
+        if self.num_clients < 1 or self.min_clients < 1:
+            raise ValueError("num_clients and min_clients must be >= 1")
+        if self.num_server_rounds < 1:
+            raise ValueError("num_server_rounds must be >= 1")
+        if self.reference != "best":
+            try:
+                int(self.reference)
+            except ValueError:
+                raise ValueError(f"reference must be 'best' or a client index, got {self.reference!r}") from None
+        if self.gamma != "auto":
+            try:
+                g = float(self.gamma)
+            except ValueError:
+                raise ValueError(f"gamma must be 'auto' or a number, got {self.gamma!r}") from None
+            if not (math.isfinite(g) and g >= 0):
+                raise ValueError(f"gamma must be >= 0, got {self.gamma!r}")
+        if str(self.bn_reset).lower() not in ("auto", "true", "false"):
+            raise ValueError(f"bn_reset must be auto|true|false, got {self.bn_reset!r}")
+        if not 0 < self.held_out < 1:
+            raise ValueError("held_out must be in (0, 1)")
+        if self.epochs <= 0 or self.lr <= 0 or self.batch_size < 1 or self.width <= 0:
+            raise ValueError("epochs, lr, batch_size and width must be positive")
+        if self.probe_size < 10:
+            raise ValueError("probe_size must be >= 10")
+
+    # --- conversions ------------------------------------------------------------------------------------
+    @classmethod
+    def from_run_config(cls, run_config: dict[str, Any] | None = None, **overrides) -> "FedConfig":
+        """Build from a Flower run config (keys with dashes, e.g. ``num-server-rounds``); unknown keys are
+        an error so that a typo never silently falls back to a default."""
+        values: dict[str, Any] = {}
+        names = {f.name: f for f in fields(cls)}
+        for k, v in {**(run_config or {}), **overrides}.items():
+            key = k.replace("-", "_")
+            if key not in names:
+                raise ValueError(f"unknown run-config key {k!r}; known: "
+                                 f"{', '.join(sorted(n.replace('_', '-') for n in names))}")
+            values[key] = _coerce(names[key], v)
+        return cls(**values)
+
+    def to_run_config(self) -> dict[str, Any]:
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def gamma_value(self) -> float | str:
+        return "auto" if self.gamma == "auto" else float(self.gamma)
+
+    @property
+    def reference_value(self) -> int | str:
+        return "best" if self.reference == "best" else int(self.reference)
+
+    @property
+    def bn_reset_value(self) -> bool | None:
+        return {"auto": None, "true": True, "false": False}[str(self.bn_reset).lower()]
+
+    def fault_for(self, client: int) -> list[str]:
+        out = []
+        for item in filter(None, (s.strip() for s in self.faults.split(","))):
+            kind, _, who = item.partition(":")
+            if who == "" or who == "*" or int(who) == client:
+                out.append(kind)
+        return out
+
+
+def _coerce(f: dataclasses.Field, v: Any) -> Any:
+    t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    try:
+        if t == "bool":
+            if isinstance(v, str):
+                if v.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError
+                return v.lower() in ("true", "1", "yes")
+            return bool(v)
+        if t == "int":
+            if isinstance(v, float) and not v.is_integer():
+                raise ValueError
+            return int(v)
+        if t == "float":
+            return float(v)
+        return str(v)
+    except (TypeError, ValueError):
+        raise ValueError(f"run-config key {f.name.replace('_', '-')!r}: cannot read {v!r} as {t}") from None
+
+
+# --- deterministic pieces -----------------------------------------------------------------------------------
+@lru_cache(maxsize=8)
+def _train_set(dataset: str, data_root: str):
+    return load_dataset(dataset, "train", data_root=data_root or None)
+
+
+@lru_cache(maxsize=8)
+def _test_set(dataset: str, data_root: str):
+    return load_dataset(dataset, "test", data_root=data_root or None)
+
+
+def _probe_pool(cfg: FedConfig) -> tuple[np.ndarray, np.ndarray]:
+    n = len(_train_set(cfg.dataset, cfg.data_root))
+    return split_probe_pool(n, cfg.probe_size, cfg.seed, from_union=cfg.probe_from_union)
+
+
+def build_global_model(cfg: FedConfig, seed: int | None = None) -> nn.Module:
+    """The architecture (seeded init). For ``split=disjoint`` a fixed class-embedding head shared by all."""
+    from .models import ClassEmbeddingHead, build_model
+
+    info = dataset_info(cfg.dataset)
+    head = None
+    if cfg.split == "disjoint":
+        dim = cfg.embedding_dim or info["num_classes"]
+        head = ClassEmbeddingHead.orthonormal(info["num_classes"], dim, seed=cfg.seed)
+    set_seed(cfg.seed if seed is None else seed)
+    return build_model(cfg.arch, num_classes=info["num_classes"], width=cfg.width,
+                       in_channels=info["in_channels"], image_size=info["image_size"], head=head)
+
+
+def client_partition(cfg: FedConfig, partition_id: int, num_partitions: int) -> np.ndarray:
+    """Indices (into the training set) of one client's data."""
+    if not 0 <= partition_id < num_partitions:
+        raise ValueError(f"partition-id {partition_id} outside [0, {num_partitions})")
+    train = _train_set(cfg.dataset, cfg.data_root)
+    _, pool = _probe_pool(cfg)
+    parts = make_split(cfg.split, train.y[pool], num_partitions, seed=cfg.seed, alpha=cfg.alpha)
+    idx = pool[parts[partition_id]]
+    if cfg.max_train and len(idx) > cfg.max_train:
+        rng = np.random.default_rng([cfg.seed, partition_id, 11])
+        idx = np.sort(rng.choice(idx, cfg.max_train, replace=False))
+    return idx
+
+
+def train_loader(cfg: FedConfig, partition_id: int, num_partitions: int, seed: int = 0):
+    idx = client_partition(cfg, partition_id, num_partitions)
+    return make_loader(_train_set(cfg.dataset, cfg.data_root), idx, batch_size=cfg.batch_size, train=True,
+                       seed=seed)
+
+
+def probe_batches(cfg: FedConfig, batch_size: int = 250) -> tuple[Batches, Batches]:
+    """(fit, held_out) probe batches with labels, un-augmented. Statistics use ``fit``; the server picks γ,
+    the reference and checks the merge on ``held_out``."""
+    train = _train_set(cfg.dataset, cfg.data_root)
+    probe_idx, _ = _probe_pool(cfg)
+    x = to_tensor(train.x[probe_idx], train.name)
+    y = torch.from_numpy(train.y[probe_idx].copy())
+    return as_batches((x, y), batch_size).split(cfg.held_out, cfg.seed, batch_size)
+
+
+def test_loader(cfg: FedConfig, batch_size: int = 500):
+    test = _test_set(cfg.dataset, cfg.data_root)
+    idx = np.arange(min(cfg.max_test, len(test))) if cfg.max_test else None
+    return make_loader(test, idx, batch_size=batch_size, train=False)

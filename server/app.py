@@ -1,0 +1,182 @@
+"""The fedmerge ServerApp: runs :class:`CCAMerge` for the configured rounds, evaluates the merged model, the
+clients and their ensemble on the test set, and writes ``result.json``, a plot and the global model to the
+run's output folder (after every round, atomically, so that a crash loses no finished round)."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+
+from fedmerge.client.train import ensemble_evaluate, evaluate
+from fedmerge.common.checkpoint import save_state
+from fedmerge.common.task import FedConfig, build_global_model, probe_batches, test_loader
+
+from .strategy import CCAMerge
+
+__all__ = ["make_server_app", "app", "run_federation", "write_json_atomic"]
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=2, default=_jsonable))
+    os.replace(tmp, path)
+
+
+def _jsonable(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    return str(o)
+
+
+def run_federation(grid: Grid, cfg: FedConfig) -> dict:
+    """Run the whole federation on ``grid`` and return (and write) the result dictionary."""
+    t0 = time.time()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    template = build_global_model(cfg, seed=cfg.seed)
+    fit, held = probe_batches(cfg)
+    strategy = CCAMerge(
+        model_fn=lambda: build_global_model(cfg, seed=cfg.seed), probe=(fit, held), method=cfg.method,
+        reference=cfg.reference_value, gamma=cfg.gamma_value, bn_reset=cfg.bn_reset_value, repair=cfg.repair,
+        weighted=cfg.weighted, num_clients=cfg.num_clients, min_clients=cfg.min_clients,
+        stats_on_server=cfg.stats_on_server, query_timeout=cfg.timeout, held_out=cfg.held_out, seed=cfg.seed,
+        device=cfg.device or None)
+    test = test_loader(cfg)
+    evals: dict[int, dict] = {}
+
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if len(arrays) == 0:
+            return None
+        model = build_global_model(cfg)
+        model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
+        m = evaluate(model, test, device=cfg.device or None)
+        evals[server_round] = m
+        if server_round > 0:
+            save_state(model.state_dict(), out / "global_model.safetensors")
+            write_json_atomic(out / "result.json", _result(cfg, strategy, evals, None, t0, partial=True))
+        return MetricRecord({"accuracy": m["accuracy"], "loss": m["loss"]})
+
+    initial = ArrayRecord(template.state_dict()) if cfg.common_init else ArrayRecord()
+    strategy.start(grid, initial, num_rounds=cfg.num_server_rounds, timeout=cfg.timeout,
+                   train_config=ConfigRecord({}), evaluate_fn=evaluate_fn)
+    ensemble = None
+    if len(strategy.last_states) >= 1:
+        models = []
+        for part in sorted(strategy.last_states):
+            m = build_global_model(cfg)
+            m.load_state_dict(strategy.last_states[part])
+            models.append(m)
+        ensemble = ensemble_evaluate(models, test, device=cfg.device or None)
+        for part, m in zip(sorted(strategy.last_states), models):  # for offline comparisons (benchmarks, demo)
+            save_state(m.state_dict(), out / "clients" / f"client_{part}.safetensors")
+    result = _result(cfg, strategy, evals, ensemble, t0, partial=False)
+    write_json_atomic(out / "result.json", result)
+    try:
+        plot_result(result, out / "accuracy.png")
+    except Exception as exc:  # noqa: BLE001 - a plot is never worth losing the run
+        log(30, "could not draw the plot: %s", exc)
+    return result
+
+
+def _result(cfg: FedConfig, strategy: CCAMerge, evals: dict, ensemble, t0: float, partial: bool) -> dict:
+    hist = strategy.history
+    done = [h for h in hist if h.ok]
+    last = done[-1] if done else (hist[-1] if hist else None)
+    clients = {}
+    if last is not None:
+        clients = {p: m.get("test-accuracy") for p, m in sorted(last.client_metrics.items())}
+    merged_acc = evals[max(evals)]["accuracy"] if evals else None
+    bytes_up: dict[str, int] = {}
+    for h in hist:
+        for p, b in h.bytes_uploaded.items():
+            bytes_up[str(p)] = bytes_up.get(str(p), 0) + int(b)
+
+    def per_round_max(key):
+        return float(sum(max([m.get(key, 0.0) for m in h.client_metrics.values()] or [0.0]) for h in hist))
+
+    training = per_round_max("seconds-train")
+    statistics = per_round_max("seconds-stats") + per_round_max("seconds-cross-stats") + float(
+        sum(h.timings.get("server_statistics", 0.0) for h in hist))
+    transforms = float(sum(h.timings.get("merge_transforms", 0.0) for h in hist))
+    total = time.time() - t0
+    client_list = [v for v in clients.values() if v is not None]
+    return {
+        "method": cfg.method,
+        "num_clients": cfg.num_clients,
+        "rounds_completed": len(done),
+        "partial": partial,
+        "clients_merged": last.clients_merged if last else [],
+        "clients_rejected": [dict(r, round=h.round) for h in hist for r in h.clients_rejected],
+        "reference": last.reference if last else None,
+        "gamma": last.gamma if last else None,
+        "accuracy": {
+            "merged": merged_acc,
+            "clients": client_list,
+            "clients_by_partition": {str(k): v for k, v in clients.items()},
+            "ensemble": ensemble["accuracy"] if ensemble else None,
+            "average_of_clients": float(np.mean(client_list)) if client_list else None,
+            "per_round": {str(r): e["accuracy"] for r, e in sorted(evals.items())},
+        },
+        "timings": {"training": training, "statistics": statistics, "transforms": transforms, "total": total,
+                    "training_sum_over_clients": float(sum(m.get("seconds-train", 0.0) for h in hist
+                                                           for m in h.client_metrics.values())),
+                    "protocol_overhead": max(0.0, total - training)},
+        "bytes_uploaded": bytes_up,
+        "model_bytes": strategy.model_bytes,
+        "upload_over_model_size": {p: b / strategy.model_bytes / max(1, len(hist)) for p, b in bytes_up.items()},
+        "rounds": [h.to_dict() for h in hist],
+        "config": cfg.to_dict(),
+        "environment": {"torch": torch.__version__, "cuda": torch.cuda.is_available()},
+    }
+
+
+def plot_result(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    acc = result["accuracy"]
+    labels = [f"client {p}" for p in acc["clients_by_partition"]] + ["merged", "ensemble"]
+    values = [100 * (v or 0) for v in acc["clients_by_partition"].values()] + [
+        100 * (acc["merged"] or 0), 100 * (acc["ensemble"] or 0)]
+    colors = ["#9aa5b1"] * len(acc["clients_by_partition"]) + ["#d1495b", "#2e86ab"]
+    fig, ax = plt.subplots(figsize=(max(4, 0.8 * len(labels) + 2), 3.5))
+    ax.bar(labels, values, color=colors)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{result['method']} merge of {len(acc['clients'])} clients")
+    for i, v in enumerate(values):
+        ax.text(i, v + 0.5, f"{v:.1f}", ha="center", fontsize=8)
+    ax.set_ylim(0, 100)
+    plt.xticks(rotation=30, ha="right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def make_server_app(overrides: dict | None = None) -> ServerApp:
+    """A ServerApp whose task config is the run config (``flwr run``) updated with ``overrides``."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        cfg = FedConfig.from_run_config(context.run_config, **(overrides or {}))
+        run_federation(grid, cfg)
+
+    return app
+
+
+app = make_server_app()

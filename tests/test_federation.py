@@ -1,0 +1,160 @@
+"""The Flower service: the ClientApp called with messages, the strategy's two phases on a grid, bad replies,
+the run config, and one real ``fedmerge simulate`` on Flower's simulation engine."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+from fedmerge.client.app import LOCAL_KEY, make_client_app
+from fedmerge.common.merge import merge_models
+from fedmerge.common.task import FedConfig, build_global_model, probe_batches
+from fedmerge.server.app import run_federation
+from fedmerge.server.inline import InlineGrid, _ensure_task_identity
+from fedmerge.server.strategy import CCAMerge
+
+TINY = dict(dataset="cifar10-mini", arch="cnn", width=0.25, epochs=1, max_train=256, probe_size=120,
+            max_test=200, batch_size=64, num_clients=3, min_clients=2)
+
+
+def tiny(**kw) -> FedConfig:
+    return FedConfig(**{**TINY, **kw})
+
+
+def _msg(content, mtype, node=1):
+    _ensure_task_identity()
+    m = Message(content, dst_node_id=node, message_type=mtype)
+    m.metadata.__dict__.update({"_message_id": "m1", "_src_node_id": 0, "_run_id": 1})
+    return m
+
+
+def test_client_app_called_with_messages(tmp_path):
+    cfg = tiny(out=str(tmp_path))
+    app = make_client_app(cfg.to_run_config())
+    ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 1, "num-partitions": 3}, state=RecordDict(),
+                  run_config={})
+    # a query before training is refused with a clear error
+    ref = build_global_model(cfg)
+    q = _msg(RecordDict({"reference": ArrayRecord(ref.state_dict()), "config": ConfigRecord({})}),
+             "query.cross_stats")
+    with pytest.raises(Exception, match="before training"):
+        app(q, ctx)
+    reply = app(_msg(RecordDict({"arrays": ArrayRecord(), "config": ConfigRecord({"server-round": 1})}), "train"), ctx)
+    c = reply.content
+    assert set(c.array_records) == {"arrays", "own-stats"}
+    sd = c.array_records["arrays"].to_torch_state_dict()
+    assert sd.keys() == ref.state_dict().keys()
+    m = c.metric_records["metrics"]
+    assert m["num-examples"] == 256 and m["partition-id"] == 1 and 0 <= m["test-accuracy"] <= 1
+    assert LOCAL_KEY in ctx.state.array_records
+    reply = app(q, ctx)
+    keys = list(reply.content.array_records["cross-stats"].keys())
+    assert any(k.endswith(".c") for k in keys) and reply.content.metric_records["metrics"]["seconds-cross-stats"] > 0
+
+
+def test_server_assigns_partitions_when_nodes_have_none(tmp_path):
+    cfg = tiny(out=str(tmp_path), num_clients=2, method="avg")
+    grid = InlineGrid(make_client_app(cfg.to_run_config()), 2, node_config=lambda i: {})
+    result = run_federation(grid, cfg)
+    assert sorted(result["accuracy"]["clients_by_partition"]) == ["0", "1"]
+    assert result["clients_rejected"] == []
+
+
+def test_two_phases_match_the_offline_merge(tmp_path):
+    cfg = tiny(out=str(tmp_path), gamma="0.1", reference="0")
+    grid = InlineGrid(make_client_app(cfg.to_run_config()), 3)
+    result = run_federation(grid, cfg)
+    types = [m.metadata.message_type for m in grid.sent]
+    assert types == ["train"] * 3 + ["query.cross_stats"] * 2  # phase 1 to all, phase 2 to all but the reference
+    assert result["clients_merged"] == [0, 1, 2] and result["reference"] == 0
+    for key in ("merged", "clients", "ensemble", "average_of_clients"):
+        assert result["accuracy"][key] is not None
+    for key in ("training", "statistics", "transforms", "total"):
+        assert result["timings"][key] >= 0
+    assert set(result["bytes_uploaded"]) == {"0", "1", "2"}
+    saved = json.loads((tmp_path / "result.json").read_text())
+    assert saved["method"] == "cca" and saved["config"]["num_clients"] == 3
+    assert (tmp_path / "accuracy.png").stat().st_size > 1000
+    assert (tmp_path / "global_model.safetensors").exists()
+    # the same merge offline, from the saved client weights, gives the same model
+    from fedmerge.common.checkpoint import load_state
+    models = []
+    for p in range(3):
+        mdl = build_global_model(cfg)
+        mdl.load_state_dict(load_state(tmp_path / "clients" / f"client_{p}.safetensors"))
+        models.append(mdl.eval())
+    fit, _ = probe_batches(cfg)
+    counts = [result["rounds"][0]["client_metrics"][str(p)]["num-examples"] for p in range(3)]
+    offline = merge_models(models, fit, method="cca", reference=0, gamma=0.1, weights=counts)
+    fed = build_global_model(cfg)
+    fed.load_state_dict(load_state(tmp_path / "global_model.safetensors"))
+    x = torch.cat([b[0] for b in fit])[:64]
+    assert torch.allclose(fed.eval()(x), offline.eval()(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("fault,phase,reason", [
+    ("nan", "train", "NaN"), ("shape", "train", "shape"), ("drop-train", "train", "client error"),
+    ("drop-query", "cross-statistics", "client error"), ("nan-query", "cross-statistics", "non-finite"),
+    ("huge", "train", "exceeds the cap"),
+])
+def test_bad_client_is_rejected_and_round_goes_on(tmp_path, fault, phase, reason):
+    cfg = tiny(out=str(tmp_path), faults=f"{fault}:2", reference="0", gamma="0.1")
+    result = run_federation(InlineGrid(make_client_app(cfg.to_run_config()), 3), cfg)
+    rej = result["clients_rejected"]
+    assert len(rej) == 1 and rej[0]["partition"] == 2 and rej[0]["phase"] == phase and reason in rej[0]["reason"]
+    assert result["clients_merged"] == [0, 1] and result["rounds_completed"] == 1
+    assert np.isfinite(result["accuracy"]["merged"])
+
+
+def test_too_few_clients_keeps_previous_model(tmp_path):
+    cfg = tiny(out=str(tmp_path), faults="nan:1,nan:2", min_clients=2, method="avg")
+    result = run_federation(InlineGrid(make_client_app(cfg.to_run_config()), 3), cfg)
+    assert result["rounds_completed"] == 0 and len(result["clients_rejected"]) == 2
+    assert result["rounds"][0]["ok"] is False and "min_clients" in result["rounds"][0]["error"]
+    assert result["accuracy"]["merged"] is None
+
+
+def test_multi_round_from_merged_model(tmp_path):
+    cfg = tiny(out=str(tmp_path), num_clients=2, num_server_rounds=2, gamma="0.1")
+    grid = InlineGrid(make_client_app(cfg.to_run_config()), 2)
+    result = run_federation(grid, cfg)
+    assert result["rounds_completed"] == 2 and set(result["accuracy"]["per_round"]) == {"1", "2"}
+    trains = [m for m in grid.sent if m.metadata.message_type == "train"]
+    assert len(trains[0].content.array_records["arrays"]) == 0  # round 1: own inits
+    assert len(trains[2].content.array_records["arrays"]) > 0   # round 2: the merged model
+
+
+def test_run_config_is_checked():
+    with pytest.raises(ValueError, match="unknown run-config key 'epoch'"):
+        FedConfig.from_run_config({"epoch": 3})
+    with pytest.raises(ValueError, match="method"):
+        FedConfig.from_run_config({"method": "fedprox"})
+    with pytest.raises(ValueError, match="cannot read"):
+        FedConfig.from_run_config({"num-server-rounds": "two"})
+    cfg = FedConfig.from_run_config({"num-server-rounds": 3, "common-init": "true", "gamma": "0.3"})
+    assert cfg.num_server_rounds == 3 and cfg.common_init is True and cfg.gamma_value == 0.3
+    assert FedConfig.from_run_config(cfg.to_run_config()) == cfg
+
+
+def test_strategy_needs_probe_for_auto_choices():
+    with pytest.raises(ValueError, match="gamma='auto'"):
+        CCAMerge(model_fn=lambda: build_global_model(tiny()), example_input=torch.zeros(2, 3, 32, 32))
+    s = CCAMerge(model_fn=lambda: build_global_model(tiny()), example_input=torch.zeros(2, 3, 32, 32), gamma=0.1)
+    assert s.stats_where == "clients" and len(s.spec.groups) == 3
+
+
+def test_fedmerge_simulate_on_flower_simulation_engine(tmp_path):
+    out = tmp_path / "sim"
+    cmd = [sys.executable, "-m", "fedmerge.cli", "simulate", "--backend", "ray", "--clients", "2", "--arch", "cnn",
+           "--width", "0.25", "--epochs", "1", "--max-train", "256", "--probe-size", "120", "--max-test", "200",
+           "--split", "dirichlet", "--alpha", "0.5", "--out", str(out)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "merged (cca)" in p.stdout
+    result = json.loads((out / "result.json").read_text())
+    assert result["num_clients"] == 2 and result["clients_merged"] == [0, 1]
+    assert (out / "accuracy.png").exists()
