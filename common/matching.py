@@ -98,13 +98,15 @@ def _dead(s: torch.Tensor) -> torch.Tensor:
 
 
 def cca_pair(s_aa: torch.Tensor, s_bb: torch.Tensor, s_ab: torch.Tensor, gamma: float = 0.1,
-             regularization: str = "corr") -> tuple[torch.Tensor, torch.Tensor]:
+             regularization: str = "trace") -> tuple[torch.Tensor, torch.Tensor]:
     """CCA transform (T, T^-1) mapping model B's units onto model A's.
 
-    ``regularization="corr"`` (default): CCA on standardised units with ridge ``gamma * I`` on the
-    correlation matrices -- gamma is relative to each unit's scale, and the result is exactly invariant to
-    permuting and positively rescaling units. ``"trace"``: ridge ``gamma * tr(S)/d * I`` on the raw
-    covariances (the paper's form with a scale-relative gamma).
+    ``regularization="trace"`` (default): ridge ``gamma * tr(S)/d * I`` on the raw covariances -- the
+    paper's form, with gamma relative to the mean unit variance. Exactly invariant to permutations, and to
+    rescaling units as gamma -> 0. ``"corr"``: CCA on standardised units with ridge ``gamma * I`` on the
+    correlation matrices: exactly invariant to positive rescaling for every gamma, but it gives near-dead
+    units as much weight as strong ones, and merges real networks much worse (measured on two VGG11x0.25
+    CIFAR-10 80/20 clients: 10-13% merged accuracy vs 36-39% with "trace").
 
     Directions the probe does not determine (dead units, probes smaller than the width) are mapped
     deterministically: dead units of B onto dead units of A, positively, in order.
@@ -156,7 +158,7 @@ def _cca_core(s_aa, s_bb, s_ab, prior=None):
 
 
 def match_cca(stats: Statistics, spec: MergeSpec, reference: int = 0, gamma: float = 0.1,
-              regularization: str = "corr") -> Alignment:
+              regularization: str = "trace") -> Alignment:
     """CCA Merge all-to-one: every model's units mapped onto the reference's canonical directions."""
     return _all_to_one(stats, spec, reference,
                        lambda a, b, ab: cca_pair(a, b, ab, gamma=gamma, regularization=regularization))

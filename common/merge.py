@@ -31,7 +31,7 @@ from .stats import Moments, Statistics, collect_statistics
 __all__ = ["merge_models", "collect_statistics", "merge_from_statistics", "reset_bn_stats", "METHODS",
            "MergeInfo", "GAMMA_GRID"]
 
-GAMMA_GRID = (1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
+GAMMA_GRID = (1e-3, 1e-2, 0.1, 0.3, 1.0, 3.0)
 
 
 @dataclass(frozen=True)

@@ -70,17 +70,20 @@ def test_merge_with_permuted_copy_is_exact(arch, method):
 def test_cca_with_rescaled_copy_is_exact(arch):
     a = MODELS[arch]()
     b = equivalent_copy(a, X, "scale")
-    for gamma in (0.01, 1.0):
-        merged = merge_models([a, b], X, method="cca", gamma=gamma, bn_reset=False)
+    # scale-relative ridge on correlations: exact for any gamma; the paper's ridge on raw covariances
+    # (the default): exact as gamma -> 0
+    for reg, gamma in (("corr", 0.01), ("corr", 1.0), ("trace", 1e-9)):
+        merged = merge_models([a, b], X, method="cca", gamma=gamma, bn_reset=False, regularization=reg)
         with torch.no_grad():
-            assert rel_err(merged(X), a(X)) <= 1e-4
+            assert rel_err(merged(X), a(X)) <= 1e-4, (reg, gamma)
 
 
 def test_cca_auto_gamma_and_best_reference_with_three_copies():
     a = MODELS["resnet"]()
     models = [a, equivalent_copy(a, X, "perm", 2), equivalent_copy(a, X, "scale", 3)]
+    # a rescaled copy is exact for every gamma only with the scale-free "corr" ridge
     merged, info = merge_models(models, X, method="cca", gamma="auto", reference="best", bn_reset=False,
-                                return_info=True)
+                                return_info=True, regularization="corr")
     assert info.gamma in info.gamma_scores and len(info.gamma_scores) >= 3
     assert 0 <= info.reference < 3 and len(info.reference_scores) == 3
     with torch.no_grad():

@@ -117,7 +117,9 @@ def test_merge_permuted_copy_of_zoo_model_is_exact(arch, width, bn, method, gamm
 def test_cca_merge_rescaled_copy_of_zoo_model_is_exact(arch, width, bn):
     a, x = _zoo_model_and_probe(arch, width, bn)
     b = equivalent_copy(a, x, "scale")
-    merged = merge_models([a, b], x, method="cca", gamma=1e-6, bn_reset=False)
+    # the scale-free "corr" ridge is exact on rescaled copies for any gamma (the default "trace" ridge only
+    # as gamma -> 0, which a 48-image probe cannot resolve at VGG's 1x1 maps)
+    merged = merge_models([a, b], x, method="cca", gamma=0.1, bn_reset=False, regularization="corr")
     with torch.no_grad():
         assert rel_err(merged(x), a(x)) <= 1e-4
 
