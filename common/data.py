@@ -190,6 +190,35 @@ def _from_torchvision(name: str, root: Path, train: bool, download: bool):
     return x.astype(np.uint8), y, tuple(ds.classes)
 
 
+def _embedded_candidates(roots: list[Path]) -> list[Path]:
+    """The vendored subset: next to this module, in a data root, or in the installed distribution (a Flower
+    app bundle (FAB) carries only source files, so code run from one finds the data in the installed copy)."""
+    out = [EMBEDDED] + [r / EMBEDDED.name for r in roots]
+    try:
+        from importlib.metadata import PackageNotFoundError, distribution
+
+        for f in distribution("fedmerge").files or []:
+            if f.name == EMBEDDED.name:
+                out.append(Path(f.locate()))
+            elif f.name == "__init__.py" and f.parent.name == "common":
+                out.append(Path(f.locate()).parent / "embedded" / EMBEDDED.name)
+        # an editable install points at the source tree
+        import json
+
+        raw = distribution("fedmerge").read_text("direct_url.json")
+        if raw:
+            url = json.loads(raw).get("url", "")
+            if url.startswith("file://"):
+                out.append(Path(url[len("file://"):]) / "common" / "embedded" / EMBEDDED.name)
+    except (ImportError, OSError, ValueError, PackageNotFoundError):
+        pass
+    seen: list[Path] = []
+    for p in out:
+        if p not in seen:
+            seen.append(p)
+    return seen
+
+
 _MEMO: dict[tuple, ArrayDataset] = {}
 
 
@@ -207,11 +236,12 @@ def load_dataset(name: str, split: str = "train", data_root=None, download: bool
     errors: list[str] = []
     result = None
     if key == "cifar10-mini":
-        if EMBEDDED.exists():
-            x, y, classes = _load_jpeg_npz(EMBEDDED, split)
-            result = ArrayDataset(x, y, key, split, f"embedded:{EMBEDDED.name}", classes)
-        else:
-            tried.append(str(EMBEDDED))
+        for path in _embedded_candidates(roots):
+            tried.append(str(path))
+            if path.exists():
+                x, y, classes = _load_jpeg_npz(path, split)
+                result = ArrayDataset(x, y, key, split, f"embedded:{path}", classes)
+                break
     else:
         npz = DATASETS[key]["npz"]
         for root in roots:
