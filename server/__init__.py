@@ -1,1 +1,4 @@
-"""fedmerge.server."""
+"""fedmerge.server: the CCAMerge Flower strategy and the ServerApp."""
+from .strategy import CCAMerge, RoundRecord
+
+__all__ = ["CCAMerge", "RoundRecord"]
