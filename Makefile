@@ -4,6 +4,10 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.fedmerge-installed
 
+# the offline data folder beside a clone (CI layout), if present; FEDMERGE_DATA in the environment wins
+FEDMERGE_DATA ?= $(wildcard $(abspath ../shared/data))
+export FEDMERGE_DATA
+
 .PHONY: demo test bench install clean
 
 $(STAMP): pyproject.toml

@@ -63,6 +63,7 @@ class FedConfig:
     device: str = ""
     out: str = "runs/flwr"
     faults: str = ""                   # fault injection "KIND:CLIENT,KIND:CLIENT" (tests and demos)
+    resume: bool = False               # continue from the last finished round saved in ``out``
 
     def __post_init__(self):
         self.validate()

@@ -45,6 +45,8 @@ def _add_federation_args(p: argparse.ArgumentParser, defaults: dict) -> None:
                    help="nan | shape | huge | slow | drop-train | drop-query | nan-query, e.g. nan:1")
     p.add_argument("--backend", default=d("backend", "ray"), choices=["ray", "inline"])
     p.add_argument("--out", default=d("out", "runs/simulate"))
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last finished round (same configuration)")
     p.add_argument("--verbose", action="store_true")
 
 
@@ -58,7 +60,7 @@ def _config(a: argparse.Namespace):
                      probe_from_union=a.probe_from_union, stats_on_server=a.stats_on_server,
                      common_init=a.common_init, min_clients=min(a.min_clients, a.clients), timeout=a.timeout,
                      max_train=a.max_train, max_test=a.max_test, seed=a.seed, device=a.device, out=a.out,
-                     faults=",".join(a.inject_fault))
+                     faults=",".join(a.inject_fault), resume=a.resume)
 
 
 def cmd_simulate(a: argparse.Namespace) -> int:

@@ -11,7 +11,9 @@ from fedmerge.common.task import FedConfig
 __all__ = ["run_demo"]
 
 
-def run_demo(cfg: FedConfig, backend: str = "inline", baselines=("avg", "permute", "cca")) -> dict:
+def run_demo(cfg: FedConfig, backend: str = "inline", baselines=("avg", "permute", "cca"), repair: bool | None = None
+             ) -> dict:
+    """``repair``: also merge with REPAIR (default: when the model has no BatchNorm)."""
     from fedmerge.client.train import evaluate
     from fedmerge.common.checkpoint import load_state
     from fedmerge.common.merge import merge_models
@@ -36,14 +38,19 @@ def run_demo(cfg: FedConfig, backend: str = "inline", baselines=("avg", "permute
 
     probe = Batches(list(fit.batches) + list(held.batches))
     test = test_loader(cfg)
+    from fedmerge.common.merge import has_batchnorm
+
+    if repair is None:
+        repair = not has_batchnorm(models[0])
     rows = []
     for method in baselines:
-        t = time.time()
-        merged, info = merge_models(models, probe, method=method, reference=cfg.reference_value,
-                                    gamma=cfg.gamma_value, return_info=True, seed=cfg.seed,
-                                    held_out=cfg.held_out)
-        acc = evaluate(merged, test)["accuracy"]
-        rows.append((f"offline {method}", acc, time.time() - t, info.gamma))
+        for rep in ((False, True) if repair else (False,)):
+            t = time.time()
+            merged, info = merge_models(models, probe, method=method, reference=cfg.reference_value,
+                                        gamma=cfg.gamma_value, return_info=True, seed=cfg.seed,
+                                        held_out=cfg.held_out, repair=rep)
+            acc = evaluate(merged, test)["accuracy"]
+            rows.append((f"offline {method}{' + REPAIR' if rep else ''}", acc, time.time() - t, info.gamma))
     acc = result["accuracy"]
     print("\n== same client models, merged offline (fedmerge.merge_models) ==")
     lines = ["| model | test acc % | merge time s |", "|---|---|---|"]

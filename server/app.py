@@ -56,22 +56,27 @@ def run_federation(grid: Grid, cfg: FedConfig) -> dict:
         device=cfg.device or None)
     test = test_loader(cfg)
     evals: dict[int, dict] = {}
+    initial = ArrayRecord(template.state_dict()) if cfg.common_init else ArrayRecord()
+    done = 0
+    if cfg.resume:
+        done, initial = _restore(cfg, out, strategy, evals, initial)
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        if len(arrays) == 0:
+        server_round += done
+        if len(arrays) == 0 or (server_round == done and done > 0):
             return None
         model = build_global_model(cfg)
         model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
         m = evaluate(model, test, device=cfg.device or None)
         evals[server_round] = m
         if server_round > 0:
-            save_state(model.state_dict(), out / "global_model.safetensors")
+            _checkpoint(cfg, out, strategy, evals, model, server_round)
             write_json_atomic(out / "result.json", _result(cfg, strategy, evals, None, t0, partial=True))
         return MetricRecord({"accuracy": m["accuracy"], "loss": m["loss"]})
 
-    initial = ArrayRecord(template.state_dict()) if cfg.common_init else ArrayRecord()
-    strategy.start(grid, initial, num_rounds=cfg.num_server_rounds, timeout=cfg.timeout,
-                   train_config=ConfigRecord({}), evaluate_fn=evaluate_fn)
+    if done < cfg.num_server_rounds:
+        strategy.start(grid, initial, num_rounds=cfg.num_server_rounds - done, timeout=cfg.timeout,
+                       train_config=ConfigRecord({}), evaluate_fn=evaluate_fn)
     ensemble = None
     if len(strategy.last_states) >= 1:
         models = []
@@ -89,6 +94,48 @@ def run_federation(grid: Grid, cfg: FedConfig) -> dict:
     except Exception as exc:  # noqa: BLE001 - a plot is never worth losing the run
         log(30, "could not draw the plot: %s", exc)
     return result
+
+
+_RESUME_IGNORED = {"num_server_rounds", "resume", "out", "faults", "timeout", "device", "min_clients"}
+
+
+def _checkpoint(cfg: FedConfig, out: Path, strategy: CCAMerge, evals: dict, model, server_round: int) -> None:
+    """After every round: the global model (a new file per round), then state.json naming it, each written
+    atomically, so that a kill at any instant leaves a consistent last finished round."""
+    ckpt = out / "checkpoints"
+    name = f"global_round{server_round:04d}.safetensors"
+    save_state(model.state_dict(), ckpt / name)
+    save_state(model.state_dict(), out / "global_model.safetensors")
+    write_json_atomic(out / "state.json", {
+        "round": server_round, "model": name, "config": cfg.to_dict(),
+        "history": [h.to_dict() for h in strategy.history],
+        "evals": {str(k): v for k, v in evals.items()}, "partitions": {str(k): v for k, v in strategy.partitions.items()}})
+    for old in ckpt.glob("global_round*.safetensors"):
+        if old.name != name:
+            old.unlink(missing_ok=True)
+
+
+def _restore(cfg: FedConfig, out: Path, strategy: CCAMerge, evals: dict, initial: ArrayRecord):
+    path = out / "state.json"
+    if not path.exists():
+        log(30, "resume: no %s yet; starting from round 1", path)
+        return 0, initial
+    st = json.loads(path.read_text())
+    saved = st["config"]
+    diff = {k: (saved.get(k), v) for k, v in cfg.to_dict().items() if k not in _RESUME_IGNORED and saved.get(k) != v}
+    if diff:
+        raise ValueError(f"resume: the run in {out} was made with a different configuration: "
+                         + ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items()))
+    from fedmerge.common.checkpoint import load_state
+    from .strategy import RoundRecord
+
+    state = load_state(out / "checkpoints" / st["model"])
+    done = int(st["round"])
+    strategy.round_offset = done
+    strategy.history = [RoundRecord.from_dict(h) for h in st["history"]]
+    evals.update({int(k): v for k, v in st["evals"].items()})
+    log(20, "resume: %d rounds finished in %s; continuing with round %d", done, out, done + 1)
+    return done, ArrayRecord(state)
 
 
 def _result(cfg: FedConfig, strategy: CCAMerge, evals: dict, ensemble, t0: float, partial: bool) -> dict:

@@ -64,6 +64,15 @@ class RoundRecord:
     timings: dict[str, float] = field(default_factory=dict)
     merge_info: dict = field(default_factory=dict)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "RoundRecord":
+        return cls(round=int(d["round"]), ok=bool(d["ok"]), error=d.get("error"),
+                   clients_merged=list(d.get("clients_merged", [])),
+                   clients_rejected=list(d.get("clients_rejected", [])), reference=d.get("reference"),
+                   gamma=d.get("gamma"), client_metrics={int(k): v for k, v in d.get("client_metrics", {}).items()},
+                   bytes_uploaded={int(k): v for k, v in d.get("bytes_uploaded", {}).items()},
+                   timings=dict(d.get("timings", {})), merge_info=dict(d.get("merge_info", {})))
+
     def to_dict(self) -> dict:
         return {"round": self.round, "ok": self.ok, "error": self.error, "clients_merged": self.clients_merged,
                 "clients_rejected": self.clients_rejected, "reference": self.reference, "gamma": self.gamma,
@@ -144,6 +153,7 @@ class CCAMerge(FedAvg):
         self.partitions: dict[int, int] = {}      # node id -> partition id (assigned when first seen)
         self.last_states: dict[int, dict[str, torch.Tensor]] = {}  # partition -> weights of the last round
         self._grid: Grid | None = None
+        self.round_offset = 0  # rounds finished before a resume: Strategy.start counts from 1 again
 
     # --- set-up checks ----------------------------------------------------------------------------------
     def _check_needs_probe(self) -> None:
@@ -198,6 +208,7 @@ class CCAMerge(FedAvg):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        server_round += self.round_offset
         self._grid = grid
         self._round_start = time.time()
         nodes = self._sample(grid)
@@ -267,6 +278,7 @@ class CCAMerge(FedAvg):
     # --- phase 2 and merge ------------------------------------------------------------------------------------
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.round_offset
         rec = RoundRecord(round=server_round)
         self.history.append(rec)
         t_round = time.time()

@@ -158,3 +158,46 @@ def test_fedmerge_simulate_on_flower_simulation_engine(tmp_path):
     result = json.loads((out / "result.json").read_text())
     assert result["num_clients"] == 2 and result["clients_merged"] == [0, 1]
     assert (out / "accuracy.png").exists()
+
+
+def test_resume_continues_without_losing_or_repeating_rounds(tmp_path):
+    cfg = tiny(out=str(tmp_path), num_clients=2, num_server_rounds=2, method="avg")
+    first = run_federation(InlineGrid(make_client_app(cfg.to_run_config()), 2), cfg)
+    assert first["rounds_completed"] == 2
+    state = json.loads((tmp_path / "state.json").read_text())
+    assert state["round"] == 2 and (tmp_path / "checkpoints" / state["model"]).exists()
+    more = tiny(out=str(tmp_path), num_clients=2, num_server_rounds=3, method="avg", resume=True)
+    grid = InlineGrid(make_client_app(more.to_run_config()), 2)
+    result = run_federation(grid, more)
+    trains = [m for m in grid.sent if m.metadata.message_type == "train"]
+    assert len(trains) == 2 and all(m.content.config_records["config"]["server-round"] == 3 for m in trains)
+    assert len(trains[0].content.array_records["arrays"]) > 0  # continues from the saved global model
+    assert [h["round"] for h in result["rounds"]] == [1, 2, 3] and set(result["accuracy"]["per_round"]) == {"1", "2", "3"}
+    with pytest.raises(ValueError, match="different configuration"):
+        run_federation(grid, tiny(out=str(tmp_path), num_clients=2, method="cca", resume=True))
+
+
+def test_kill_and_resume_loses_no_round(tmp_path):
+    """kill -9 the simulation mid-run, resume it: every round is done exactly once."""
+    import os
+    import signal
+    import time
+    out = tmp_path / "run"
+    base = [sys.executable, "-m", "fedmerge.cli", "simulate", "--backend", "inline", "--clients", "2", "--arch", "cnn",
+            "--width", "0.25", "--epochs", "1", "--max-train", "256", "--probe-size", "120", "--max-test", "200",
+            "--method", "avg", "--rounds", "4", "--out", str(out)]
+    p = subprocess.Popen(base, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        st = out / "state.json"
+        if st.exists() and json.loads(st.read_text())["round"] >= 2:
+            break
+        time.sleep(0.2)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    killed_at = json.loads((out / "state.json").read_text())["round"]
+    assert 2 <= killed_at < 4
+    r = subprocess.run(base + ["--resume"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    result = json.loads((out / "result.json").read_text())
+    assert [h["round"] for h in result["rounds"]] == [1, 2, 3, 4] and result["rounds_completed"] == 4
