@@ -69,13 +69,15 @@ class InlineGrid(Grid):
         reply.metadata.__dict__["_src_node_id"] = node
         return reply
 
+    def _stamp(self, msg: Message) -> None:
+        """What the runtime sets on a message it pushes: id, source (the server) and run."""
+        msg.metadata.__dict__.update({"_message_id": uuid.uuid4().hex, "_src_node_id": 0, "_run_id": 1})
+        self.sent.append(msg)
+
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []
         for msg in messages:
-            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
-            msg.metadata.__dict__["_src_node_id"] = 0
-            msg.metadata.__dict__["_run_id"] = 1
-            self.sent.append(msg)
+            self._stamp(msg)
             reply = self._deliver(msg, None)
             if reply is not None:
                 self._replies[msg.metadata.message_id] = reply
@@ -88,10 +90,7 @@ class InlineGrid(Grid):
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         out = []
         for msg in messages:
-            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
-            msg.metadata.__dict__["_src_node_id"] = 0
-            msg.metadata.__dict__["_run_id"] = 1
-            self.sent.append(msg)
+            self._stamp(msg)
             deadline = None if timeout is None else time.time() + timeout
             reply = self._deliver(msg, deadline)
             if reply is not None:
