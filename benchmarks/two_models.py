@@ -1,0 +1,84 @@
+"""Two models, 80/20 split (paper Table 1): base models, ensemble, and every merging method.
+
+    python -m benchmarks.two_models --scale cpu            # VGG11 x0.25 on CIFAR-10, CPU, ~30 min
+    python -m benchmarks.two_models --scale paper          # VGG11 x1, 200 epochs: for a GPU
+
+Each merge is timed (statistics on the probe, transforms, total); with and without the method's
+post-processing (REPAIR for nets without BatchNorm, BatchNorm reset for nets with it).
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from fedmerge.client.train import ensemble_evaluate
+from fedmerge.common.merge import has_batchnorm, merge_models
+from fedmerge.common.probe import as_batches
+
+from .common import Setup, base_parser, environment, md_table, pct, resolve, train_clients, write_results
+
+METHODS = ["avg", "permute", "weight_matching", "ot", "zipit", "cca"]
+
+
+def forward_time(models, batches, device=None) -> float:
+    t = time.perf_counter()
+    with torch.no_grad():
+        for m in models:
+            m.eval()
+            for x, _ in batches:
+                m(x)
+    return time.perf_counter() - t
+
+
+def main(argv=None):
+    p = base_parser(__doc__)
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--split", default="80/20")
+    args = p.parse_args(argv)
+    sc = resolve(args, "two_models")
+    setup = Setup(args, sc, args.split, 2)
+    print(f"data: {setup.describe()}")
+    models = train_clients(args, sc, setup, 2, f"{args.arch}_w{sc['width']}_e{sc['epochs']}_s{args.seed}")
+    probe = as_batches(setup.probe_loader)
+    bases = [pct(m, setup.test_loader, args.device) for m in models]
+    ens = 100.0 * ensemble_evaluate(models, setup.test_loader, device=args.device)["accuracy"]
+    fwd = forward_time(models, probe)
+    bn = has_batchnorm(models[0])
+    post_name = "BN reset" if bn else "REPAIR"
+    rows, raw = [], []
+    for method in args.methods.split(","):
+        for post in (False, True):
+            kw = {"bn_reset": post, "repair": False} if bn else {"bn_reset": False, "repair": post}
+            t = time.perf_counter()
+            merged, info = merge_models(models, probe, method=method, reference=0, gamma="auto", return_info=True,
+                                        device=args.device, **kw)
+            total = time.perf_counter() - t
+            acc = pct(merged, setup.test_loader, args.device)
+            tm = info.timings
+            rec = {"method": method, "post": post_name if post else "none", "accuracy": acc, "gamma": info.gamma,
+                   "statistics_s": tm.get("statistics", 0.0), "transforms_s": tm.get("transforms", 0.0),
+                   "total_s": total}
+            raw.append(rec)
+            rows.append([method, rec["post"], acc, "" if info.gamma is None else f"{info.gamma:g}",
+                         rec["statistics_s"], rec["transforms_s"], total])
+            print(rows[-1], flush=True)
+    header = (f"# Two models, {args.split} split — {args.arch} x{sc['width']} on {setup.train.name}\n\n"
+              f"Data: {setup.train.source}; {len(setup.train)} train / {len(setup.test)} test images; "
+              f"probe {sc['probe_size']} images held out from client data (20% of it held out again for "
+              f"gamma='auto'); {sc['epochs']} epochs per model; seed {args.seed}; device "
+              f"{environment()['device']}.\n\n"
+              f"Base A {bases[0]:.2f}%, base B {bases[1]:.2f}%, ensemble {ens:.2f}%. One plain forward pass of "
+              f"both models over the probe: {fwd:.2f} s.\n\n")
+    table = md_table(["method", "post-processing", "test acc %", "gamma", "statistics s", "transforms s",
+                      "total s"], rows)
+    cmd = "python -m benchmarks.two_models " + " ".join(argv or []) if argv else "python -m benchmarks.two_models"
+    write_results(sc["out"], "two_models", {"config": {**{k: str(v) for k, v in sc.items()}, **vars(args)},
+                                            "data": setup.describe(), "bases": bases, "ensemble": ens,
+                                            "forward_pass_s": fwd, "results": raw, "environment": environment(),
+                                            "command": cmd},
+                  header + table)
+
+
+if __name__ == "__main__":
+    main()
