@@ -229,3 +229,19 @@ def test_soak_twenty_rounds_with_random_faults(tmp_path):
     from fedmerge.common.checkpoint import load_state
     assert all(torch.isfinite(v).all() for v in load_state(tmp_path / "global_model.safetensors").values()
                if v.is_floating_point())
+
+
+@pytest.mark.parametrize("method,on_server", [("cca", True), ("zipit", False), ("weight_matching", False),
+                                              ("permute", False), ("ot", False), ("merge_many", False)])
+def test_every_method_through_the_strategy(tmp_path, method, on_server):
+    cfg = tiny(out=str(tmp_path), method=method, stats_on_server=on_server, reference="0", gamma="0.1")
+    grid = InlineGrid(make_client_app(cfg.to_run_config()), 3)
+    result = run_federation(grid, cfg)
+    types = [m.metadata.message_type for m in grid.sent]
+    # statistics computed by the server (its own probe) or not needed: one phase only
+    two_phase = method in ("cca", "permute", "ot") and not on_server
+    assert types.count("query.cross_stats") == (2 if two_phase else 0)
+    assert result["clients_merged"] == [0, 1, 2] and result["accuracy"]["merged"] is not None
+    if not two_phase:
+        own = [m for m in grid.sent if m.metadata.message_type == "train"]
+        assert all(m.content.config_records["config"]["want-stats"] is False for m in own)
