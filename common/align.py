@@ -88,12 +88,18 @@ def average_states(states: Sequence[StateDict], weights: Sequence[float], refere
     return out
 
 
-def merge_states(states: Sequence[StateDict], spec: MergeSpec, alignment: Alignment, weights: Sequence[float],
-                 reference: int = 0, bn_eps: dict[str, float] | None = None) -> StateDict:
-    """Align every model with its transforms and average: the merged parameters."""
+def aligned_states(states: Sequence[StateDict], spec: MergeSpec, alignment: Alignment,
+                   bn_eps: dict[str, float] | None = None) -> list[StateDict]:
+    """Every model's parameters expressed in the reference basis."""
     aligned = []
     for i, sd in enumerate(states):
         t = {g: pairs[i][0] for g, pairs in alignment.items()}
         t_inv = {g: pairs[i][1] for g, pairs in alignment.items()}
         aligned.append(align_state(sd, spec, t, t_inv, bn_eps))
-    return average_states(aligned, weights, reference)
+    return aligned
+
+
+def merge_states(states: Sequence[StateDict], spec: MergeSpec, alignment: Alignment, weights: Sequence[float],
+                 reference: int = 0, bn_eps: dict[str, float] | None = None) -> StateDict:
+    """Align every model with its transforms and average: the merged parameters."""
+    return average_states(aligned_states(states, spec, alignment, bn_eps), weights, reference)

@@ -66,6 +66,7 @@ class MergeInfo:
     bn_reset: bool = False
     repair: bool = False
     timings: dict[str, float] = field(default_factory=dict)
+    np_merge: dict = field(default_factory=dict)
 
 
 def _validate(models: Sequence[nn.Module], weights) -> list[float]:
@@ -155,7 +156,8 @@ def _resolve_probe(probe, need_held: bool, held_out: float, seed: int) -> tuple[
 def merge_models(models: Sequence[nn.Module], probe: Any, method: str = "cca", reference: int | str = 0,
                  gamma: float | str = "auto", bn_reset: bool | None = None, repair: bool = False,
                  weights: Sequence[float] | None = None, *, device=None, held_out: float = 0.2, seed: int = 0,
-                 gamma_grid: Sequence[float] = GAMMA_GRID, return_info: bool = False, **method_kwargs):
+                 gamma_grid: Sequence[float] = GAMMA_GRID, return_info: bool = False, np_merge: bool | dict = False,
+                 **method_kwargs):
     """Merge ``models`` (one architecture, any traceable model of supported layers) into one.
 
     method: ``avg``, ``permute``, ``weight_matching``, ``ot``, ``zipit``, ``merge_many``, ``cca``.
@@ -164,6 +166,8 @@ def merge_models(models: Sequence[nn.Module], probe: Any, method: str = "cca", r
     bn_reset: re-estimate BatchNorm statistics on the probe (default: when the model has BatchNorm).
     repair: REPAIR (rescale each merged unit to the average aligned statistics; for nets without BN).
     weights: per-model averaging weights (e.g. client sample counts), normalised.
+    np_merge: after alignment, learn per-parameter merge coefficients on the labelled probe (NP Merge;
+        True or a dict of options for :func:`fedmerge.common.npmerge.np_merge`).
     Returns the merged model (same class as ``models[0]``), and a :class:`MergeInfo` if ``return_info``.
     """
     if method not in METHODS:
@@ -178,7 +182,7 @@ def merge_models(models: Sequence[nn.Module], probe: Any, method: str = "cca", r
         raise ValueError(f"gamma must be a number >= 0 or 'auto', got {gamma!r}")
     dev = _device(device)
     t0 = time.perf_counter()
-    fit, held = _resolve_probe(probe, auto_gamma or reference == "best", held_out, seed)
+    fit, held = _resolve_probe(probe, auto_gamma or reference == "best" or bool(np_merge), held_out, seed)
     spec = derive_spec(models[0], fit.example())
     timings = {"spec": time.perf_counter() - t0}
 
@@ -204,7 +208,7 @@ def merge_models(models: Sequence[nn.Module], probe: Any, method: str = "cca", r
         models[reference], states, spec, stats, method=method, reference=reference,
         gamma=("auto" if auto_gamma else (None if isinstance(gamma, str) else gamma)), weights=w, bn_reset=bn_reset, repair=repair,
         reset_batches=fit, eval_batches=held, eval_target=ensemble, gamma_grid=gamma_grid, device=dev,
-        repair_models=models, **method_kwargs)
+        repair_models=models, np_merge=np_merge, **method_kwargs)
     info.reference_scores = ref_scores
     info.timings = {**timings, **info.timings, "total": time.perf_counter() - t0}
     return (merged, info) if return_info else merged
@@ -233,7 +237,7 @@ def merge_from_statistics(template: nn.Module, states, spec: MergeSpec, stats: S
                           repair: bool = False, reset_batches: Batches | None = None,
                           eval_batches: Batches | None = None, eval_target: torch.Tensor | None = None,
                           gamma_grid: Sequence[float] = GAMMA_GRID, device=None, repair_models=None,
-                          **method_kwargs) -> tuple[nn.Module, MergeInfo]:
+                          np_merge: bool | dict = False, **method_kwargs) -> tuple[nn.Module, MergeInfo]:
     """Merge given parameter dicts from precomputed statistics; ``template`` gives the architecture."""
     dev = _device(device)
     n = len(states)
@@ -283,6 +287,22 @@ def merge_from_statistics(template: nn.Module, states, spec: MergeSpec, stats: S
     else:
         info.gamma = float(gamma) if METHODS[method].tunable_gamma else None
         merged = build(info.gamma)
+    if np_merge:
+        if repair:
+            raise ValueError("np_merge and repair are alternatives: choose one")
+        if reset_batches is None or eval_batches is None:
+            raise ValueError("np_merge needs a probe with a held-out slice (labels) on the server")
+        from .align import aligned_states
+        from .npmerge import np_merge as _np_merge
+
+        t = time.perf_counter()
+        alignment = compute_alignment(method, spec, stats, states, reference, gamma=info.gamma, **method_kwargs)
+        aligned = aligned_states(states, spec, alignment, bn_eps)
+        opts = np_merge if isinstance(np_merge, dict) else {}
+        merged, info.np_merge = _np_merge(template, aligned, w, reset_batches, eval_batches, device=dev, **opts)
+        if bn:
+            reset_bn_stats(merged, reset_batches, dev)
+        timings["np_merge"] = time.perf_counter() - t
     for k, v in merged.state_dict().items():
         if v.is_floating_point() and not torch.isfinite(v).all():
             raise FloatingPointError(f"merge produced non-finite values in '{k}'")

@@ -54,6 +54,7 @@ class FedConfig:
     gamma: str = "auto"                # "auto" or a number
     bn_reset: str = "auto"             # "auto" (when the model has BatchNorm), "true", "false"
     repair: bool = False
+    np_merge: bool = False             # learn per-parameter merge coefficients on the labelled probe
     stats_on_server: bool = False      # server holds the probe and computes all statistics (one phase)
     weighted: bool = True              # average weighted by client sample counts
     # federation

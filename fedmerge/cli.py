@@ -30,6 +30,8 @@ def _add_federation_args(p: argparse.ArgumentParser, defaults: dict) -> None:
     p.add_argument("--gamma", default="auto", help="'auto' or a number (CCA regularisation)")
     p.add_argument("--bn-reset", default="auto", choices=["auto", "true", "false"])
     p.add_argument("--repair", action="store_true")
+    p.add_argument("--np-merge", action="store_true",
+                   help="NP Merge: learn per-parameter merge coefficients on the labelled probe after alignment")
     p.add_argument("--probe-size", type=int, default=d("probe_size", 500))
     p.add_argument("--probe-from-union", action="store_true", help="draw the probe from all training data")
     p.add_argument("--stats-on-server", action="store_true",
@@ -56,7 +58,7 @@ def _config(a: argparse.Namespace):
     return FedConfig(dataset=a.dataset, data_root=a.data_root, split=a.split, alpha=a.alpha,
                      num_clients=a.clients, arch=a.arch, width=a.width, epochs=a.epochs, lr=a.lr,
                      batch_size=a.batch_size, num_server_rounds=a.rounds, method=a.method, reference=a.reference,
-                     gamma=a.gamma, bn_reset=a.bn_reset, repair=a.repair, probe_size=a.probe_size,
+                     gamma=a.gamma, bn_reset=a.bn_reset, repair=a.repair, np_merge=a.np_merge, probe_size=a.probe_size,
                      probe_from_union=a.probe_from_union, stats_on_server=a.stats_on_server,
                      common_init=a.common_init, min_clients=min(a.min_clients, a.clients), timeout=a.timeout,
                      max_train=a.max_train, max_test=a.max_test, seed=a.seed, device=a.device, out=a.out,

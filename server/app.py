@@ -53,7 +53,7 @@ def run_federation(grid: Grid, cfg: FedConfig) -> dict:
         reference=cfg.reference_value, gamma=cfg.gamma_value, bn_reset=cfg.bn_reset_value, repair=cfg.repair,
         weighted=cfg.weighted, num_clients=cfg.num_clients, min_clients=cfg.min_clients,
         stats_on_server=cfg.stats_on_server, query_timeout=cfg.timeout, held_out=cfg.held_out, seed=cfg.seed,
-        device=cfg.device or None)
+        device=cfg.device or None, **({"np_merge": True} if cfg.np_merge else {}))
     test = test_loader(cfg)
     evals: dict[int, dict] = {}
     initial = ArrayRecord(template.state_dict()) if cfg.common_init else ArrayRecord()

@@ -1,0 +1,93 @@
+"""NP Merge (non-uniform parameter-wise merging, Orozco Camacho et al. 2024), after alignment.
+
+Every parameter entry of the merged model is a convex combination of the aligned models' entries,
+``W = sum_i softmax(theta)_i * W_i`` (for two models: ``alpha * W_A + (1 - alpha) * W_B`` with
+``alpha = sigmoid(theta)``), and ``theta`` is learned by gradient descent on a labelled slice of the probe
+(the only data the server has). ``theta`` starts at the plain (weighted) average; the coefficients kept are
+those with the lowest loss on a separate held-out slice (early stopping), so the result is never worse than
+plain averaging on that slice.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from .probe import Batches
+
+__all__ = ["np_merge"]
+
+
+@torch.no_grad()
+def _held_loss(model, params, buffers, held: Batches, dev) -> float:
+    total, n = 0.0, 0
+    for x, y in held:
+        out = functional_call(model, {**params, **buffers}, (x.to(dev),))
+        total += F.cross_entropy(out, y.to(dev), reduction="sum").item()
+        n += y.numel()
+    return total / max(n, 1)
+
+
+def np_merge(template: nn.Module, aligned: Sequence[dict[str, torch.Tensor]], weights: Sequence[float],
+             fit: Batches, held: Batches, steps: int = 200, lr: float = 0.05, eval_every: int = 20,
+             patience: int = 3, device=None) -> tuple[nn.Module, dict]:
+    """Learn per-parameter merge coefficients over ``aligned`` state dicts; returns (model, info)."""
+    if not fit.has_labels or not held.has_labels:
+        raise ValueError("NP Merge needs a labelled probe (inputs and labels) to learn merge coefficients")
+    if len(aligned) < 2:
+        raise ValueError("NP Merge needs at least 2 aligned models")
+    if steps < 0 or lr <= 0:
+        raise ValueError("steps must be >= 0 and lr > 0")
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = copy.deepcopy(template).to(dev).eval()
+    names = [n for n, _ in model.named_parameters()]
+    buffers = {n: b.to(dev) for n, b in model.named_buffers()}
+    # buffers (BN running stats, fixed heads) from the weighted average; BN is re-estimated afterwards
+    for n in buffers:
+        if buffers[n].is_floating_point():
+            buffers[n] = sum(w * s[n].to(dev, torch.float32) for w, s in zip(weights, aligned)).to(buffers[n].dtype)
+    stacked = {n: torch.stack([s[n].to(dev, torch.float32) for s in aligned]) for n in names}
+    w = torch.tensor(list(weights), dtype=torch.float32, device=dev)
+    init = torch.log(w / w.sum())
+    theta = {n: (init.view(-1, *([1] * (stacked[n].dim() - 1))) * torch.ones_like(stacked[n])).requires_grad_()
+             for n in names}
+    opt = torch.optim.Adam(theta.values(), lr=lr)
+
+    def params():
+        return {n: (torch.softmax(theta[n], 0) * stacked[n]).sum(0) for n in names}
+
+    with torch.no_grad():
+        best_loss = start_loss = _held_loss(model, params(), buffers, held, dev)
+    best = {n: t.detach().clone() for n, t in theta.items()}
+    bad, step = 0, 0
+    batches = itertools.cycle(list(fit))
+    for step in range(1, steps + 1):
+        x, y = next(batches)
+        loss = F.cross_entropy(functional_call(model, {**params(), **buffers}, (x.to(dev),)), y.to(dev))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % eval_every == 0 or step == steps:
+            hl = _held_loss(model, params(), buffers, held, dev)
+            if hl < best_loss - 1e-6:
+                best_loss, bad = hl, 0
+                best = {n: t.detach().clone() for n, t in theta.items()}
+            else:
+                bad += 1
+                if bad >= patience:
+                    break
+    with torch.no_grad():
+        final = {n: (torch.softmax(best[n], 0) * stacked[n]).sum(0) for n in names}
+        out = copy.deepcopy(template).cpu()
+        sd = out.state_dict()
+        for n in names:
+            sd[n] = final[n].cpu().to(sd[n].dtype)
+        for n, b in buffers.items():
+            sd[n] = b.cpu()
+        out.load_state_dict(sd)
+    return out.eval(), {"steps": step, "held_loss_start": start_loss, "held_loss_best": best_loss}
