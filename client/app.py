@@ -15,11 +15,11 @@ from __future__ import annotations
 import time
 
 import numpy as np
-import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedmerge.common.graph import derive_spec
+from fedmerge.common.records import arrays_to_record, record_to_arrays
 from fedmerge.common.stats import cross_statistics, cross_to_arrays, moments_to_arrays, own_statistics
 from fedmerge.common.task import FedConfig, build_global_model, probe_batches, test_loader, train_loader
 
@@ -28,14 +28,6 @@ from .train import TrainConfig, evaluate, train
 __all__ = ["make_client_app", "app", "LOCAL_KEY", "arrays_to_record", "record_to_arrays"]
 
 LOCAL_KEY = "fedmerge.local-model"
-
-
-def arrays_to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
-
-
-def record_to_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
-    return {k: record[k].numpy() for k in record.keys()}
 
 
 def _partition(context: Context, config: ConfigRecord) -> tuple[int, int]:

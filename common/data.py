@@ -169,12 +169,10 @@ def _load_jpeg_npz(path: Path, split: str, cache: bool = True) -> tuple[np.ndarr
 
 def _from_npz(path: Path, split: str) -> tuple[np.ndarray, np.ndarray, tuple]:
     with np.load(path) as d:
-        if f"x_{split}_scan" in d.files:
-            pass
-        elif f"x_{split}" in d.files:
+        if f"x_{split}" in d.files:
             classes = tuple(str(c) for c in d["classes"]) if "classes" in d.files else ()
             return d[f"x_{split}"], d[f"y_{split}"].astype(np.int64), classes
-        else:
+        if f"x_{split}_scan" not in d.files:
             raise ValueError(f"{path} has neither x_{split} nor x_{split}_scan")
     return _load_jpeg_npz(path, split)
 

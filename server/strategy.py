@@ -21,6 +21,7 @@ previous global model is kept.
 """
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 from logging import ERROR, INFO, WARNING
@@ -29,7 +30,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
@@ -37,6 +38,7 @@ from flwr.serverapp.strategy import FedAvg
 from fedmerge.common.graph import MergeSpec, derive_spec
 from fedmerge.common.merge import GAMMA_GRID, METHODS, merge_from_statistics
 from fedmerge.common.probe import Batches, as_batches
+from fedmerge.common.records import record_to_arrays
 from fedmerge.common.stats import Statistics, collect_statistics, cross_from_arrays, moments_from_arrays
 
 __all__ = ["CCAMerge", "RoundRecord", "ReplyRejected"]
@@ -116,7 +118,7 @@ class CCAMerge(FedAvg):
         super().__init__(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=min_clients,
                          min_evaluate_nodes=0, min_available_nodes=min_clients)
         self.model_fn = model_fn if callable(model_fn) and not isinstance(model_fn, nn.Module) else (
-            lambda m=model_fn: __import__("copy").deepcopy(m))
+            lambda m=model_fn: copy.deepcopy(m))
         self.method, self.reference, self.gamma = method, reference, gamma
         self.bn_reset, self.repair, self.weighted = bn_reset, repair, weighted
         self.num_clients, self.min_clients = num_clients, min_clients
@@ -164,9 +166,7 @@ class CCAMerge(FedAvg):
         problems = []
         if self.gamma == "auto" and METHODS[self.method].tunable_gamma:
             problems.append("gamma='auto' (pass a number)")
-        if self.reference == "best":
-            problems.append("reference='best' is chosen from client-reported probe accuracy")  # allowed
-            problems.pop()
+        # reference="best" is allowed: without a probe it is chosen from client-reported probe accuracy
         if self.bn_reset or (self.bn_reset is None and has_batchnorm(self.template)):
             problems.append("BatchNorm reset (pass bn_reset=False)")
         if self.repair:
@@ -225,9 +225,7 @@ class CCAMerge(FedAvg):
     # --- validation -------------------------------------------------------------------------------------------
     def _validate_train_reply(self, msg: Message) -> tuple[dict[str, torch.Tensor], dict, Any]:
         rd = msg.content
-        size = _record_bytes(rd)
-        if size > self.max_upload_bytes:
-            raise ReplyRejected(f"upload of {size} bytes exceeds the cap of {self.max_upload_bytes} bytes")
+        self._check_size(rd)
         if "arrays" not in rd.array_records:
             raise ReplyRejected("reply has no 'arrays' record (model weights)")
         if "metrics" not in rd.metric_records:
@@ -257,11 +255,17 @@ class CCAMerge(FedAvg):
             if "own-stats" not in rd.array_records:
                 raise ReplyRejected("reply has no 'own-stats' record (probe statistics)")
             try:
-                own = moments_from_arrays(_arrays(rd.array_records["own-stats"]), self.spec)
+                own = moments_from_arrays(record_to_arrays(rd.array_records["own-stats"]), self.spec)
             except (KeyError, ValueError) as exc:
                 raise ReplyRejected(f"own statistics: {exc}") from None
             self._check_count(own, "own statistics")
         return state, metrics, own
+
+    def _check_size(self, rd: RecordDict) -> int:
+        size = _record_bytes(rd)
+        if size > self.max_upload_bytes:
+            raise ReplyRejected(f"upload of {size} bytes exceeds the cap of {self.max_upload_bytes} bytes")
+        return size
 
     def _check_count(self, blocks: dict, what: str) -> None:
         expected = self.fit.num_samples if self.fit is not None else None
@@ -269,7 +273,6 @@ class CCAMerge(FedAvg):
             if m.n <= 1:
                 raise ReplyRejected(f"{what}: group {g} has {m.n} samples")
             if expected is not None:
-                per = self.spec.groups[g]
                 # each probe image gives >= 1 sample (convs: one per spatial position)
                 if m.n < expected:
                     raise ReplyRejected(f"{what}: group {g} has {m.n} samples, fewer than the {expected} "
@@ -429,7 +432,7 @@ class CCAMerge(FedAvg):
                 if size > self.max_upload_bytes:
                     raise ReplyRejected(f"upload of {size} bytes exceeds the cap of {self.max_upload_bytes}")
                 try:
-                    c = cross_from_arrays(_arrays(msg.content.array_records["cross-stats"]), self.spec)
+                    c = cross_from_arrays(record_to_arrays(msg.content.array_records["cross-stats"]), self.spec)
                 except (KeyError, ValueError) as exc:
                     raise ReplyRejected(f"cross statistics: {exc}") from None
                 self._check_count(c, "cross statistics")
@@ -451,7 +454,3 @@ class CCAMerge(FedAvg):
 
 class _RoundFailed(RuntimeError):
     pass
-
-
-def _arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
-    return {k: record[k].numpy() for k in record.keys()}
