@@ -29,7 +29,7 @@ from .probe import Batches, as_batches
 from .stats import Moments, Statistics, collect_statistics
 
 __all__ = ["merge_models", "collect_statistics", "merge_from_statistics", "reset_bn_stats", "METHODS",
-           "MergeInfo", "GAMMA_GRID"]
+           "MergeInfo", "GAMMA_GRID", "probe_logits", "probe_score"]
 
 GAMMA_GRID = (1e-3, 1e-2, 0.1, 0.3, 1.0, 3.0)
 
@@ -51,6 +51,7 @@ METHODS: dict[str, Method] = {
     "cca": Method("stats", ".matching:match_cca", tunable_gamma=True),
     "ot": Method("stats", ".baselines:match_ot"),
     "zipit": Method("stats_all", ".baselines:match_zipit"),
+    "gcca": Method("stats_all", ".gcca:match_gcca", tunable_gamma=True),
     "weight_matching": Method("weights", ".baselines:match_weights"),
     "merge_many": Method("weights", ".baselines:match_merge_many"),
 }
@@ -127,13 +128,16 @@ def reset_bn_stats(model: nn.Module, batches: Batches, device=None) -> nn.Module
 
 
 @torch.no_grad()
-def _logits(model: nn.Module, batches: Batches, device) -> torch.Tensor:
+def probe_logits(model: nn.Module, batches: Batches, device=None) -> torch.Tensor:
+    """Logits of ``model`` on every probe batch (eval mode), on the CPU."""
+    device = _device(device)
     model.eval().to(device)
     out = torch.cat([model(x.to(device)).float().cpu() for x, _ in batches])
     return out
 
 
-def _score(logits: torch.Tensor, batches: Batches, target_logits: torch.Tensor | None) -> tuple[float, float]:
+def probe_score(logits: torch.Tensor, batches: Batches, target_logits: torch.Tensor | None = None
+                ) -> tuple[float, float]:
     """(primary, secondary) -- higher is better. Labels: (accuracy, -loss); no labels: agreement with the
     ensemble's predictions and -KL to its distribution."""
     if not torch.isfinite(logits).all():
@@ -160,7 +164,7 @@ def merge_models(models: Sequence[nn.Module], probe: Any, method: str = "cca", r
                  **method_kwargs):
     """Merge ``models`` (one architecture, any traceable model of supported layers) into one.
 
-    method: ``avg``, ``permute``, ``weight_matching``, ``ot``, ``zipit``, ``merge_many``, ``cca``.
+    method: ``avg``, ``permute``, ``weight_matching``, ``ot``, ``zipit``, ``merge_many``, ``cca``, ``gcca``.
     reference: index of the model all others are aligned to, or ``"best"`` (best on a held-out probe slice).
     gamma: CCA regularisation relative to the unit scale, or ``"auto"`` (chosen on a held-out probe slice).
     bn_reset: re-estimate BatchNorm statistics on the probe (default: when the model has BatchNorm).
@@ -188,11 +192,11 @@ def merge_models(models: Sequence[nn.Module], probe: Any, method: str = "cca", r
 
     ensemble = None
     if held is not None and not held.has_labels:
-        ensemble = torch.stack([_logits(m, held, dev) for m in models]).mean(0)
+        ensemble = torch.stack([probe_logits(m, held, dev) for m in models]).mean(0)
     ref_scores = []
     if reference == "best":
         t = time.perf_counter()
-        ref_scores = [_score(_logits(m, held, dev), held, ensemble)[0] for m in models]
+        ref_scores = [probe_score(probe_logits(m, held, dev), held, ensemble)[0] for m in models]
         reference = max(range(len(models)), key=lambda i: ref_scores[i])
         timings["select_reference"] = time.perf_counter() - t
 
@@ -224,7 +228,7 @@ def compute_alignment(method: str, spec: MergeSpec, stats: Statistics | None, st
         return fn(states, spec, reference=reference, **kw)
     if stats is None:
         raise ValueError(f"method {method!r} needs activation statistics")
-    if m.needs == "stats_all":
+    if m.needs == "stats_all" and not m.tunable_gamma:
         return fn(stats, spec, **kw)
     if m.tunable_gamma:
         return fn(stats, spec, reference=reference, gamma=gamma, **kw)
@@ -277,7 +281,7 @@ def merge_from_statistics(template: nn.Module, states, spec: MergeSpec, stats: S
         best = None
         for g in gamma_grid:
             model = build(float(g))
-            score = _score(_logits(model, eval_batches, dev), eval_batches, eval_target)
+            score = probe_score(probe_logits(model, eval_batches, dev), eval_batches, eval_target)
             info.gamma_scores[float(g)] = score
             if best is None or score > best[0]:
                 best = (score, float(g), model)

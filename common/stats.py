@@ -26,6 +26,7 @@ from .graph import MergeSpec, derive_spec, trace
 from .probe import Batches, as_batches
 
 DTYPE = torch.float64
+BLOCK = 8192  # samples per float32 product; the products are summed in float64
 
 
 @dataclass
@@ -53,10 +54,14 @@ class Moments:
 
     @staticmethod
     def of(x: torch.Tensor) -> "Moments":
-        x = x.to(DTYPE)
-        mean = x.mean(0)
-        xc = x - mean
-        return Moments(x.shape[0], mean, xc.T @ xc)
+        """Moments of samples ``x`` (n, d)."""
+        return Moments.of_units(x.T)
+
+    @staticmethod
+    def of_units(a: torch.Tensor) -> "Moments":
+        """Moments of ``a`` in units-by-samples layout (d, n)."""
+        c = _Centred(a)
+        return Moments(c.n, c.mean, c.gram(c))
 
 
 @dataclass
@@ -84,9 +89,42 @@ class CrossMoments:
 
     @staticmethod
     def of(a: torch.Tensor, b: torch.Tensor) -> "CrossMoments":
-        a, b = a.to(DTYPE), b.to(DTYPE)
-        ma, mb = a.mean(0), b.mean(0)
-        return CrossMoments(a.shape[0], ma, mb, (a - ma).T @ (b - mb))
+        """Cross moments of paired samples ``a`` (n, d_a) and ``b`` (n, d_b)."""
+        ca, cb = _Centred(a.T), _Centred(b.T)
+        return CrossMoments(ca.n, ca.mean, cb.mean, ca.gram(cb))
+
+
+class _Centred:
+    """One chunk of activations (d, n), centred once and reused for its own and its cross products.
+
+    The products run in the activations' dtype over blocks of at most ``BLOCK`` samples (float32 BLAS;
+    float64 would double the cost of the bulk of the work); the blocks' products are summed in float64,
+    and so are the chunks (Chan's update, :meth:`Moments.combine`); the
+    chunk mean comes from torch's pairwise-summed reduction. ``owned=True`` lets the chunk be centred in
+    place (a copy made for this purpose). A non-finite mean means non-finite activations: raised by the
+    caller with context.
+    """
+
+    def __init__(self, a: torch.Tensor, owned: bool = False):
+        if a.dtype not in (torch.float32, torch.float64):
+            a, owned = a.float(), True
+        self.n = a.shape[1]
+        mean = a.mean(1)
+        self.mean = mean.to(DTYPE)
+        self.x = a.sub_(mean[:, None]) if owned else a - mean[:, None]
+
+    @property
+    def finite(self) -> bool:
+        return bool(torch.isfinite(self.mean).all())
+
+    def gram(self, other: "_Centred") -> torch.Tensor:
+        if self.x.dtype == DTYPE:
+            return self.x @ other.x.T
+        out = None
+        for a, b in zip(self.x.split(BLOCK, 1), other.x.split(BLOCK, 1)):
+            g = (a @ b.T).to(DTYPE)
+            out = g if out is None else out.add_(g)
+        return out
 
 
 GroupMoments = dict[int, Moments]
@@ -138,28 +176,34 @@ def site_extractor(model: nn.Module, spec: MergeSpec) -> nn.Module:
     return gm
 
 
-def _samples(t: torch.Tensor) -> torch.Tensor:
-    """(N, C, *spatial) -> (N * prod(spatial), C)."""
+def _units(t: torch.Tensor) -> torch.Tensor:
+    """(N, C, *spatial) -> (C, N * prod(spatial)): units by samples, a fresh contiguous copy."""
     if t.dim() == 2:
-        return t
-    return t.transpose(0, 1).reshape(t.shape[1], -1).T
+        return t.T.contiguous()
+    return t.transpose(0, 1).reshape(t.shape[1], -1)
 
 
-def group_features(spec: MergeSpec, site_values: Sequence[torch.Tensor]) -> dict[int, torch.Tensor]:
+def group_features(spec: MergeSpec, site_values: Sequence[torch.Tensor]) -> dict[int, list[torch.Tensor]]:
+    """Per merge group, the activations of each of its sites as (units, samples) matrices (the sites of a
+    residual stream pool their samples: their statistics are combined, never concatenated)."""
     by_site = dict(zip(spec.site_nodes, site_values))
-    return {g: torch.cat([_samples(by_site[s]) for s in grp.sites]) for g, grp in spec.groups.items()}
+    return {g: [_units(by_site[s]) for s in grp.sites] for g, grp in spec.groups.items()}
+
+
+def _centred(parts: list[torch.Tensor], who: str, g: int) -> list[_Centred]:
+    out = []
+    for a in parts:
+        c = _Centred(a, owned=True)
+        if not c.finite:
+            raise FloatingPointError(f"{who}: non-finite activations at merge group {g}")
+        out.append(c)
+    return out
 
 
 def _device(device) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-def _check_finite(feats: dict[int, torch.Tensor], who: str) -> None:
-    for g, f in feats.items():
-        if not torch.isfinite(f).all():
-            raise FloatingPointError(f"{who}: non-finite activations at merge group {g}")
 
 
 @torch.no_grad()
@@ -174,10 +218,7 @@ def _stream(models: Sequence[nn.Module], spec: MergeSpec, batches: Batches, devi
     try:
         for x, _ in batches:
             x = x.to(dev)
-            feats = [group_features(spec, ex(x)) for ex in extractors]
-            for i, f in enumerate(feats):
-                _check_finite(f, f"model {i}")
-            yield feats
+            yield [group_features(spec, ex(x)) for ex in extractors]
     finally:
         for m, (training, d) in zip(models, states):
             m.train(training).to(d)
@@ -189,8 +230,9 @@ def own_statistics(model: nn.Module, probe, spec: MergeSpec | None = None, devic
     spec = spec or derive_spec(model, batches.example())
     acc: GroupMoments = {g: Moments(0, None, None) for g in spec.groups}
     for (f,) in _stream([model], spec, batches, device):
-        for g, x in f.items():
-            acc[g] = acc[g].combine(Moments.of(x))
+        for g, parts in f.items():
+            for c in _centred(parts, "model", g):
+                acc[g] = acc[g].combine(Moments(c.n, c.mean, c.gram(c)))
     return {g: _cpu(m) for g, m in acc.items()}
 
 
@@ -202,7 +244,8 @@ def cross_statistics(reference: nn.Module, model: nn.Module, probe, spec: MergeS
     acc: GroupCross = {g: CrossMoments(0, None, None, None) for g in spec.groups}
     for fa, fb in _stream([reference, model], spec, batches, device):
         for g in spec.groups:
-            acc[g] = acc[g].combine(CrossMoments.of(fa[g], fb[g]))
+            for ca, cb in zip(_centred(fa[g], "reference", g), _centred(fb[g], "model", g)):
+                acc[g] = acc[g].combine(CrossMoments(ca.n, ca.mean, cb.mean, ca.gram(cb)))
     return {g: _cpu(m) for g, m in acc.items()}
 
 
@@ -223,12 +266,15 @@ def collect_statistics(models: Sequence[nn.Module], probe, reference: int = 0, p
     own = [{g: Moments(0, None, None) for g in spec.groups} for _ in range(n)]
     cross = {k: {g: CrossMoments(0, None, None, None) for g in spec.groups} for k in keys}
     for feats in _stream(models, spec, batches, device):
-        for i in range(n):
-            for g, x in feats[i].items():
-                own[i][g] = own[i][g].combine(Moments.of(x))
-        for (i, j) in keys:
-            for g in spec.groups:
-                cross[(i, j)][g] = cross[(i, j)][g].combine(CrossMoments.of(feats[i][g], feats[j][g]))
+        for g in spec.groups:
+            centred = [_centred(feats[i][g], f"model {i}", g) for i in range(n)]  # each chunk centred once
+            for i in range(n):
+                for c in centred[i]:
+                    own[i][g] = own[i][g].combine(Moments(c.n, c.mean, c.gram(c)))
+            for (i, j) in keys:
+                for ci, cj in zip(centred[i], centred[j]):
+                    cross[(i, j)][g] = cross[(i, j)][g].combine(CrossMoments(ci.n, ci.mean, cj.mean, ci.gram(cj)))
+            del centred
     return Statistics(own=[{g: _cpu(m) for g, m in o.items()} for o in own],
                       cross={k: {g: _cpu(m) for g, m in c.items()} for k, c in cross.items()},
                       reference=reference)

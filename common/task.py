@@ -23,7 +23,7 @@ from .splits import make_split
 __all__ = ["FedConfig", "build_global_model", "client_partition", "probe_batches", "test_loader",
            "train_loader", "METHOD_CHOICES"]
 
-METHOD_CHOICES = ("avg", "permute", "weight_matching", "ot", "zipit", "merge_many", "cca")
+METHOD_CHOICES = ("avg", "permute", "weight_matching", "ot", "zipit", "merge_many", "cca", "gcca")
 
 
 @dataclass
@@ -217,12 +217,20 @@ def train_loader(cfg: FedConfig, partition_id: int, num_partitions: int, seed: i
 
 def probe_batches(cfg: FedConfig, batch_size: int = 250) -> tuple[Batches, Batches]:
     """(fit, held_out) probe batches with labels, un-augmented. Statistics use ``fit``; the server picks γ,
-    the reference and checks the merge on ``held_out``."""
-    train = _train_set(cfg.dataset, cfg.data_root)
-    probe_idx, _ = _probe_pool(cfg)
+    the reference and checks the merge on ``held_out``. Built once per probe definition and process (a
+    client answers several messages per round); the batches are read, never modified."""
+    return _probe_batches(cfg.dataset, cfg.data_root, cfg.probe_size, cfg.probe_from_union, cfg.seed,
+                          cfg.held_out, batch_size)
+
+
+@lru_cache(maxsize=4)
+def _probe_batches(dataset: str, data_root: str, probe_size: int, from_union: bool, seed: int, held_out: float,
+                   batch_size: int) -> tuple[Batches, Batches]:
+    train = _train_set(dataset, data_root)
+    probe_idx, _ = split_probe_pool(len(train), probe_size, seed, from_union=from_union)
     x = to_tensor(train.x[probe_idx], train.name)
     y = torch.from_numpy(train.y[probe_idx].copy())
-    return as_batches((x, y), batch_size).split(cfg.held_out, cfg.seed, batch_size)
+    return as_batches((x, y), batch_size).split(held_out, seed, batch_size)
 
 
 def test_loader(cfg: FedConfig, batch_size: int = 500):

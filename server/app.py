@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -105,7 +106,9 @@ def _checkpoint(cfg: FedConfig, out: Path, strategy: CCAMerge, evals: dict, mode
     ckpt = out / "checkpoints"
     name = f"global_round{server_round:04d}.safetensors"
     save_state(model.state_dict(), ckpt / name)
-    save_state(model.state_dict(), out / "global_model.safetensors")
+    tmp = out / f"global_model.safetensors.tmp{os.getpid()}"  # the same bytes: copy, don't serialise twice
+    shutil.copyfile(ckpt / name, tmp)
+    os.replace(tmp, out / "global_model.safetensors")
     write_json_atomic(out / "state.json", {
         "round": server_round, "model": name, "config": cfg.to_dict(),
         "history": [h.to_dict() for h in strategy.history],

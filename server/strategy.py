@@ -328,12 +328,12 @@ class CCAMerge(FedAvg):
                 return parts.index(r), []
             log(WARNING, "reference client %d is not among the merged clients; using the best instead", r)
         if self.held is not None:
-            from fedmerge.common.merge import _logits, _score
+            from fedmerge.common.merge import probe_logits, probe_score
 
             ens = None
             if not self.held.has_labels:
-                ens = torch.stack([_logits(self._model(a[2]), self.held, self._dev()) for a in accepted]).mean(0)
-            scores = [_score(_logits(self._model(a[2]), self.held, self._dev()), self.held, ens)[0]
+                ens = torch.stack([probe_logits(self._model(a[2]), self.held, self._dev()) for a in accepted]).mean(0)
+            scores = [probe_score(probe_logits(self._model(a[2]), self.held, self._dev()), self.held, ens)[0]
                       for a in accepted]
         else:
             scores = [float(a[3].get("probe-accuracy", 0.0)) for a in accepted]

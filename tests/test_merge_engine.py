@@ -12,7 +12,7 @@ from fedmerge.common.graph import FIXED, UnsupportedModelError, derive_spec
 from fedmerge.common.matching import cca_pair, match_cca
 from fedmerge.common.merge import reset_bn_stats
 from fedmerge.common.probe import as_batches
-from fedmerge.common.stats import (Statistics, cross_from_arrays, cross_statistics, cross_to_arrays,
+from fedmerge.common.stats import (CrossMoments, Moments, Statistics, cross_from_arrays, cross_statistics, cross_to_arrays,
                                    moments_from_arrays, moments_to_arrays, own_statistics)
 from toy_models import ConcatNet, TinyMLP, TinyResNet, TinyVGG, randomize_bn
 
@@ -163,33 +163,55 @@ def test_unsupported_op_gives_clear_error(net, x, pattern):
         merge_models([net, copy.deepcopy(net)], x, method="cca", gamma=0.1)
 
 
-def _close(a, b):
-    return torch.allclose(a, b, rtol=1e-9, atol=1e-9 * float(b.abs().max()) + 1e-12)
+def _close(a, b, rtol=1e-9):
+    return torch.allclose(a, b, rtol=rtol, atol=rtol * float(b.abs().max()) + 1e-12)
 
 
-def test_statistics_in_pieces_equal_one_shot():
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-9), (torch.float32, 1e-5)])
+def test_statistics_in_pieces_equal_one_shot(dtype, rtol):
+    """Chunks combine into the one-shot result: exactly (1e-9) for float64 activations; for float32 ones
+    the per-chunk products run in float32 (accumulated in float64), so agreement is to float32 accuracy."""
     models = [MODELS["resnet"]() for _ in range(3)]
     for i, m in enumerate(models):  # three different models
         torch.manual_seed(10 + i)
         m.load_state_dict(randomize_bn(TinyResNet(), seed=i).state_dict())
-    spec = derive_spec(models[0], X)
-    full = collect_statistics(models, X, reference=1, spec=spec)
+        m.to(dtype)
+    x = X.to(dtype)
+    spec = derive_spec(models[0], x)
+    full = collect_statistics(models, x, reference=1, spec=spec)
     # each party: its own block, on two halves of the probe combined; cross block with the reference it is sent
     for i, m in enumerate(models):
-        own_a = own_statistics(m, X[:40], spec)
-        own_b = own_statistics(m, X[40:], spec)
+        own_a = own_statistics(m, x[:40], spec)
+        own_b = own_statistics(m, x[40:], spec)
         for g in spec.groups:
             comb = own_a[g].combine(own_b[g])
             assert comb.n == full.own[i][g].n
-            assert _close(comb.mean, full.own[i][g].mean) and _close(comb.m2, full.own[i][g].m2)
+            assert _close(comb.mean, full.own[i][g].mean, rtol) and _close(comb.m2, full.own[i][g].m2, rtol)
         if i != 1:
-            cross = cross_statistics(models[1], m, as_batches(X, batch_size=17), spec)
+            cross = cross_statistics(models[1], m, as_batches(x, batch_size=17), spec)
             for g in spec.groups:
-                assert _close(cross[g].c, full.cross[(1, i)][g].c)
+                assert _close(cross[g].c, full.cross[(1, i)][g].c, rtol)
     # one-shot with different batch sizes agrees too
-    other = collect_statistics(models, as_batches(X, batch_size=13), reference=1, spec=spec)
+    other = collect_statistics(models, as_batches(x, batch_size=13), reference=1, spec=spec)
     for g in spec.groups:
-        assert _close(other.cross[(1, 2)][g].c, full.cross[(1, 2)][g].c)
+        assert _close(other.cross[(1, 2)][g].c, full.cross[(1, 2)][g].c, rtol)
+
+
+def test_statistics_match_a_float64_reference_computation():
+    """The fast path (float32 products, float64 accumulation) against a plain float64 computation."""
+    torch.manual_seed(0)
+    x = torch.randn(5000, 24) * torch.linspace(0.01, 30, 24) + torch.linspace(-50, 50, 24)  # offsets >> scale
+    y = x @ torch.randn(24, 16)
+    m = Moments.of(x)
+    c = CrossMoments.of(x, y)
+    x64, y64 = x.double(), y.double()
+    xc, yc = x64 - x64.mean(0), y64 - y64.mean(0)
+    assert torch.allclose(m.mean, x64.mean(0), rtol=1e-7, atol=1e-6)
+    ref_m2, ref_c = xc.T @ xc, xc.T @ yc
+    assert float((m.m2 - ref_m2).abs().max() / ref_m2.abs().max()) < 1e-5
+    assert float((c.c - ref_c).abs().max() / ref_c.abs().max()) < 1e-5
+    # the smallest unit's variance (1e-4 of the largest) keeps its relative accuracy despite the offsets
+    assert abs(float(m.m2[0, 0] / ref_m2[0, 0]) - 1) < 1e-4
 
 
 def test_wire_format_round_trip_and_validation():
