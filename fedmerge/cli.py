@@ -23,7 +23,7 @@ def _add_federation_args(p: argparse.ArgumentParser, defaults: dict) -> None:
     p.add_argument("--batch-size", type=int, default=d("batch_size", 64))
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--method", default=d("method", "cca"),
-                   help="cca | avg | permute | weight_matching | ot | zipit | merge_many")
+                   help="cca | gcca | avg | permute | weight_matching | ot | zipit | merge_many")
     p.add_argument("--reference", default="best", help="'best' or a client index")
     p.add_argument("--gamma", default="auto", help="'auto' or a number (CCA regularisation)")
     p.add_argument("--bn-reset", default="auto", choices=["auto", "true", "false"])
