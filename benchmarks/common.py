@@ -77,10 +77,13 @@ class Setup:
                 "client_sizes": [int(len(p)) for p in self.parts], "split": self.split}
 
 
-def train_clients(args, sc: dict, setup: Setup, num_clients: int, tag: str, head=None) -> list[torch.nn.Module]:
-    """Train (or load cached) client models, each from its own seed (different inits, as in the paper)."""
+def train_clients(args, sc: dict, setup: Setup, num_clients: int, tag: str, head=None,
+                  ckpt_dir=None) -> list[torch.nn.Module]:
+    """Train (or load cached) client models, each from its own seed (different inits, as in the paper).
+
+    Checkpoints live in ``ckpt_dir`` (default ``<out>/checkpoints``) as ``<tag>_client<i>``."""
     models = []
-    ckpt_dir = sc["out"] / "checkpoints"
+    ckpt_dir = Path(ckpt_dir) if ckpt_dir is not None else sc["out"] / "checkpoints"
     for i in range(num_clients):
         path = ckpt_dir / f"{tag}_client{i}"
         cfg_model = {"arch": args.arch, "num_classes": setup.info["num_classes"], "width": sc["width"],
@@ -128,3 +131,135 @@ def md_table(headers: list[str], rows: list[list]) -> str:
 
 def pct(model, loader, device=None) -> float:
     return 100.0 * evaluate(model, loader, device=device)["accuracy"]
+
+
+# --- shared by many_models, splits and sensitivity -------------------------------------------------------------
+
+def apply_arch_defaults(args, defaults: dict) -> None:
+    """Fill ``args`` attributes the user left unset (``None``) from ``defaults[(arch, scale)]`` (a dict)."""
+    for k, v in defaults.get((args.arch, args.scale), {}).items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+
+
+def data_note(ds) -> str:
+    """One line: which data set, from where, and how exact it is (for result headers)."""
+    src = str(ds.source)
+    if ds.name == "cifar10" and src.startswith("npz:"):
+        return ("CIFAR-10 rebuilt from the JPEG copy (q75, 4:2:0): labels exact, pixels near-exact "
+                "(lossy decodes of the originals)")
+    if ds.name == "cifar10-mini":
+        return ("cifar10-mini, the embedded 5,000/1,000-image CIFAR-10 subset (JPEG q75): labels exact, pixels "
+                "near-exact")
+    if src.startswith("torchvision:"):
+        return f"{ds.name} from the original torchvision files: exact"
+    if src.startswith("npz:") and ds.name in ("mnist", "fashion_mnist"):
+        return f"{ds.name} from the offline npz: bit-exact"
+    return f"{ds.name} ({src})"
+
+
+def test_logits(models, loader, device=None) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Every model's test logits (once), for per-model and any ensemble accuracies."""
+    from fedmerge.client.train import predict_logits
+
+    outs = [predict_logits(m, loader, device) for m in models]
+    return [o[0] for o in outs], outs[0][1]
+
+
+def acc_pct(logits: torch.Tensor, y: torch.Tensor) -> float:
+    """Accuracy in percent of ``logits`` (a model, or the mean logits of an ensemble) against ``y``."""
+    return 100.0 * float((logits.argmax(1) == y).float().mean())
+
+
+def command_line(module: str, argv) -> str:
+    return f"python -m benchmarks.{module}" + ("".join(" " + a for a in argv) if argv else "")
+
+
+# Methods whose merge the cache below reproduces through merge_from_statistics (checked against merge_models
+# in tests/test_benchmarks.py); any other method name goes to merge_models unchanged.
+CACHEABLE_METHODS = ("avg", "permute", "cca", "ot", "zipit", "weight_matching", "merge_many")
+
+
+class MergeCache:
+    """``merge_models(models[:n], probe, method, reference=0, ...)`` for many ``n`` and methods, with the probe
+    statistics collected once.
+
+    The probe is split into a fitting and a held-out part exactly as :func:`merge_models` splits it (only when
+    gamma is chosen, ``gamma="auto"``); the statistics of all N models on the part a merge uses are collected
+    the first time they are needed (reference pairs (0, i), or all pairs for ZipIt!), and those of the first n
+    models are a prefix of them (per-model and per-pair blocks do not depend on the other models). So the result
+    is the one ``merge_models`` gives, without recollecting statistics for every (n, method, post-processing).
+    Methods outside :data:`CACHEABLE_METHODS`, or a probe without labels, go through ``merge_models``.
+    """
+
+    def __init__(self, models, probe, device=None, held_out: float = 0.2, seed: int = 0):
+        from fedmerge.common.probe import as_batches
+
+        self.models = list(models)
+        self.probe = as_batches(probe)
+        self.device, self.held_out, self.seed = device, held_out, seed
+        self._split = None
+        self._spec = None
+        self._stats: dict = {}
+        self._states = [{k: v.detach().cpu() for k, v in m.state_dict().items()} for m in self.models]
+        self.statistics_s = 0.0  # time spent collecting statistics (not counted in merge seconds)
+
+    def _parts(self, select: bool):
+        if not select:
+            return self.probe, None
+        if self._split is None:
+            self._split = self.probe.split(self.held_out, self.seed)
+        return self._split
+
+    @property
+    def spec(self):
+        if self._spec is None:
+            from fedmerge.common.graph import derive_spec
+
+            self._spec = derive_spec(self.models[0], self.probe.example())
+        return self._spec
+
+    def _statistics(self, pairs: str, select: bool, n: int):
+        import dataclasses
+
+        from fedmerge.common.stats import collect_statistics
+
+        fit, _ = self._parts(select)
+        st = self._stats.get((pairs, select))
+        if st is None and pairs == "reference":
+            st = self._stats.get(("all", select))  # all pairs include the reference pairs
+        if st is None:
+            t = time.perf_counter()
+            st = collect_statistics(self.models, fit, reference=0, pairs=pairs, spec=self.spec,
+                                    device=self.device)
+            self.statistics_s += time.perf_counter() - t
+            self._stats[(pairs, select)] = st
+        return dataclasses.replace(st, own=st.own[:n], cross={k: v for k, v in st.cross.items() if max(k) < n},
+                                   reference=0)
+
+    def merge(self, n: int, method: str, *, gamma="auto", bn_reset: bool = False, repair: bool = False,
+              gamma_grid=None):
+        """(merged model, MergeInfo, seconds without statistics collection) for the first ``n`` models."""
+        from fedmerge.common.merge import GAMMA_GRID, METHODS, merge_from_statistics, merge_models
+
+        grid = GAMMA_GRID if gamma_grid is None else gamma_grid
+        models = self.models[:n]
+        t = time.perf_counter()
+        if method not in CACHEABLE_METHODS or method not in METHODS or not self.probe.has_labels:
+            merged, info = merge_models(models, self.probe, method=method, reference=0, gamma=gamma,
+                                        bn_reset=bn_reset, repair=repair, device=self.device,
+                                        held_out=self.held_out, seed=self.seed, gamma_grid=grid, return_info=True)
+            return merged, info, time.perf_counter() - t
+        m = METHODS[method]
+        select = gamma == "auto" and m.tunable_gamma
+        fit, held = self._parts(select)
+        s0 = self.statistics_s
+        stats = None
+        if m.needs in ("stats", "stats_all"):
+            stats = self._statistics("all" if m.needs == "stats_all" else "reference", select, n)
+        g = "auto" if select else (None if isinstance(gamma, str) else gamma)
+        merged, info = merge_from_statistics(
+            models[0], self._states[:n], self.spec, stats, method=method, reference=0, gamma=g,
+            weights=[1.0 / n] * n, bn_reset=bn_reset, repair=repair, reset_batches=fit, eval_batches=held,
+            eval_target=None, gamma_grid=grid, device=self.device, repair_models=models)
+        return merged, info, time.perf_counter() - t - (self.statistics_s - s0)

@@ -1,61 +1,113 @@
 """Many models (paper Fig. 4): accuracy of the merge of the first n of N client models, n = 2..N, per method.
 
-    python -m benchmarks.many_models --scale cpu --data-root ../shared/data   # VGG11 x0.25, 5 IID clients
+    python -m benchmarks.many_models --scale cpu --data-root ../shared/data                  # VGG11 x0.25, 5 clients
+    python -m benchmarks.many_models --scale cpu --data-root ../shared/data --arch resnet20  # ResNet20 x0.5, 10
+    python -m benchmarks.many_models --scale paper --arch resnet20                          # ResNet20 x8, 20 (GPU)
 
-CPU scale: the N clients split the non-probe training data IID (so each has 1/N of it) and each trains from
-its own seed; merges of n = 2..N of them, all-to-one onto client 0, with and without REPAIR/BN reset.
+The N clients split the non-probe training data (IID by default, so each has 1/N of it) and each trains from
+its own seed; the first n of them are merged, all-to-one onto client 0, with and without the post-processing
+(REPAIR for nets without BatchNorm, BatchNorm reset for nets with it), gamma chosen on a held-out slice of the
+probe. Defaults per architecture and scale (each overridable with --clients/--width/--epochs):
+
+    vgg11    cpu: 5 clients, width 0.25, 12 epochs     paper: 5 clients, width 1, 200 epochs
+    resnet20 cpu: 10 clients, width 0.5, 5 epochs      paper: 20 clients, width 8, 200 epochs
+
+Methods (--methods, comma-separated, default avg,permute,cca): any merge_models method, e.g. zipit,
+merge_many, gcca. Probe statistics are collected once for all N models (see benchmarks.common.MergeCache);
+merges give exactly what merge_models gives.
 """
 from __future__ import annotations
 
-import time
+from fedmerge.common.merge import METHODS, has_batchnorm
 
-from fedmerge.client.train import ensemble_evaluate
-from fedmerge.common.merge import has_batchnorm, merge_models
-from fedmerge.common.probe import as_batches
+from .common import (MergeCache, Setup, acc_pct, apply_arch_defaults, base_parser, command_line, data_note,
+                     environment, md_table, pct, resolve, test_logits, train_clients, write_results)
+from .plots import line_plot
 
-from .common import Setup, base_parser, md_table, pct, resolve, train_clients, write_results
+ARCH_DEFAULTS = {
+    ("resnet20", "cpu"): {"clients": 10, "width": 0.5, "epochs": 5},
+    ("resnet20", "paper"): {"clients": 20, "width": 8.0},
+}
+DEFAULT_CLIENTS = 5
 
 
 def main(argv=None):
     p = base_parser(__doc__)
-    p.add_argument("--clients", type=int, default=5)
+    p.add_argument("--clients", type=int, default=None,
+                   help=f"number of client models N (default {DEFAULT_CLIENTS}; resnet20: 10 cpu, 20 paper)")
     p.add_argument("--split", default="iid")
-    p.add_argument("--methods", default="avg,permute,cca")
+    p.add_argument("--methods", default="avg,permute,cca",
+                   help="comma-separated merge_models methods (also zipit, merge_many, gcca, ...)")
     args = p.parse_args(argv)
+    apply_arch_defaults(args, ARCH_DEFAULTS)
+    if args.clients is None:
+        args.clients = DEFAULT_CLIENTS
+    if args.clients < 2:
+        p.error("--clients must be at least 2")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        p.error(f"unknown method(s) {unknown}; available: {', '.join(sorted(METHODS))}")
     sc = resolve(args, "many_models")
     setup = Setup(args, sc, args.split, args.clients)
     print(f"data: {setup.describe()}", flush=True)
+    split_tag = args.split.replace("/", "-")
     models = train_clients(args, sc, setup, args.clients,
-                           f"{args.arch}_w{sc['width']}_e{sc['epochs']}_n{args.clients}_{args.split}_s{args.seed}")
-    probe = as_batches(setup.probe_loader)
-    bases = [pct(m, setup.test_loader, args.device) for m in models]
+                           f"{args.arch}_w{sc['width']}_e{sc['epochs']}_n{args.clients}_{split_tag}_s{args.seed}")
+    logits, y = test_logits(models, setup.test_loader, args.device)
+    bases = [acc_pct(lg, y) for lg in logits]
     bn = has_batchnorm(models[0])
     post = "BN reset" if bn else "REPAIR"
-    rows, raw = [], []
+    cache = MergeCache(models, setup.probe_loader, device=args.device)
+    rows, raw, ensembles = [], [], []
     for n in range(2, args.clients + 1):
-        ens = 100.0 * ensemble_evaluate(models[:n], setup.test_loader, device=args.device)["accuracy"]
+        ens = acc_pct(sum(logits[:n]) / n, y)  # the logit ensemble (as client.train.ensemble_evaluate)
+        ensembles.append(ens)
         row = [n, sum(bases[:n]) / n, ens]
-        for method in args.methods.split(","):
+        for method in methods:
             for use_post in (False, True):
-                kw = {"bn_reset": use_post} if bn else {"bn_reset": False, "repair": use_post}
-                t = time.perf_counter()
-                merged, info = merge_models(models[:n], probe, method=method, reference=0, gamma="auto",
-                                            return_info=True, device=args.device, **kw)
+                kw = {"bn_reset": use_post, "repair": False} if bn else {"bn_reset": False, "repair": use_post}
+                merged, info, secs = cache.merge(n, method, gamma="auto", **kw)
                 acc = pct(merged, setup.test_loader, args.device)
                 raw.append({"n": n, "method": method, "post": post if use_post else "none", "accuracy": acc,
-                            "gamma": info.gamma, "seconds": time.perf_counter() - t})
+                            "gamma": info.gamma, "seconds": secs})
                 row.append(acc)
                 print(raw[-1], flush=True)
         rows.append(row)
     headers = ["models", "mean base %", "ensemble %"] + [f"{m}{' + ' + post if u else ''} %"
-                                                         for m in args.methods.split(",") for u in (False, True)]
+                                                         for m in methods for u in (False, True)]
+    gammas = sorted({r["gamma"] for r in raw if r["gamma"] is not None})
     header = (f"# Many models — {args.arch} x{sc['width']} on {setup.train.name}, {args.split} split over "
               f"{args.clients} clients, {sc['epochs']} epochs, probe {sc['probe_size']}, gamma auto, "
-              f"reference client 0; seed {args.seed}\n\nBase accuracies: "
+              f"reference client 0; seed {args.seed}\n\n"
+              f"Data: {data_note(setup.train)}; {len(setup.train)} train / {len(setup.test)} test images; "
+              f"clients of {min(len(q) for q in setup.parts)}–{max(len(q) for q in setup.parts)} images; "
+              f"probe {sc['probe_size']} images held out from client data (20% of it held out again to choose "
+              f"gamma; gammas chosen: {', '.join(f'{g:g}' for g in gammas) or '-'}); merge of the first n "
+              f"clients; post-processing: {post}; device {environment()['device']}. Statistics collection "
+              f"(once for all N models): {cache.statistics_s:.1f} s.\n\nBase accuracies: "
               + ", ".join(f"{b:.2f}" for b in bases) + "\n\n")
-    write_results(sc["out"], "many_models", {"bases": bases, "results": raw, "data": setup.describe(),
-                                             "config": {k: str(v) for k, v in sc.items()}},
+    write_results(sc["out"], "many_models", {"bases": bases, "ensembles": ensembles, "results": raw,
+                                             "data": setup.describe(), "statistics_s": cache.statistics_s,
+                                             "config": {k: str(v) for k, v in sc.items()}, "args": vars(args),
+                                             "environment": environment(), "command": command_line(
+                                                 "many_models", argv)},
                   header + md_table(headers, rows))
+    ns = list(range(2, args.clients + 1))
+    series = {"ensemble": ensembles, "mean base": [sum(bases[:n]) / n for n in ns]}
+    styles = {"ensemble": {"color": "black", "linestyle": "--", "marker": None},
+              "mean base": {"color": "gray", "linestyle": ":", "marker": None}}
+    for j, method in enumerate(methods):
+        for use_post in (False, True):
+            name = f"{method} + {post}" if use_post else method
+            series[name] = [next(r["accuracy"] for r in raw if r["n"] == n and r["method"] == method
+                                 and r["post"] == (post if use_post else "none")) for n in ns]
+            styles[name] = {"color": f"C{j % 10}", "linestyle": "-" if use_post else "--",
+                            "marker": "o" if use_post else "x"}
+    line_plot(sc["out"] / "many_models.png", ns, series, styles=styles, xticks=ns, ylim=(0, 100),
+              title=f"Merging n of {args.clients} {args.arch} x{sc['width']} models ({args.split}, "
+                    f"{sc['epochs']} epochs, probe {sc['probe_size']}, gamma auto)",
+              xlabel="number of merged models n")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from fedmerge.common.merge import has_batchnorm, merge_models
 from fedmerge.common.probe import as_batches
 
 from .common import Setup, base_parser, environment, md_table, pct, resolve, train_clients, write_results
+from .plots import bar_chart
 
 METHODS = ["avg", "permute", "weight_matching", "ot", "zipit", "cca"]
 
@@ -78,6 +79,13 @@ def main(argv=None):
                                             "forward_pass_s": fwd, "results": raw, "environment": environment(),
                                             "command": cmd},
                   header + table)
+    methods = list(dict.fromkeys(r["method"] for r in raw))
+    bar_chart(sc["out"] / "two_models.png", methods,
+              {p: [next((r["accuracy"] for r in raw if r["method"] == m and r["post"] == p), None) for m in methods]
+               for p in ("none", post_name)},
+              title=f"Two models, {args.split} split: {args.arch} x{sc['width']}, {sc['epochs']} epochs, "
+                    f"probe {sc['probe_size']}", xlabel="method (post-processing: colour)",
+              hlines={"base A": bases[0], "base B": bases[1], "ensemble": ens})
 
 
 if __name__ == "__main__":

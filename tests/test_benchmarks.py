@@ -1,0 +1,123 @@
+"""Benchmark commands (two_models plot, many_models, splits, sensitivity) end to end on the embedded
+cifar10-mini with tiny settings: result JSON, markdown table and PNG plots written with the expected rows.
+Also: the statistics cache of the benchmarks gives exactly merge_models' merges, and the plot helpers."""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the benchmarks package lives in the repo root
+
+from benchmarks import many_models, sensitivity, splits, two_models
+from benchmarks.common import MergeCache, apply_arch_defaults
+from benchmarks.plots import bar_chart, line_plot
+from fedmerge.common.merge import GAMMA_GRID, merge_models
+from fedmerge.common.models import build_model
+
+TINY = ["--dataset", "cifar10-mini", "--max-train", "300", "--max-test", "100", "--epochs", "1", "--width",
+        "0.125"]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def is_png(path) -> bool:
+    return path.exists() and path.read_bytes()[:8] == PNG_MAGIC
+
+
+@pytest.mark.parametrize("arch", ["cnn", "resnet20"])
+def test_merge_cache_matches_merge_models(arch):
+    torch.manual_seed(0)
+    models = [build_model(arch, 10, 0.125).eval() for _ in range(3)]
+    probe = (torch.randn(40, 3, 32, 32), torch.randint(0, 10, (40,)))
+    bn = arch == "resnet20"
+    cache = MergeCache(models, probe)
+    # n=3 first fills the cache, n=2 then uses a prefix of the 3-model statistics
+    if bn:  # merged ResNets are only meaningful with the BN reset
+        cases = [(3, m, True) for m in ("avg", "permute", "cca", "zipit")] + [(2, "cca", True)]
+    else:
+        cases = [(3, m, post) for m in ("avg", "permute", "cca", "zipit") for post in (False, True)]
+        cases += [(2, "cca", True), (2, "zipit", False), (2, "permute", True)]
+    for n, method, post in cases:
+        kw = {"bn_reset": post, "repair": False} if bn else {"bn_reset": False, "repair": post}
+        a, ia = merge_models(models[:n], probe, method=method, reference=0, gamma="auto", return_info=True, **kw)
+        b, ib, secs = cache.merge(n, method, gamma="auto", **kw)
+        assert ia.gamma == ib.gamma and secs >= 0
+        sa, sb = a.state_dict(), b.state_dict()
+        for k in sa:
+            torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=1e-6, msg=f"{method} n={n} {k}")
+    assert cache.statistics_s > 0
+
+
+def test_plots(tmp_path):
+    p = bar_chart(tmp_path / "b.png", ["a", "b"], {"x": [10.0, None], "y": [20.0, float("nan")]},
+                  hlines={"ref": 50.0}, title="t")
+    assert is_png(p)
+    p = line_plot(tmp_path / "sub" / "l.png", [1, 10, 100], {"s": [1.0, None, 3.0]}, logx=True, xticks=[1, 10, 100],
+                  hlines={"h": 2.0}, vlines={"v": 10.0}, points={"star": (10.0, 2.0)})
+    assert is_png(p)
+    with pytest.raises(ValueError):
+        line_plot(tmp_path / "bad.png", [1, 2], {"s": [1.0]})
+
+
+def test_arch_defaults_fill_only_unset_values():
+    table = {("resnet20", "cpu"): {"clients": 10, "width": 0.5, "epochs": 5}}
+    a = argparse.Namespace(arch="resnet20", scale="cpu", clients=None, width=0.25, epochs=None)
+    apply_arch_defaults(a, table)
+    assert (a.clients, a.width, a.epochs) == (10, 0.25, 5)
+    b = argparse.Namespace(arch="vgg11", scale="cpu", clients=None, width=None, epochs=None)
+    apply_arch_defaults(b, table)
+    assert (b.clients, b.width, b.epochs) == (None, None, None)
+
+
+def test_two_models_plot(tmp_path):
+    two_models.main(TINY + ["--probe-size", "60", "--methods", "avg,cca", "--out", str(tmp_path)])
+    assert is_png(tmp_path / "two_models.png")
+    assert len(json.loads((tmp_path / "two_models.json").read_text())["results"]) == 4
+
+
+def test_many_models(tmp_path):
+    with pytest.raises(SystemExit):
+        many_models.main(TINY + ["--methods", "avg,nonsense", "--out", str(tmp_path)])
+    many_models.main(TINY + ["--probe-size", "60", "--clients", "3", "--methods", "avg,cca", "--out", str(tmp_path)])
+    res = json.loads((tmp_path / "many_models.json").read_text())
+    assert len(res["bases"]) == 3 and len(res["ensembles"]) == 2
+    assert {(r["n"], r["method"], r["post"]) for r in res["results"]} == {
+        (n, m, p) for n in (2, 3) for m in ("avg", "cca") for p in ("none", "REPAIR")}
+    md = (tmp_path / "many_models.md").read_text()
+    assert "| 2 |" in md and "| 3 |" in md and "cca + REPAIR %" in md and "pixels near-exact" in md
+    assert is_png(tmp_path / "many_models.png")
+    assert len(list((tmp_path / "checkpoints").glob("vgg11_w0.125_e1_n3_iid_s0_client*.json"))) == 3
+
+
+def test_splits(tmp_path):
+    splits.main(TINY + ["--probe-size", "60", "--clients", "3", "--methods", "permute,zipit,cca",
+                        "--out", str(tmp_path)])
+    res = json.loads((tmp_path / "splits.json").read_text())
+    assert list(res["splits"]) == ["80/20", "dirichlet", "disjoint"]
+    assert {(r["split"], r["method"], r["post"]) for r in res["results"]} == {
+        (s, m, "BN reset") for s in ("80/20", "dirichlet", "disjoint") for m in ("permute", "zipit", "cca")}
+    assert max(res["splits"]["disjoint"]["classes_per_client"]) <= 4  # 10 classes over 3 clients
+    md = (tmp_path / "splits.md").read_text()
+    for row in ("base (mean of clients)", "ensemble (mean logits)", "permute + BN reset", "ZipIt! + BN reset",
+                "CCA + BN reset", "dirichlet(alpha=0.5)", "resnet20 x0.125"):
+        assert row in md
+    assert is_png(tmp_path / "splits.png")
+    meta = json.loads(next((tmp_path / "checkpoints").glob("*disjoint*client0.json")).read_text())
+    assert meta["model"]["head"]["kind"] == "embedding"
+
+
+def test_sensitivity(tmp_path):
+    sensitivity.main(TINY + ["--probe-size", "80", "--gammas", "0.01,1,10", "--probe-sizes", "40,80,160",
+                             "--out", str(tmp_path)])
+    res = json.loads((tmp_path / "sensitivity.json").read_text())
+    assert res["checkpoints"] == str(tmp_path / "checkpoints")  # smoke runs never touch the real cache
+    assert len(res["gamma"]["sweep"]) == 6
+    for s in res["gamma"]["summary"].values():
+        assert s["sweep_matches_auto_scores"] and s["auto_gamma"] in GAMMA_GRID
+    assert [(r["probe_size"], r["from_clients"]) for r in res["probe"] if r["method"] == "cca"] == [
+        (40, 0), (80, 0), (160, 80)]
+    md = (tmp_path / "sensitivity.md").read_text()
+    assert "(a) Test accuracy vs gamma" in md and "(b) Test accuracy vs probe size" in md
+    assert is_png(tmp_path / "sensitivity_gamma.png") and is_png(tmp_path / "sensitivity_probe.png")
