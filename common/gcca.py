@@ -62,7 +62,13 @@ whitened coordinates are otherwise decoupled from everything). The dead units th
 of their own (eigenvalue 1 + (n_k - 1) for n_k models with a k-th dead unit) and each model's d - m live
 units fill the remaining d - m shared directions. Without it, the top-d directions of C would all be live
 ones, a model with m dead units would reach only d - m of them, and the polar factor would complete the rest
-arbitrarily (in particular not independently of the order of the models).
+arbitrarily (in particular not independently of the order of the models). Directions that remain
+undetermined -- a model's unpaired dead units (more than any other model has), rank-deficient probes, exactly
+zero canonical correlations -- are completed arbitrarily here as in ``cca_pair`` (differently, so the N = 2
+identity with CCA and the independence of the model order hold on the determined part only).
+
+The consensus is an unweighted mean over the models; the client weights enter the average in the shared
+space as usual.
 
 Cost per group: one eigh of an Nd x Nd matrix (O(N^3 d^3)), N SVDs of d x d, and for ``basis="mean"`` about
 N^2 x (iterations) assignments of d x d.
@@ -199,7 +205,7 @@ def _sumcor(c: torch.Tensor, o: list[torch.Tensor], lam_min: float, max_iter: in
 
 def _consensus(backs: list[torch.Tensor], max_iter: int = 50) -> torch.Tensor:
     """Consensus of the models' unit functionals (rows of each back-map A_i), see the module docstring."""
-    n, d = len(backs), backs[0].shape[0]
+    n = len(backs)
     normed = [(a / a.norm(dim=1, keepdim=True).clamp_min(1e-300)).numpy() for a in backs]
     best = None
     for start in range(n):
@@ -225,7 +231,7 @@ def _consensus(backs: list[torch.Tensor], max_iter: int = 50) -> torch.Tensor:
 
 def match_gcca(stats: Statistics, spec: MergeSpec, reference: int = 0, gamma: float = 0.1,
                variant: str = "maxvar", basis: str = "mean", regularization: str = "trace",
-               max_iter: int = 200, tol: float = 1e-9) -> Alignment:
+               max_iter: int = 100, tol: float = 1e-6) -> Alignment:
     """Generalised (multi-view) CCA Merge: every model mapped into one shared basis computed from all
     pairwise statistics, then back to one unit basis (see the module docstring for the derivation).
 
