@@ -9,6 +9,9 @@ Messages (all records are Flower records; nothing is pickled):
   metrics, seconds), and ``own-stats`` (probe statistics of the local model) when asked.
 * ``query.cross_stats`` in: ``reference`` (the reference model's weights), ``config``. out: ``cross-stats``
   (cross statistics between the reference and the local model kept in ``context.state``), ``metrics``.
+
+Statistics are sent in the run config's ``stats-dtype`` / ``stats-rank`` encoding
+(:mod:`fedmerge.common.compress`; self-describing, the server needs no setting to decode them).
 """
 from __future__ import annotations
 
@@ -20,7 +23,8 @@ from flwr.clientapp import ClientApp
 
 from fedmerge.common.graph import derive_spec
 from fedmerge.common.records import arrays_to_record, record_to_arrays
-from fedmerge.common.stats import cross_statistics, cross_to_arrays, moments_to_arrays, own_statistics
+from fedmerge.common.compress import decode_moments, encode_cross, encode_moments
+from fedmerge.common.stats import collect_statistics, cross_statistics, own_statistics
 from fedmerge.common.task import FedConfig, build_global_model, probe_batches, test_loader, train_loader
 
 from .train import TrainConfig, evaluate, train
@@ -93,7 +97,7 @@ def make_client_app(overrides: dict | None = None) -> ClientApp:
             t = time.perf_counter()
             spec = derive_spec(model, fit.example())
             own = own_statistics(model, fit, spec, device=device)
-            content["own-stats"] = arrays_to_record(moments_to_arrays(own))
+            content["own-stats"] = arrays_to_record(encode_moments(own, cfg.stats_dtype, cfg.stats_rank))
             t_stats = time.perf_counter() - t
         _inject(content, faults, cfg, pid)
         content["metrics"] = MetricRecord({
@@ -120,12 +124,23 @@ def make_client_app(overrides: dict | None = None) -> ClientApp:
         ref_model.load_state_dict(msg.content.array_records["reference"].to_torch_state_dict(), strict=True)
         fit, _ = probe_batches(cfg)
         spec = derive_spec(own_model, fit.example())
-        cross = cross_statistics(ref_model.eval(), own_model.eval(), fit, spec, device=cfg.device or None)
-        content = RecordDict({"cross-stats": arrays_to_record(cross_to_arrays(cross))})
+        whiten = None
+        if cfg.stats_rank > 0:
+            # low rank: keep the most correlated canonical pairs, whitened with the own blocks as the server
+            # will decode them (the reference's recomputed here on the same probe); one pass for all three
+            st = collect_statistics([ref_model.eval(), own_model.eval()], fit, reference=0, spec=spec,
+                                    device=cfg.device or None)
+            cross = st.cross[(0, 1)]
+            whiten = tuple(decode_moments(encode_moments(o, cfg.stats_dtype, cfg.stats_rank), spec)
+                           for o in st.own)
+        else:
+            cross = cross_statistics(ref_model.eval(), own_model.eval(), fit, spec, device=cfg.device or None)
+        content = RecordDict({"cross-stats": arrays_to_record(
+            encode_cross(cross, cfg.stats_dtype, cfg.stats_rank, whiten=whiten))})
         if "nan-query" in faults:
-            key = next(k for k in content["cross-stats"].keys() if k.endswith(".c"))
-            bad = content["cross-stats"][key].numpy().astype(np.float64).copy()
-            bad.reshape(-1)[0] = np.nan
+            key = next(k for k in content["cross-stats"].keys() if k.endswith((".c", ".c.left")))
+            bad = content["cross-stats"][key].numpy().copy()
+            bad.reshape(-1)[0] = 0x7FC0 if bad.dtype == np.uint16 else np.nan  # bfloat16 travels as its bits
             content["cross-stats"][key] = Array(bad)
         content["metrics"] = MetricRecord({"seconds-cross-stats": time.perf_counter() - t, "partition-id": pid})
         return Message(content, reply_to=msg)

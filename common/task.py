@@ -57,6 +57,8 @@ class FedConfig:
     np_merge: bool = False             # learn per-parameter merge coefficients on the labelled probe
     stats_on_server: bool = False      # server holds the probe and computes all statistics (one phase)
     weighted: bool = True              # average weighted by client sample counts
+    stats_dtype: str = "float64"       # statistics on the wire: float64 | float32 | float16 | bfloat16
+    stats_rank: int = 0                # low-rank statistics blocks of rank k (0 = full blocks)
     # federation
     num_server_rounds: int = 1
     min_clients: int = 2
@@ -102,6 +104,8 @@ class FedConfig:
             raise ValueError("epochs, lr, batch_size and width must be positive")
         if self.probe_size < 10:
             raise ValueError("probe_size must be >= 10")
+        from .compress import check_options
+        check_options(self.stats_dtype, self.stats_rank)
 
     # --- conversions ------------------------------------------------------------------------------------
     @classmethod

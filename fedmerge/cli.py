@@ -34,6 +34,10 @@ def _add_federation_args(p: argparse.ArgumentParser, defaults: dict) -> None:
     p.add_argument("--probe-from-union", action="store_true", help="draw the probe from all training data")
     p.add_argument("--stats-on-server", action="store_true",
                    help="the server holds the probe and computes all statistics (one phase)")
+    p.add_argument("--stats-dtype", default="float64", choices=["float64", "float32", "float16", "bfloat16"],
+                   help="dtype the clients send their probe statistics in (accumulated in float64 anyway)")
+    p.add_argument("--stats-rank", type=int, default=0,
+                   help="send statistics blocks in low-rank form of this rank (0 = full blocks)")
     p.add_argument("--common-init", action="store_true", help="round 1 from one shared initialisation")
     p.add_argument("--min-clients", type=int, default=2)
     p.add_argument("--timeout", type=float, default=600.0)
@@ -58,6 +62,7 @@ def _config(a: argparse.Namespace):
                      batch_size=a.batch_size, num_server_rounds=a.rounds, method=a.method, reference=a.reference,
                      gamma=a.gamma, bn_reset=a.bn_reset, repair=a.repair, np_merge=a.np_merge, probe_size=a.probe_size,
                      probe_from_union=a.probe_from_union, stats_on_server=a.stats_on_server,
+                     stats_dtype=a.stats_dtype, stats_rank=a.stats_rank,
                      common_init=a.common_init, min_clients=min(a.min_clients, a.clients), timeout=a.timeout,
                      max_train=a.max_train, max_test=a.max_test, seed=a.seed, device=a.device, out=a.out,
                      faults=",".join(a.inject_fault), resume=a.resume)

@@ -4,8 +4,8 @@ One round:
 
 1. ``configure_train`` sends the global weights (empty in round 1 unless ``common_init``) with each node's
    partition (when the node has none of its own) and whether to upload probe statistics.
-2. ``aggregate_train`` validates every reply (keys, shapes, dtypes, finite values, statistics blocks,
-   sample counts, size cap), picks the reference (an index or the best on the probe), and, in the default
+2. ``aggregate_train`` validates every reply (keys, shapes, dtypes, finite values, statistics blocks in any
+   :mod:`fedmerge.common.compress` encoding, sample counts, size cap), picks the reference (an index or the best on the probe), and, in the default
    two-phase protocol, sends the reference weights to every other client in a ``query.cross_stats``
    message inside the same round; clients answer with the cross statistics. In ``stats_on_server`` mode
    (the server holds the probe) the server computes all statistics from the uploaded weights instead.
@@ -39,7 +39,8 @@ from fedmerge.common.graph import MergeSpec, derive_spec
 from fedmerge.common.merge import GAMMA_GRID, METHODS, merge_from_statistics
 from fedmerge.common.probe import Batches, as_batches
 from fedmerge.common.records import record_to_arrays
-from fedmerge.common.stats import Statistics, collect_statistics, cross_from_arrays, moments_from_arrays
+from fedmerge.common.compress import decode_cross, decode_moments
+from fedmerge.common.stats import Statistics, collect_statistics
 
 __all__ = ["CCAMerge", "RoundRecord", "ReplyRejected"]
 
@@ -63,6 +64,8 @@ class RoundRecord:
     gamma: float | None = None
     client_metrics: dict[int, dict] = field(default_factory=dict)  # partition id -> reported metrics
     bytes_uploaded: dict[int, int] = field(default_factory=dict)   # partition id -> bytes (both phases)
+    bytes_weights: dict[int, int] = field(default_factory=dict)    # partition id -> bytes of the weights record
+    bytes_statistics: dict[int, int] = field(default_factory=dict)  # partition id -> own + cross statistics bytes
     timings: dict[str, float] = field(default_factory=dict)
     merge_info: dict = field(default_factory=dict)
 
@@ -73,6 +76,8 @@ class RoundRecord:
                    clients_rejected=list(d.get("clients_rejected", [])), reference=d.get("reference"),
                    gamma=d.get("gamma"), client_metrics={int(k): v for k, v in d.get("client_metrics", {}).items()},
                    bytes_uploaded={int(k): v for k, v in d.get("bytes_uploaded", {}).items()},
+                   bytes_weights={int(k): v for k, v in d.get("bytes_weights", {}).items()},
+                   bytes_statistics={int(k): v for k, v in d.get("bytes_statistics", {}).items()},
                    timings=dict(d.get("timings", {})), merge_info=dict(d.get("merge_info", {})))
 
     def to_dict(self) -> dict:
@@ -80,6 +85,8 @@ class RoundRecord:
                 "clients_rejected": self.clients_rejected, "reference": self.reference, "gamma": self.gamma,
                 "client_metrics": {str(k): v for k, v in self.client_metrics.items()},
                 "bytes_uploaded": {str(k): v for k, v in self.bytes_uploaded.items()},
+                "bytes_weights": {str(k): v for k, v in self.bytes_weights.items()},
+                "bytes_statistics": {str(k): v for k, v in self.bytes_statistics.items()},
                 "timings": self.timings, "merge_info": self.merge_info}
 
 
@@ -255,7 +262,7 @@ class CCAMerge(FedAvg):
             if "own-stats" not in rd.array_records:
                 raise ReplyRejected("reply has no 'own-stats' record (probe statistics)")
             try:
-                own = moments_from_arrays(record_to_arrays(rd.array_records["own-stats"]), self.spec)
+                own = decode_moments(record_to_arrays(rd.array_records["own-stats"]), self.spec)
             except (KeyError, ValueError) as exc:
                 raise ReplyRejected(f"own statistics: {exc}") from None
             self._check_count(own, "own statistics")
@@ -300,6 +307,10 @@ class CCAMerge(FedAvg):
                 continue
             part = int(metrics.get("partition-id", part))
             rec.bytes_uploaded[part] = rec.bytes_uploaded.get(part, 0) + _record_bytes(msg.content)
+            ars = msg.content.array_records
+            rec.bytes_weights[part] = rec.bytes_weights.get(part, 0) + ars["arrays"].count_bytes()
+            if "own-stats" in ars:
+                rec.bytes_statistics[part] = rec.bytes_statistics.get(part, 0) + ars["own-stats"].count_bytes()
             rec.client_metrics[part] = {k: (float(v) if isinstance(v, (int, float)) else v)
                                         for k, v in metrics.items()}
             accepted.append((node, part, state, metrics, own))
@@ -432,7 +443,7 @@ class CCAMerge(FedAvg):
                 if size > self.max_upload_bytes:
                     raise ReplyRejected(f"upload of {size} bytes exceeds the cap of {self.max_upload_bytes}")
                 try:
-                    c = cross_from_arrays(record_to_arrays(msg.content.array_records["cross-stats"]), self.spec)
+                    c = decode_cross(record_to_arrays(msg.content.array_records["cross-stats"]), self.spec)
                 except (KeyError, ValueError) as exc:
                     raise ReplyRejected(f"cross statistics: {exc}") from None
                 self._check_count(c, "cross statistics")
@@ -440,6 +451,8 @@ class CCAMerge(FedAvg):
                 self._reject(rec, node, part, "cross-statistics", str(exc))
                 continue
             rec.bytes_uploaded[part] = rec.bytes_uploaded.get(part, 0) + size
+            rec.bytes_statistics[part] = (rec.bytes_statistics.get(part, 0)
+                                          + msg.content.array_records["cross-stats"].count_bytes())
             t_c = msg.content.metric_records.get("metrics", {}).get("seconds-cross-stats", 0.0)
             rec.client_metrics[part]["seconds-cross-stats"] = float(t_c)
             kept.append(a)
