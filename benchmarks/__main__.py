@@ -1,20 +1,77 @@
-"""``make bench``: the CPU-scale suite (each experiment also has its own command)."""
-import argparse
-import sys
+"""``make bench``: the whole suite at one scale, one experiment after the other (each also has its own command).
 
-from . import federated, two_models
+    python -m benchmarks --scale cpu --out results/cpu                 # what `make bench` runs
+    python -m benchmarks --scale cpu --only two_models,sensitivity     # a part of it
+    python -m benchmarks --scale paper --out results/paper             # on a GPU
+
+Models are trained once and shared: the sensitivity and compression studies reuse the two-model pair, the
+reference-free study the many-models clients (checkpoints are cached under each experiment's folder, so a
+second run only merges). Writes ``suite.json`` with each experiment's wall time and exit status; a failing
+experiment is reported and the others still run.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+
+def plan(root: str, data: list[str]) -> list[tuple[str, str, list[str]]]:
+    """(label, module, argv) in run order: trainers before the studies that reuse their checkpoints."""
+    two = f"{root}/two_models"
+    many = f"{root}/many_models"
+    return [
+        ("two_models", "two_models", ["--out", two, *data]),
+        ("sensitivity", "sensitivity", ["--out", f"{root}/sensitivity", "--checkpoints", f"{two}/checkpoints", *data]),
+        ("compression", "compression", ["--out", f"{root}/compression", "--checkpoints", f"{two}/checkpoints", *data]),
+        ("many_models", "many_models", ["--out", many, *data]),
+        ("reference_free", "reference_free", ["--out", f"{root}/reference_free", "--checkpoints",
+                                              f"{many}/checkpoints", *data]),
+        ("many_models_resnet20", "many_models", ["--arch", "resnet20", "--out", f"{root}/many_models_resnet20", *data]),
+        ("splits", "splits", ["--out", f"{root}/splits", *data]),
+        ("cost", "cost", ["--out", f"{root}/cost", *data]),
+        ("federated", "federated", ["--out", f"{root}/federated", *data]),
+    ]
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--scale", default="cpu")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scale", default="cpu", choices=["cpu", "paper"])
     p.add_argument("--out", default=None)
-    p.add_argument("--data-root", default="")
+    p.add_argument("--data-root", default="", help="offline data folder (default: $FEDMERGE_DATA / torchvision)")
+    p.add_argument("--only", default="", help="comma-separated experiment labels (default: all)")
     a = p.parse_args(argv)
     root = a.out or f"results/{a.scale}"
-    extra = ["--data-root", a.data_root] if a.data_root else []
-    two_models.main(["--scale", a.scale, "--out", f"{root}/two_models", *extra])
-    federated.main(["--scale", a.scale, "--out", f"{root}/federated", *extra])
+    data = ["--scale", a.scale] + (["--data-root", a.data_root] if a.data_root else [])
+    steps = plan(root, data)
+    if a.only:
+        wanted = [s.strip() for s in a.only.split(",") if s.strip()]
+        unknown = sorted(set(wanted) - {s[0] for s in steps})
+        if unknown:
+            p.error(f"unknown experiment(s) {unknown}; choose from {[s[0] for s in steps]}")
+        steps = [s for s in steps if s[0] in wanted]
+    Path(root).mkdir(parents=True, exist_ok=True)
+    summary = {"scale": a.scale, "experiments": []}
+    t_all = time.perf_counter()
+    for label, module, args in steps:
+        print(f"\n=== {label}: python -m benchmarks.{module} {' '.join(args)}", flush=True)
+        t = time.perf_counter()
+        try:
+            importlib.import_module(f"benchmarks.{module}").main(args)
+            status = "ok"
+        except Exception as exc:  # noqa: BLE001 - one failed experiment must not cost the others
+            traceback.print_exc()
+            status = f"failed: {type(exc).__name__}: {exc}"
+        summary["experiments"].append({"label": label, "command": f"python -m benchmarks.{module} {' '.join(args)}",
+                                       "seconds": round(time.perf_counter() - t, 1), "status": status})
+        summary["total_seconds"] = round(time.perf_counter() - t_all, 1)
+        (Path(root) / "suite.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2))
+    return 0 if all(e["status"] == "ok" for e in summary["experiments"]) else 1
 
 
 if __name__ == "__main__":

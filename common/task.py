@@ -239,5 +239,7 @@ def _probe_batches(dataset: str, data_root: str, probe_size: int, from_union: bo
 
 def test_loader(cfg: FedConfig, batch_size: int = 500):
     test = _test_set(cfg.dataset, cfg.data_root)
-    idx = np.arange(min(cfg.max_test, len(test))) if cfg.max_test else None
+    idx = None
+    if cfg.max_test and cfg.max_test < len(test):  # a seeded random subset: stored test sets may be class-sorted
+        idx = np.sort(np.random.default_rng([cfg.seed, 13]).choice(len(test), cfg.max_test, replace=False))
     return make_loader(test, idx, batch_size=batch_size, train=False)

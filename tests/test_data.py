@@ -137,3 +137,13 @@ def test_set_seed_is_deterministic():
     D.set_seed(5)
     b = torch.randn(3), np.random.rand()
     assert torch.equal(a[0], b[0]) and a[1] == b[1]
+
+
+def test_test_subset_is_a_seeded_random_sample_of_every_class():
+    """max_test takes a random subset (stored test sets can be sorted by class), the same for every party."""
+    from fedmerge.common.task import FedConfig, test_loader
+
+    cfg = FedConfig(dataset="cifar10-mini", max_test=300)
+    ys = [torch.cat([y for _, y in test_loader(cfg)]) for _ in range(2)]
+    assert len(ys[0]) == 300 and torch.equal(ys[0], ys[1])
+    assert len(torch.unique(ys[0])) == 10
