@@ -4,7 +4,7 @@
     python -m benchmarks --scale cpu --only two_models,sensitivity     # a part of it
     python -m benchmarks --scale paper --out results/paper             # on a GPU
 
-Models are trained once and shared: the sensitivity and compression studies reuse the two-model pair, the
+Models are trained once and shared: the sensitivity, compression and NP Merge studies reuse the two-model pair, the
 reference-free study the many-models clients (checkpoints are cached under each experiment's folder, so a
 second run only merges). Writes ``suite.json`` with each experiment's wall time and exit status; a failing
 experiment is reported and the others still run.
@@ -28,6 +28,7 @@ def plan(root: str, data: list[str]) -> list[tuple[str, str, list[str]]]:
         ("two_models", "two_models", ["--out", two, *data]),
         ("sensitivity", "sensitivity", ["--out", f"{root}/sensitivity", "--checkpoints", f"{two}/checkpoints", *data]),
         ("compression", "compression", ["--out", f"{root}/compression", "--checkpoints", f"{two}/checkpoints", *data]),
+        ("np_merge", "np_merge", ["--out", f"{root}/np_merge", "--checkpoints", f"{two}/checkpoints", *data]),
         ("many_models", "many_models", ["--out", many, *data]),
         ("reference_free", "reference_free", ["--out", f"{root}/reference_free", "--checkpoints",
                                               f"{many}/checkpoints", *data]),

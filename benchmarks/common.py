@@ -149,7 +149,7 @@ def data_note(ds) -> str:
         return ("CIFAR-10 rebuilt from the JPEG copy (q75, 4:2:0): labels exact, pixels near-exact "
                 "(lossy decodes of the originals)")
     if ds.name == "cifar10-mini":
-        return ("cifar10-mini, the embedded 5,000/1,000-image CIFAR-10 subset (JPEG q75): labels exact, pixels "
+        return ("cifar10-mini, the embedded 8,000/2,000-image CIFAR-10 subset (JPEG q75): labels exact, pixels "
                 "near-exact")
     if src.startswith("torchvision:"):
         return f"{ds.name} from the original torchvision files: exact"

@@ -121,3 +121,33 @@ def test_sensitivity(tmp_path):
     md = (tmp_path / "sensitivity.md").read_text()
     assert "(a) Test accuracy vs gamma" in md and "(b) Test accuracy vs probe size" in md
     assert is_png(tmp_path / "sensitivity_gamma.png") and is_png(tmp_path / "sensitivity_probe.png")
+
+
+def test_np_merge_benchmark(tmp_path):
+    from benchmarks import np_merge
+
+    np_merge.main(TINY + ["--probe-size", "120", "--steps", "5", "--out", str(tmp_path)])
+    payload = json.loads((tmp_path / "np_merge.json").read_text())
+    got = {(r["method"], r["variant"]) for r in payload["results"]}
+    assert got == {(m, v) for m in ("permute", "cca") for v in ("average", "NP Merge", "REPAIR")}
+    md = (tmp_path / "np_merge.md").read_text()
+    assert md.count("| NP Merge |") == 2
+    np_rows = [r for r in payload["results"] if r["variant"] == "NP Merge"]
+    assert all(0 < r["np_merge"]["steps"] <= 5 for r in np_rows)
+
+
+def test_suite_plan_names_real_commands_and_rejects_unknown_ones():
+    import importlib
+
+    from benchmarks.__main__ import main as suite_main, plan
+
+    steps = plan("results/x", ["--scale", "cpu"])
+    assert len({s[0] for s in steps}) == len(steps)
+    for _, module, args in steps:
+        assert callable(importlib.import_module(f"benchmarks.{module}").main) and "--out" in args
+    # trainers run before the studies that reuse their checkpoints
+    order = [s[0] for s in steps]
+    assert order.index("two_models") < order.index("sensitivity") < order.index("np_merge")
+    assert order.index("many_models") < order.index("reference_free")
+    with pytest.raises(SystemExit):
+        suite_main(["--only", "no_such_experiment"])

@@ -1,0 +1,76 @@
+"""NP Merge (issue 8): learned per-parameter merge coefficients after alignment vs plain averaging.
+
+    python -m benchmarks.np_merge --scale cpu --data-root ../shared/data --epochs 16   # reuse two_models' pair
+
+The two client models of ``benchmarks.two_models`` (80/20 split; same tag and checkpoint folder, trained when
+missing). For each alignment (``--methods``, default permute and CCA; gamma auto) the plain weighted average
+and NP Merge (coefficients learned with Adam on the fitting 80% of the labelled probe, early stopping on the
+held-out 20%, the slice that also chooses gamma), each evaluated on the test set. REPAIR rows (nets without
+BatchNorm) are given for comparison: REPAIR and NP Merge are alternatives in ``merge_models``.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from fedmerge.common.data import canonical_name
+from fedmerge.common.merge import has_batchnorm, merge_models
+from fedmerge.common.probe import as_batches
+
+from .common import (Setup, base_parser, command_line, data_note, environment, md_table, pct, resolve,
+                     train_clients, write_results)
+
+
+def main(argv=None):
+    p = base_parser(__doc__)
+    p.add_argument("--split", default="80/20")
+    p.add_argument("--checkpoints", default=None,
+                   help="folder of the two_models checkpoints (default: results/<scale>/two_models/checkpoints; "
+                        "<out>/checkpoints with --max-train or a data set other than cifar10)")
+    p.add_argument("--methods", default="permute,cca")
+    p.add_argument("--steps", type=int, default=200, help="NP Merge optimiser steps (at most)")
+    p.add_argument("--lr", type=float, default=0.05, help="NP Merge learning rate")
+    args = p.parse_args(argv)
+    sc = resolve(args, "np_merge")
+    setup = Setup(args, sc, args.split, 2)  # as benchmarks.two_models, so the checkpoints match
+    if args.checkpoints:
+        ckpt = Path(args.checkpoints)
+    elif args.max_train or args.max_test or canonical_name(args.dataset) != "cifar10":
+        ckpt = sc["out"] / "checkpoints"
+    else:
+        ckpt = Path("results") / args.scale / "two_models" / "checkpoints"
+    tag = f"{args.arch}_w{sc['width']}_e{sc['epochs']}_s{args.seed}"
+    models = train_clients(args, sc, setup, 2, tag, ckpt_dir=ckpt)
+    bases = [pct(m, setup.test_loader, args.device) for m in models]
+    probe = as_batches(setup.probe_loader)
+    bn = has_batchnorm(models[0])
+    raw, rows = [], []
+    variants = [("average", {}), ("NP Merge", {"np_merge": {"steps": args.steps, "lr": args.lr}})]
+    if not bn:
+        variants.append(("REPAIR", {"repair": True}))
+    for method in [m for m in args.methods.split(",") if m]:
+        for label, kw in variants:
+            t = time.perf_counter()
+            merged, info = merge_models(models, probe, method=method, reference=0, gamma="auto", return_info=True,
+                                        device=args.device, **kw)
+            acc = pct(merged, setup.test_loader, args.device)
+            rec = {"method": method, "variant": label, "accuracy": acc, "gamma": info.gamma,
+                   "seconds": time.perf_counter() - t, "np_merge": info.np_merge}
+            raw.append(rec)
+            nm = info.np_merge or {}
+            rows.append([method, label, acc, "" if info.gamma is None else f"{info.gamma:g}",
+                         nm.get("steps", ""), rec["seconds"]])
+            print(rec, flush=True)
+    header = (f"# NP Merge vs plain averaging — {args.arch} x{sc['width']}, two clients, {args.split} split\n\n"
+              f"{data_note(setup.train)}; {sc['epochs']} epochs per client; probe {sc['probe_size']} held-out "
+              f"training images (80% to fit statistics and NP coefficients, 20% for gamma and early stopping); "
+              f"NP Merge: Adam, at most {args.steps} steps, lr {args.lr}; seed {args.seed}; device "
+              f"{environment()['device']}. Base A {bases[0]:.2f}%, base B {bases[1]:.2f}%.\n\n")
+    write_results(sc["out"], "np_merge", {"bases": bases, "results": raw, "data": setup.describe(),
+                                          "environment": environment(),
+                                          "command": command_line("benchmarks.np_merge", argv)},
+                  header + md_table(["alignment", "merge", "test acc %", "gamma", "NP steps", "seconds"], rows))
+
+
+if __name__ == "__main__":
+    main()
