@@ -13,7 +13,7 @@ import torch
 
 from fedmerge.client.train import TrainConfig, evaluate, train
 from fedmerge.common.checkpoint import load_checkpoint, save_checkpoint
-from fedmerge.common.data import dataset_info, load_dataset, make_loader, set_seed, split_probe_pool
+from fedmerge.common.data import canonical_name, dataset_info, load_dataset, make_loader, set_seed, split_probe_pool
 from fedmerge.common.models import build_model
 from fedmerge.common.splits import make_split
 
@@ -263,3 +263,20 @@ class MergeCache:
             weights=[1.0 / n] * n, bn_reset=bn_reset, repair=repair, reset_batches=fit, eval_batches=held,
             eval_target=None, gamma_grid=grid, device=self.device, repair_models=models)
         return merged, info, time.perf_counter() - t - (self.statistics_s - s0)
+
+
+def add_checkpoints_arg(p: argparse.ArgumentParser, source: str) -> None:
+    """``--checkpoints``: where a study finds (or trains) the client models of the experiment ``source``."""
+    p.add_argument("--checkpoints", default=None,
+                   help=f"folder of the {source} checkpoints (default: results/<scale>/{source}/checkpoints; "
+                        "<out>/checkpoints with --max-train/--max-test or a data set other than cifar10)")
+
+
+def shared_checkpoints(args, sc: dict, source: str) -> Path:
+    """The checkpoint folder of ``source``'s models that a study reuses; smoke runs (capped data, other data
+    sets) keep their own under ``<out>/checkpoints`` so that they never touch the real cache."""
+    if args.checkpoints:
+        return Path(args.checkpoints)
+    if args.max_train or args.max_test or canonical_name(args.dataset) != "cifar10":
+        return sc["out"] / "checkpoints"
+    return Path("results") / args.scale / source / "checkpoints"

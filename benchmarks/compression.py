@@ -30,15 +30,14 @@ import numpy as np
 from flwr.app import ArrayRecord
 
 from fedmerge.common.compress import DTYPES, decode_cross, decode_moments, encode_cross, encode_moments
-from fedmerge.common.data import canonical_name
 from fedmerge.common.graph import derive_spec
 from fedmerge.common.merge import GAMMA_GRID, has_batchnorm, merge_from_statistics
 from fedmerge.common.probe import as_batches
 from fedmerge.common.records import arrays_to_record
 from fedmerge.common.stats import Statistics, collect_statistics
 
-from .common import (Setup, base_parser, command_line, data_note, environment, md_table, pct, resolve,
-                     train_clients, write_results)
+from .common import (Setup, add_checkpoints_arg, base_parser, command_line, data_note, environment, md_table, pct,
+                     resolve, shared_checkpoints, train_clients, write_results)
 
 GOAL_UPLOAD = 1.5   # x model size per client and round, weights included
 GOAL_LOSS = 0.5     # accuracy points
@@ -81,9 +80,7 @@ def encode_round(st: Statistics, spec, dtype: str, rank: int, basis: str) -> tup
 def main(argv=None):
     p = base_parser(__doc__)
     p.add_argument("--split", default="80/20")
-    p.add_argument("--checkpoints", default=None,
-                   help="folder of the two_models checkpoints (default: results/<scale>/two_models/checkpoints; "
-                        "<out>/checkpoints with --max-train or a data set other than cifar10)")
+    add_checkpoints_arg(p, "two_models")
     p.add_argument("--dtypes", default=",".join(DTYPES), help="full-rank settings")
     p.add_argument("--ranks", default="8,16,32", help="low-rank settings (0 = none)")
     p.add_argument("--bases", default="whitened,svd", help="cross-block directions for low rank: whitened, svd")
@@ -98,12 +95,7 @@ def main(argv=None):
     sc = resolve(args, "compression")
     setup = Setup(args, sc, args.split, 2)  # as benchmarks.two_models, so the checkpoints match
     print(f"data: {setup.describe()}", flush=True)
-    if args.checkpoints:
-        ckpt = Path(args.checkpoints)
-    elif args.max_train or args.max_test or canonical_name(args.dataset) != "cifar10":
-        ckpt = sc["out"] / "checkpoints"
-    else:
-        ckpt = Path("results") / args.scale / "two_models" / "checkpoints"
+    ckpt = shared_checkpoints(args, sc, "two_models")
     tag = f"{args.arch}_w{sc['width']}_e{sc['epochs']}_s{args.seed}"  # benchmarks.two_models' tag
     cached = all(Path(f"{ckpt / tag}_client{i}.json").exists() for i in range(2))
     models = train_clients(args, sc, setup, 2, tag, ckpt_dir=ckpt)

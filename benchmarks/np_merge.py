@@ -11,34 +11,25 @@ BatchNorm) are given for comparison: REPAIR and NP Merge are alternatives in ``m
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
-from fedmerge.common.data import canonical_name
 from fedmerge.common.merge import has_batchnorm, merge_models
 from fedmerge.common.probe import as_batches
 
-from .common import (Setup, base_parser, command_line, data_note, environment, md_table, pct, resolve,
-                     train_clients, write_results)
+from .common import (Setup, add_checkpoints_arg, base_parser, command_line, data_note, environment, md_table, pct,
+                     resolve, shared_checkpoints, train_clients, write_results)
 
 
 def main(argv=None):
     p = base_parser(__doc__)
     p.add_argument("--split", default="80/20")
-    p.add_argument("--checkpoints", default=None,
-                   help="folder of the two_models checkpoints (default: results/<scale>/two_models/checkpoints; "
-                        "<out>/checkpoints with --max-train or a data set other than cifar10)")
+    add_checkpoints_arg(p, "two_models")
     p.add_argument("--methods", default="permute,cca")
     p.add_argument("--steps", type=int, default=200, help="NP Merge optimiser steps (at most)")
     p.add_argument("--lr", type=float, default=0.05, help="NP Merge learning rate")
     args = p.parse_args(argv)
     sc = resolve(args, "np_merge")
     setup = Setup(args, sc, args.split, 2)  # as benchmarks.two_models, so the checkpoints match
-    if args.checkpoints:
-        ckpt = Path(args.checkpoints)
-    elif args.max_train or args.max_test or canonical_name(args.dataset) != "cifar10":
-        ckpt = sc["out"] / "checkpoints"
-    else:
-        ckpt = Path("results") / args.scale / "two_models" / "checkpoints"
+    ckpt = shared_checkpoints(args, sc, "two_models")
     tag = f"{args.arch}_w{sc['width']}_e{sc['epochs']}_s{args.seed}"
     models = train_clients(args, sc, setup, 2, tag, ckpt_dir=ckpt)
     bases = [pct(m, setup.test_loader, args.device) for m in models]

@@ -10,15 +10,13 @@ without and with post-processing (BatchNorm reset for nets with BN, REPAIR other
 pair are collected once on the fitting part of the probe and shared by all merges; the time of computing
 the transforms (all gammas of the grid) is reported per merge.
 
-The client models are those of ``benchmarks.many_models`` (same data set-up, same checkpoint tag): by
-default, without ``--out``, the checkpoints in ``results/<scale>/many_models/checkpoints`` are reused (and
-trained there if missing); with ``--out``, the checkpoints live under ``--out`` unless ``--checkpoints``
-names the folder holding ``checkpoints/``.
+The client models are those of ``benchmarks.many_models`` (same data set-up, same checkpoint tag), from
+``results/<scale>/many_models/checkpoints`` or the folder ``--checkpoints`` names (trained there if missing);
+smoke runs (``--max-train``/``--max-test``, other data sets) keep theirs under ``<out>/checkpoints``.
 """
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from fedmerge.client.train import ensemble_evaluate
 from fedmerge.common.graph import derive_spec
@@ -26,7 +24,8 @@ from fedmerge.common.merge import GAMMA_GRID, has_batchnorm, merge_from_statisti
 from fedmerge.common.probe import as_batches
 from fedmerge.common.stats import Statistics, collect_statistics
 
-from .common import Setup, base_parser, environment, md_table, pct, resolve, train_clients, write_results
+from .common import (Setup, add_checkpoints_arg, base_parser, environment, md_table, pct, resolve, shared_checkpoints,
+                     train_clients, write_results)
 
 
 def _subset(stats: Statistics, n: int) -> Statistics:
@@ -38,9 +37,7 @@ def main(argv=None):
     p = base_parser(__doc__)
     p.add_argument("--clients", type=int, default=5)
     p.add_argument("--split", default="iid")
-    p.add_argument("--checkpoints", default=None,
-                   help="folder whose checkpoints/ holds the client models (default: results/<scale>/many_models "
-                        "without --out, else --out)")
+    add_checkpoints_arg(p, "many_models")
     p.add_argument("--post", default="none,post", help="comma list of none | post (BN reset or REPAIR)")
     p.add_argument("--sumcor", action="store_true", help="also gcca variant='sumcor' (basis mean)")
     p.add_argument("--held-out", type=float, default=0.2, help="probe fraction held out to choose gamma")
@@ -51,14 +48,12 @@ def main(argv=None):
     if args.clients < 2:
         raise SystemExit("--clients must be >= 2")
     sc = resolve(args, "reference_free")
-    ck = dict(sc)
-    ck_root = args.checkpoints or (args.out if args.out else Path("results") / args.scale / "many_models")
-    ck["out"] = Path(ck_root)
+    ckpt = shared_checkpoints(args, sc, "many_models")
     setup = Setup(args, sc, args.split, args.clients)
     print(f"data: {setup.describe()}", flush=True)
     split_tag = args.split.replace("/", "-")  # as benchmarks.many_models names its checkpoints
     tag = f"{args.arch}_w{sc['width']}_e{sc['epochs']}_n{args.clients}_{split_tag}_s{args.seed}"
-    models = train_clients(args, ck, setup, args.clients, tag)
+    models = train_clients(args, sc, setup, args.clients, tag, ckpt_dir=ckpt)
     bases = [pct(m, setup.test_loader, args.device) for m in models]
     fit, held = as_batches(setup.probe_loader).split(args.held_out, args.seed)
     spec = derive_spec(models[0], fit.example())
@@ -122,7 +117,7 @@ def main(argv=None):
         md += f"\n## Post-processing: {post_name if post == 'post' else 'none'}\n\n" + md_table(headers, tables[post])
     write_results(sc["out"], "reference_free",
                   {"bases": bases, "ensembles": ensembles, "results": raw, "statistics_seconds": stats_seconds,
-                   "data": setup.describe(), "checkpoints": str(ck["out"] / "checkpoints"), "tag": tag,
+                   "data": setup.describe(), "checkpoints": str(ckpt), "tag": tag,
                    "config": {k: str(v) for k, v in sc.items()}, "environment": environment()}, md)
 
 

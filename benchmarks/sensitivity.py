@@ -31,14 +31,14 @@ import numpy as np
 import torch.nn.functional as F
 
 from fedmerge.client.train import predict_logits
-from fedmerge.common.data import canonical_name, make_loader, split_probe_pool
+from fedmerge.common.data import make_loader, split_probe_pool
 from fedmerge.common.graph import derive_spec
 from fedmerge.common.merge import GAMMA_GRID, has_batchnorm, merge_from_statistics, merge_models
 from fedmerge.common.probe import as_batches
 from fedmerge.common.stats import collect_statistics
 
-from .common import (Setup, acc_pct, base_parser, command_line, data_note, environment, md_table, pct, resolve,
-                     test_logits, train_clients, write_results)
+from .common import (Setup, acc_pct, add_checkpoints_arg, base_parser, command_line, data_note, environment, md_table,
+                     pct, resolve, shared_checkpoints, test_logits, train_clients, write_results)
 from .plots import line_plot
 
 GAMMAS = (1e-4, 1e-3, 1e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
@@ -57,9 +57,7 @@ def held_score(model, held, device=None) -> tuple[float, float]:
 
 def main(argv=None):
     p = base_parser(__doc__)
-    p.add_argument("--checkpoints", default=None,
-                   help="folder of the two_models checkpoints (default: results/<scale>/two_models/checkpoints; "
-                        "<out>/checkpoints with --max-train or a data set other than cifar10)")
+    add_checkpoints_arg(p, "two_models")
     p.add_argument("--gammas", default=",".join(f"{g:g}" for g in GAMMAS), help="gamma grid of part (a)")
     p.add_argument("--probe-sizes", default=",".join(str(k) for k in PROBE_SIZES), help="probe sizes of part (b)")
     p.add_argument("--parts", default="gamma,probe", help="which parts to run: gamma, probe or both")
@@ -74,12 +72,7 @@ def main(argv=None):
     sc = resolve(args, "sensitivity")
     setup = Setup(args, sc, "80/20", 2)  # as benchmarks.two_models (default split), so the checkpoints match
     print(f"data: {setup.describe()}", flush=True)
-    if args.checkpoints:
-        ckpt = Path(args.checkpoints)
-    elif args.max_train or canonical_name(args.dataset) != "cifar10":
-        ckpt = sc["out"] / "checkpoints"
-    else:
-        ckpt = Path("results") / args.scale / "two_models" / "checkpoints"
+    ckpt = shared_checkpoints(args, sc, "two_models")
     tag = f"{args.arch}_w{sc['width']}_e{sc['epochs']}_s{args.seed}"  # benchmarks.two_models' tag
     cached = all(Path(f"{ckpt / tag}_client{i}.json").exists() for i in range(2))
     models = train_clients(args, sc, setup, 2, tag, ckpt_dir=ckpt)
