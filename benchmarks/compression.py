@@ -176,7 +176,32 @@ def main(argv=None):
                        "upload_over_model": GOAL_UPLOAD, "loss_points": GOAL_LOSS},
                    "environment": environment(), "command": command_line("compression", argv)},
                   header + table + footer)
+    plot_tradeoff(sc["out"] / "compression.png", raw, title=f"Compressed statistics: {args.arch} x{sc['width']}, "
+                                                             f"CCA Merge of two clients")
     return raw
+
+
+def plot_tradeoff(path, raw: list[dict], title: str = "") -> Path:
+    """Merged accuracy against the client's upload (x model size), one point per encoding, goal region shaded."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.5, 4.5))
+    ax = fig.add_subplot(111)
+    for r in raw:
+        label = f"{r['dtype']}" + (f" r{r['rank']} {r['basis']}" if r["rank"] else "")
+        marker = "o" if not r["rank"] else ("^" if r["basis"] == "whitened" else "s")
+        ax.plot(r["upload_over_model"], r["accuracy"], marker, ms=7, label=label)
+    ref = next(r["accuracy"] for r in raw if r["dtype"] == "float64" and not r["rank"])
+    ax.axvspan(1.0, GOAL_UPLOAD, color="green", alpha=0.07, label=f"upload <= {GOAL_UPLOAD}x")
+    ax.axhline(ref - GOAL_LOSS, color="green", linestyle=":", label=f"float64 - {GOAL_LOSS} pt")
+    ax.set_xlabel("upload per client per round / float32 model size")
+    ax.set_ylabel("CCA merged test accuracy %")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return Path(path)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from fedmerge.common.probe import as_batches
 
 from .common import (Setup, add_checkpoints_arg, base_parser, command_line, data_note, environment, md_table, pct,
                      resolve, shared_checkpoints, train_clients, write_results)
+from .plots import bar_chart
 
 
 def main(argv=None):
@@ -61,6 +62,17 @@ def main(argv=None):
                                           "environment": environment(),
                                           "command": command_line("benchmarks.np_merge", argv)},
                   header + md_table(["alignment", "merge", "test acc %", "gamma", "NP steps", "seconds"], rows))
+    plot(sc["out"] / "np_merge.png", raw, bases, title=f"NP Merge vs averaging: {args.arch} x{sc['width']}, "
+                                                       f"{args.split}, {sc['epochs']} epochs")
+
+
+def plot(path, raw: list[dict], bases: list[float], title: str = ""):
+    methods = list(dict.fromkeys(r["method"] for r in raw))
+    variants = list(dict.fromkeys(r["variant"] for r in raw))
+    series = {v: [next((r["accuracy"] for r in raw if r["method"] == m and r["variant"] == v), None)
+                  for m in methods] for v in variants}
+    return bar_chart(path, methods, series, title=title, xlabel="alignment (merge: colour)",
+                     hlines={"base A": bases[0], "base B": bases[1]})
 
 
 if __name__ == "__main__":

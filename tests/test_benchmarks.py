@@ -134,6 +134,7 @@ def test_np_merge_benchmark(tmp_path):
     assert md.count("| NP Merge |") == 2
     np_rows = [r for r in payload["results"] if r["variant"] == "NP Merge"]
     assert all(0 < r["np_merge"]["steps"] <= 5 for r in np_rows)
+    assert is_png(tmp_path / "np_merge.png")
 
 
 def test_suite_plan_names_real_commands_and_rejects_unknown_ones():
@@ -151,3 +152,28 @@ def test_suite_plan_names_real_commands_and_rejects_unknown_ones():
     assert order.index("many_models") < order.index("reference_free")
     with pytest.raises(SystemExit):
         suite_main(["--only", "no_such_experiment"])
+
+
+def test_compression_benchmark(tmp_path):
+    from benchmarks import compression
+
+    raw = compression.main(TINY + ["--probe-size", "120", "--ranks", "8", "--bases", "whitened",
+                                   "--out", str(tmp_path)])
+    got = {(r["dtype"], r["rank"]) for r in raw}
+    assert got == {("float64", 0), ("float32", 0), ("float16", 0), ("bfloat16", 0), ("float16", 8)}
+    by = {(r["dtype"], r["rank"]): r for r in raw}
+    # smaller encodings upload fewer bytes; float32 decodes almost exactly
+    assert by[("float16", 0)]["stats_bytes"] < by[("float32", 0)]["stats_bytes"] < by[("float64", 0)]["stats_bytes"]
+    assert by[("float32", 0)]["cross_err"] < 1e-6
+    assert (tmp_path / "compression.md").read_text().count("| float16 |") == 2
+    assert is_png(tmp_path / "compression.png")
+
+
+def test_reference_free_benchmark(tmp_path):
+    from benchmarks import reference_free
+
+    reference_free.main(TINY + ["--probe-size", "120", "--clients", "3", "--post", "none", "--out", str(tmp_path)])
+    payload = json.loads((tmp_path / "reference_free.json").read_text())
+    md = (tmp_path / "reference_free.md").read_text()
+    assert "| 2 |" in md and "| 3 |" in md
+    assert (tmp_path / "checkpoints").is_dir() and payload
