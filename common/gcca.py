@@ -38,9 +38,10 @@ G_i,in^-1, and maps back with one basis B per group: W = B_out W~ B_in^-1. This 
 T_i W_i T_i^-1 with T_i = B G_i (the same B for every model), which is the Alignment returned. The shared
 coordinates are not a good basis for the nonlinearity; B chooses in which unit basis it is applied:
 
-* ``basis="reference"``: B = G_ref^-1, so T_ref = I and T_i = R_ref^1/2 O_ref O_i^T R_i^-1/2 (the all-to-one
+* ``basis="reference"`` (default): B = G_ref^-1, so T_ref = I and T_i = R_ref^1/2 O_ref O_i^T R_i^-1/2 (the all-to-one
   form, with the mapping computed from all models; for N = 2 equal to CCA Merge).
-* ``basis="mean"`` (default, reference-free): the rows of A_i = G_i^-1 are model i's units as linear
+* ``basis="mean"`` (reference-free; measured on real networks it merges to chance, see docs/results.md,
+  so it is not the default): the rows of A_i = G_i^-1 are model i's units as linear
   functionals of the shared coordinates (x_i = A_i z). The naive B = mean_i A_i is *not* exact: for N
   permuted copies A_i = P_i A_0, so it gives B = (mean_i P_i) A_0, a doubly stochastic mix of units that ReLU
   does not commute with (and is singular, e.g. for a swap of two units). The units of different models
@@ -230,15 +231,15 @@ def _consensus(backs: list[torch.Tensor], max_iter: int = 50) -> torch.Tensor:
 
 
 def match_gcca(stats: Statistics, spec: MergeSpec, reference: int = 0, gamma: float = 0.1,
-               variant: str = "maxvar", basis: str = "mean", regularization: str = "trace",
+               variant: str = "maxvar", basis: str = "reference", regularization: str = "trace",
                max_iter: int = 100, tol: float = 1e-6) -> Alignment:
     """Generalised (multi-view) CCA Merge: every model mapped into one shared basis computed from all
     pairwise statistics, then back to one unit basis (see the module docstring for the derivation).
 
     variant: ``"maxvar"`` (Carroll's shared variates, one eigendecomposition) or ``"sumcor"`` (sum of pairwise
         correlations, generalised power method from MAXVAR; at most ``max_iter`` steps, relative ``tol``).
-    basis: ``"mean"`` (reference-free consensus of the models' units; ``reference`` is ignored) or
-        ``"reference"`` (the reference model's units, ``T_ref = I``).
+    basis: ``"reference"`` (default: the reference model's units, ``T_ref = I``) or ``"mean"`` (reference-free
+        consensus of the models' units; ``reference`` is ignored; merges real networks to chance).
     gamma, regularization: the ridge, as in :func:`~fedmerge.common.matching.cca_pair`.
     Needs cross statistics of every pair. Returns per group one float64 ``(T_i, T_i^-1)`` per model.
     """
