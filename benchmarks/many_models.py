@@ -18,6 +18,8 @@ merges give exactly what merge_models gives.
 """
 from __future__ import annotations
 
+import time
+
 from fedmerge.common.merge import METHODS, has_batchnorm
 
 from .common import (MergeCache, Setup, acc_pct, apply_arch_defaults, base_parser, command_line, data_note,
@@ -49,11 +51,13 @@ def main(argv=None):
     if unknown:
         p.error(f"unknown method(s) {unknown}; available: {', '.join(sorted(METHODS))}")
     sc = resolve(args, "many_models")
+    t0 = time.perf_counter()
     setup = Setup(args, sc, args.split, args.clients)
     print(f"data: {setup.describe()}", flush=True)
     split_tag = args.split.replace("/", "-")
     models = train_clients(args, sc, setup, args.clients,
                            f"{args.arch}_w{sc['width']}_e{sc['epochs']}_n{args.clients}_{split_tag}_s{args.seed}")
+    print(f"[{time.perf_counter() - t0:.0f} s] {len(models)} client models ready", flush=True)
     logits, y = test_logits(models, setup.test_loader, args.device)
     bases = [acc_pct(lg, y) for lg in logits]
     bn = has_batchnorm(models[0])
@@ -72,7 +76,7 @@ def main(argv=None):
                 raw.append({"n": n, "method": method, "post": post if use_post else "none", "accuracy": acc,
                             "gamma": info.gamma, "seconds": secs})
                 row.append(acc)
-                print(raw[-1], flush=True)
+                print(f"[{time.perf_counter() - t0:.0f} s, statistics {cache.statistics_s:.1f} s]", raw[-1], flush=True)
         rows.append(row)
     headers = ["models", "mean base %", "ensemble %"] + [f"{m}{' + ' + post if u else ''} %"
                                                          for m in methods for u in (False, True)]

@@ -26,7 +26,7 @@ def main(argv=None):
     add_checkpoints_arg(p, "two_models")
     p.add_argument("--methods", default="permute,cca")
     p.add_argument("--steps", type=int, default=200, help="NP Merge optimiser steps (at most)")
-    p.add_argument("--lr", type=float, default=0.05, help="NP Merge learning rate")
+    p.add_argument("--np-lr", type=float, default=0.05, help="NP Merge learning rate")
     args = p.parse_args(argv)
     sc = resolve(args, "np_merge")
     setup = Setup(args, sc, args.split, 2)  # as benchmarks.two_models, so the checkpoints match
@@ -37,7 +37,7 @@ def main(argv=None):
     probe = as_batches(setup.probe_loader)
     bn = has_batchnorm(models[0])
     raw, rows = [], []
-    variants = [("average", {}), ("NP Merge", {"np_merge": {"steps": args.steps, "lr": args.lr}})]
+    variants = [("average", {}), ("NP Merge", {"np_merge": {"steps": args.steps, "lr": args.np_lr}})]
     if not bn:
         variants.append(("REPAIR", {"repair": True}))
     for method in [m for m in args.methods.split(",") if m]:
@@ -56,7 +56,7 @@ def main(argv=None):
     header = (f"# NP Merge vs plain averaging — {args.arch} x{sc['width']}, two clients, {args.split} split\n\n"
               f"{data_note(setup.train)}; {sc['epochs']} epochs per client; probe {sc['probe_size']} held-out "
               f"training images (80% to fit statistics and NP coefficients, 20% for gamma and early stopping); "
-              f"NP Merge: Adam, at most {args.steps} steps, lr {args.lr}; seed {args.seed}; device "
+              f"NP Merge: Adam, at most {args.steps} steps, lr {args.np_lr}; seed {args.seed}; device "
               f"{environment()['device']}. Base A {bases[0]:.2f}%, base B {bases[1]:.2f}%.\n\n")
     write_results(sc["out"], "np_merge", {"bases": bases, "results": raw, "data": setup.describe(),
                                           "environment": environment(),

@@ -23,12 +23,17 @@ METHODS = ["avg", "permute", "weight_matching", "ot", "zipit", "cca"]
 
 
 def forward_time(models, batches, device=None) -> float:
+    dev = torch.device(device) if device is not None else next(models[0].parameters()).device
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    for m in models:
+        m.to(dev).eval()
+    sync()
     t = time.perf_counter()
     with torch.no_grad():
         for m in models:
-            m.eval()
             for x, _ in batches:
-                m(x)
+                m(x.to(dev))
+    sync()
     return time.perf_counter() - t
 
 
@@ -40,6 +45,7 @@ def main(argv=None):
     sc = resolve(args, "two_models")
     setup = Setup(args, sc, args.split, 2)
     print(f"data: {setup.describe()}")
+    t0 = time.perf_counter()
     models = train_clients(args, sc, setup, 2, f"{args.arch}_w{sc['width']}_e{sc['epochs']}_s{args.seed}")
     probe = as_batches(setup.probe_loader)
     bases = [pct(m, setup.test_loader, args.device) for m in models]
@@ -63,7 +69,7 @@ def main(argv=None):
             raw.append(rec)
             rows.append([method, rec["post"], acc, "" if info.gamma is None else f"{info.gamma:g}",
                          rec["statistics_s"], rec["transforms_s"], total])
-            print(rows[-1], flush=True)
+            print(f"[{time.perf_counter() - t0:.0f} s]", rows[-1], flush=True)
     header = (f"# Two models, {args.split} split — {args.arch} x{sc['width']} on {setup.train.name}\n\n"
               f"Data: {setup.train.source}; {len(setup.train)} train / {len(setup.test)} test images; "
               f"probe {sc['probe_size']} images held out from client data (20% of it held out again for "

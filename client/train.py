@@ -64,6 +64,8 @@ def train(model: nn.Module, loader, cfg: TrainConfig) -> dict:
     dev = default_device(cfg.device)
     torch.manual_seed(cfg.seed)
     model.to(dev).train()
+    if dev.type == "cuda" and callable(getattr(loader, "to", None)):
+        loader.to(dev)  # an in-memory loader: batches and augmentation on the GPU, no host copies per step
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim > 1]
     no_decay = [p for p in params if p.ndim <= 1]

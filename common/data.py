@@ -290,15 +290,17 @@ def to_tensor(x: np.ndarray, name: str) -> torch.Tensor:
 def _augment(x: torch.Tensor, gen: torch.Generator, flip: bool, pad: int = 4) -> torch.Tensor:
     """Random crop with zero padding (in normalised space, i.e. mean-padding) and horizontal flip."""
     n, c, h, w = x.shape
+    dev = x.device
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
-    rows = (dy.view(n, 1) + torch.arange(h).view(1, h))  # n×h
-    cols = (dx.view(n, 1) + torch.arange(w).view(1, w))  # n×w
-    out = padded[torch.arange(n).view(n, 1, 1, 1), torch.arange(c).view(1, c, 1, 1),
+    # random numbers come from the CPU generator wherever the images live: same crops on CPU and GPU
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(dev)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(dev)
+    rows = (dy.view(n, 1) + torch.arange(h, device=dev).view(1, h))  # n×h
+    cols = (dx.view(n, 1) + torch.arange(w, device=dev).view(1, w))  # n×w
+    out = padded[torch.arange(n, device=dev).view(n, 1, 1, 1), torch.arange(c, device=dev).view(1, c, 1, 1),
                  rows.view(n, 1, h, 1), cols.view(n, 1, 1, w)]
     if flip:
-        mask = torch.rand(n, generator=gen) < 0.5
+        mask = (torch.rand(n, generator=gen) < 0.5).to(dev)
         out = torch.where(mask.view(n, 1, 1, 1), out.flip(3), out)
     return out
 
@@ -326,6 +328,12 @@ class TensorLoader:
         self.drop_last = drop_last and x.shape[0] >= batch_size
         self.epoch = 0
 
+    def to(self, device) -> "TensorLoader":
+        """Keep the images and labels on ``device`` (in place; returns self): on a GPU, batches and their
+        augmentation are then made there, with the same seeded shuffles and crops as on the CPU."""
+        self.x, self.y = self.x.to(device), self.y.to(device)
+        return self
+
     @property
     def dataset_size(self) -> int:
         return int(self.x.shape[0])
@@ -339,6 +347,7 @@ class TensorLoader:
         self.epoch += 1
         n = self.dataset_size
         order = torch.randperm(n, generator=gen) if self.train else torch.arange(n)
+        order = order.to(self.x.device)
         for i in range(len(self)):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
             xb = self.x[idx]

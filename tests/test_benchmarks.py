@@ -177,3 +177,22 @@ def test_reference_free_benchmark(tmp_path):
     md = (tmp_path / "reference_free.md").read_text()
     assert "| 2 |" in md and "| 3 |" in md
     assert (tmp_path / "checkpoints").is_dir() and payload
+
+
+def test_learning_rate_by_scale_and_arch(tmp_path):
+    """Paper scale trains VGG (no BatchNorm) at 0.08 -- 0.4 diverged on a GPU -- and ResNets at 0.4; --lr wins."""
+    from benchmarks.common import base_parser, resolve
+
+    def lr(*argv):
+        return resolve(base_parser("t").parse_args(list(argv) + ["--out", str(tmp_path)]), "t")["lr"]
+
+    assert lr("--scale", "paper", "--arch", "vgg11") == 0.08
+    assert lr("--scale", "paper", "--arch", "resnet20") == 0.4
+    assert lr("--scale", "cpu", "--arch", "vgg11") == 0.1
+    assert lr("--scale", "paper", "--arch", "vgg11", "--lr", "0.05") == 0.05
+
+
+def test_forward_time_runs_models_where_they_are():
+    models = [build_model("cnn", 10, 0.125).eval() for _ in range(2)]
+    batches = [(torch.randn(8, 3, 32, 32), torch.zeros(8, dtype=torch.long))]
+    assert two_models.forward_time(models, batches) > 0

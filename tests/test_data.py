@@ -112,6 +112,20 @@ def test_augment_crop_is_a_shift():
         assert set(nz.tolist()) <= set(x[i, 0].flatten().tolist())
 
 
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_loader_on_a_device_gives_the_same_seeded_batches(device):
+    """``TensorLoader.to`` (used by training on a GPU) keeps shuffles, crops and flips: the random numbers
+    come from the same CPU generator wherever the images live."""
+    ds = D.load_dataset("cifar10-mini", "test")
+    here = D.make_loader(ds, np.arange(200), batch_size=64, train=True, seed=5)
+    there = D.make_loader(ds, np.arange(200), batch_size=64, train=True, seed=5)
+    assert there.to(device) is there and there.x.device.type == device
+    for _ in range(2):  # two epochs: the per-epoch reshuffle too
+        for (xa, ya), (xb, yb) in zip(here, there):
+            assert xb.device.type == device
+            assert torch.equal(xa, xb.cpu()) and torch.equal(ya, yb.cpu())
+
+
 def test_probe_pool_split():
     probe, pool = D.split_probe_pool(1000, 100, seed=0)
     assert len(probe) == 100 and len(pool) == 900 and not set(probe) & set(pool)
