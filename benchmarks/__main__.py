@@ -21,7 +21,7 @@ from pathlib import Path
 
 
 # `make bench` at CPU scale must fit in about an hour on 2 cores: the suite trains lighter clients than the
-# experiments' own CPU defaults (which produced the tables in docs/results.md). Unloaded estimate ~60 min.
+# experiments' own CPU defaults (which produced the tables in docs/results.md). Measured: 39 min 21 s on 2 idle cores.
 SUITE_CPU = {
     "two_models": ["--epochs", "8"],            # 2 x VGG11 x0.25 on 24k images (default 12 epochs)
     "many_models": ["--epochs", "8"],           # 5 x VGG11 x0.25 on 9.6k images (default 12)
