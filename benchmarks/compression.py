@@ -1,7 +1,7 @@
 """Compressed statistics (issue 8): bytes each client uploads vs CCA Merge accuracy, per encoding.
 
     python -m benchmarks.compression --scale cpu --data-root ../shared/data --epochs 16   # reuse two_models' pair
-    python -m benchmarks.compression --max-train 600 --max-test 500 --epochs 1 --probe-size 300 --out /tmp/c
+    python -m benchmarks.compression --max-train 600 --max-test 500 --epochs 1 --probe-size 300 --out results/smoke/compression
 
 The two client models are those of ``benchmarks.two_models`` (80/20 split, same seeds and checkpoint tag,
 ``results/<scale>/two_models/checkpoints`` unless ``--checkpoints`` names another folder; trained there when

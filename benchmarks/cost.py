@@ -1,7 +1,7 @@
 """Cost of CCA Merge in a federation (paper App. F): client-side statistics vs a plain forward pass, server-side
 transforms per method vs the number of models, peak memory, and bytes per client per round.
 
-    python -m benchmarks.cost --scale cpu --data-root /work/shared/data     # widths 0.25, 0.5, 1; ~4 min, 2 cores
+    python -m benchmarks.cost --scale cpu --data-root ../shared/data     # widths 0.25, 0.5, 1; ~4 min, 2 cores
     python -m benchmarks.cost --scale paper --data-root /path/to/data       # widths 1, 2, 4, 8; for a GPU
 
 Models are untrained (seeded random inits): the costs measured here do not depend on the weights' values,

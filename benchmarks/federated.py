@@ -17,7 +17,7 @@
     Reported per round: the merged (global) model's test accuracy, the clients' average before merging, and
     the bytes uploaded (CCA clients also upload probe statistics).
 
-    python -m benchmarks.federated --scale cpu --data-root /work/shared/data     # ~8 min on 2 cores
+    python -m benchmarks.federated --scale cpu --data-root ../shared/data     # ~8 min on 2 cores
     python -m benchmarks.federated --scale paper --data-root /path/to/data       # for a GPU
 
 The client app reads its epochs from its config on every message; the benchmark's grid sets it per round

@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     plan = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "arch": args.arch, "width": width,
             "batch_size": batch, "step_seconds": t_step, "epoch_seconds_all_clients": per_epoch,
             "train_budget_s": args.train_budget, "epochs": epochs, "paper_epochs": args.max_epochs,
-            "command": cmd}
+            "command": ["python"] + cmd[1:]}  # the interpreter's own path says nothing portable
     print(json.dumps(plan, indent=1), flush=True)
     if "--out" in rest:
         out = Path(rest[rest.index("--out") + 1])
