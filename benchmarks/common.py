@@ -134,6 +134,19 @@ def md_table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def sync(dev: torch.device) -> None:
+    """Wait for the device's queued work (timing on CUDA); nothing to wait for on the CPU."""
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+@torch.no_grad()
+def forward_pass(model, batches, dev) -> None:
+    """One plain forward pass of ``model`` (already on ``dev``) over ``batches``."""
+    for x, _ in batches:
+        model(x.to(dev))
+
+
 def pct(model, loader, device=None) -> float:
     return 100.0 * evaluate(model, loader, device=device)["accuracy"]
 

@@ -51,6 +51,8 @@ from pathlib import Path
 
 import torch
 
+from .common import forward_pass, sync
+
 ROOT = Path(__file__).resolve().parent.parent
 
 SCALES = {
@@ -101,18 +103,6 @@ def make_model(arch: str, width: float, seed: int):
 
     set_seed(seed)
     return build_model(arch, num_classes=10, width=width).eval()
-
-
-# --- timing helpers -----------------------------------------------------------------------------------------
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
-@torch.no_grad()
-def forward_pass(model, batches, dev) -> None:
-    for x, _ in batches:
-        model(x.to(dev))
 
 
 # --- memory (CPU: child process, VmHWM; CUDA: allocator peak) ----------------------------------------------
@@ -366,10 +356,10 @@ def measure_point(arch: str, width: float, probe: torch.Tensor, args, dev) -> di
     times = {k: [] for k in calls}
     for _ in range(max(1, args.repeats)):  # interleaved, so that load from elsewhere hits all three alike
         for k, fn in calls.items():
-            _sync(dev)
+            sync(dev)
             t = time.perf_counter()
             fn(batches)
-            _sync(dev)
+            sync(dev)
             times[k].append(time.perf_counter() - t)
     fwd, own_s, cross_s = (min(times[k]) for k in ("forward", "own", "cross"))
     fwd_all, own_all, cross_all = times["forward"], times["own"], times["cross"]

@@ -16,7 +16,8 @@ from fedmerge.client.train import ensemble_evaluate
 from fedmerge.common.merge import has_batchnorm, merge_models
 from fedmerge.common.probe import as_batches
 
-from .common import Setup, base_parser, environment, md_table, pct, resolve, train_clients, write_results
+from .common import (Setup, base_parser, environment, forward_pass, md_table, pct, resolve, sync, train_clients,
+                     write_results)
 from .plots import bar_chart
 
 METHODS = ["avg", "permute", "weight_matching", "ot", "zipit", "cca"]
@@ -24,16 +25,13 @@ METHODS = ["avg", "permute", "weight_matching", "ot", "zipit", "cca"]
 
 def forward_time(models, batches, device=None) -> float:
     dev = torch.device(device) if device is not None else next(models[0].parameters()).device
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     for m in models:
         m.to(dev).eval()
-    sync()
+    sync(dev)
     t = time.perf_counter()
-    with torch.no_grad():
-        for m in models:
-            for x, _ in batches:
-                m(x.to(dev))
-    sync()
+    for m in models:
+        forward_pass(m, batches, dev)
+    sync(dev)
     return time.perf_counter() - t
 
 
