@@ -51,7 +51,7 @@ from pathlib import Path
 
 import torch
 
-from .common import forward_pass, sync
+from .common import data_note, forward_pass, sync
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -68,19 +68,6 @@ MEMORY_BATCH = 250  # statistics stream over batches of 250: the peak is that of
 
 
 # --- data -----------------------------------------------------------------------------------------------
-def dataset_note(name: str, source: str) -> str:
-    """One line on what the data set is and how exact it is."""
-    if name == "cifar10" and source.startswith("npz:"):
-        return ("CIFAR-10 rebuilt from JPEG (offline copy `cifar10_jpeg.npz`): labels exact, pixels near-exact "
-                "(JPEG quality 75 decodes of the originals)")
-    if name == "cifar10-mini":
-        return ("cifar10-mini: a real CIFAR-10 subset (5,000 train / 1,000 test) vendored as JPEG: labels exact, "
-                "pixels near-exact (JPEG decodes)")
-    if source.startswith("torchvision:"):
-        return f"{name} (torchvision files): exact"
-    return f"{name} ({source})"
-
-
 def load_probe(dataset: str, data_root: str | None, size: int, seed: int):
     """The first ``size`` images of the seeded probe set (as every party derives it), as a float tensor."""
     from fedmerge.common.data import load_dataset, split_probe_pool, to_tensor
@@ -575,7 +562,7 @@ def main(argv=None):
         print(msg, flush=True)
 
     probe, train = load_probe(args.dataset, args.data_root, args.probe_size, args.seed)
-    note = dataset_note(train.name, train.source)
+    note = data_note(train)
     log(f"cost: {note}; probe {probe.shape[0]} images; device {dev}; {threads} threads")
     points, transforms, skip, measured = [], [], {}, {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -38,7 +38,7 @@ import torch
 from fedmerge.common.task import FedConfig
 from fedmerge.server.inline import InlineGrid
 
-from .common import SCALES
+from .common import SCALES, data_note
 
 ARMS = {  # name -> (method, common_init, label)
     "cca": ("cca", False, "CCA Merge, own inits"),
@@ -402,7 +402,6 @@ def main(argv=None):
     from fedmerge.common.task import client_partition, test_loader
 
     from .common import environment
-    from .cost import dataset_note
 
     args = parse(argv)
     out = Path(args.out or Path("results") / args.scale / "federated")
@@ -433,7 +432,7 @@ def main(argv=None):
     test_set = load_dataset(args.dataset, "test", data_root=args.data_root or None)
     test = test_loader(probe_cfg)
     sizes = [int(len(client_partition(probe_cfg, i, args.clients))) for i in range(args.clients)]
-    note = dataset_note(train.name, train.source)
+    note = data_note(train)
     log(f"federated: {note}; {args.arch} x{args.width:g}; {args.clients} clients {args.split}({args.alpha:g}), "
         f"sizes {sizes}; {args.rounds} rounds ({args.first_epochs:g} then {args.round_epochs:g} epochs); "
         f"arms {args.arms}")

@@ -5,9 +5,10 @@ One round:
 1. ``configure_train`` sends the global weights (empty in round 1 unless ``common_init``) with each node's
    partition (when the node has none of its own) and whether to upload probe statistics.
 2. ``aggregate_train`` validates every reply (keys, shapes, dtypes, finite values, statistics blocks in any
-   :mod:`fedmerge.common.compress` encoding, sample counts, size cap), picks the reference (an index or the best on the probe), and, in the default
-   two-phase protocol, sends the reference weights to every other client in a ``query.cross_stats``
-   message inside the same round; clients answer with the cross statistics. In ``stats_on_server`` mode
+   :mod:`fedmerge.common.compress` encoding, sample counts, size cap), picks the reference (an index or the
+   best on the probe), and, in the default two-phase protocol, sends the reference weights to every other
+   client in a ``query.cross_stats`` message inside the same round; clients answer with the cross
+   statistics. In ``stats_on_server`` mode
    (the server holds the probe) the server computes all statistics from the uploaded weights instead.
 3. It aligns every model to the reference, averages (weighted by sample counts), resets BatchNorm or
    applies REPAIR, and returns the merged weights, which ``Strategy.start`` redistributes next round.
