@@ -198,6 +198,16 @@ def command_line(module: str, argv) -> str:
 CACHEABLE_METHODS = ("avg", "permute", "cca", "ot", "zipit", "weight_matching", "merge_many")
 
 
+def first_models(stats, n: int):
+    """Statistics of the first ``n`` models (their own blocks and the cross blocks among them), reference 0.
+    Per-model and per-pair blocks do not depend on the other models, so this is what collecting statistics
+    of ``models[:n]`` alone would give."""
+    import dataclasses
+
+    return dataclasses.replace(stats, own=stats.own[:n], cross={k: v for k, v in stats.cross.items() if max(k) < n},
+                               reference=0)
+
+
 class MergeCache:
     """``merge_models(models[:n], probe, method, reference=0, ...)`` for many ``n`` and methods, with the probe
     statistics collected once.
@@ -238,8 +248,6 @@ class MergeCache:
         return self._spec
 
     def _statistics(self, pairs: str, select: bool, n: int):
-        import dataclasses
-
         from fedmerge.common.stats import collect_statistics
 
         fit, _ = self._parts(select)
@@ -252,8 +260,7 @@ class MergeCache:
                                     device=self.device)
             self.statistics_s += time.perf_counter() - t
             self._stats[(pairs, select)] = st
-        return dataclasses.replace(st, own=st.own[:n], cross={k: v for k, v in st.cross.items() if max(k) < n},
-                                   reference=0)
+        return first_models(st, n)
 
     def merge(self, n: int, method: str, *, gamma="auto", bn_reset: bool = False, repair: bool = False,
               gamma_grid=None):

@@ -22,15 +22,10 @@ from fedmerge.client.train import ensemble_evaluate
 from fedmerge.common.graph import derive_spec
 from fedmerge.common.merge import GAMMA_GRID, has_batchnorm, merge_from_statistics
 from fedmerge.common.probe import as_batches
-from fedmerge.common.stats import Statistics, collect_statistics
+from fedmerge.common.stats import collect_statistics
 
-from .common import (Setup, add_checkpoints_arg, base_parser, environment, md_table, pct, resolve, shared_checkpoints,
-                     train_clients, write_results)
-
-
-def _subset(stats: Statistics, n: int) -> Statistics:
-    """Statistics of the first n models (own blocks and the cross blocks among them)."""
-    return Statistics(own=stats.own[:n], cross={k: v for k, v in stats.cross.items() if max(k) < n}, reference=0)
+from .common import (Setup, add_checkpoints_arg, base_parser, environment, first_models, md_table, pct, resolve,
+                     shared_checkpoints, train_clients, write_results)
 
 
 def main(argv=None):
@@ -73,7 +68,7 @@ def main(argv=None):
     ensembles = {}
     for n in range(2, args.clients + 1):
         ensembles[n] = 100.0 * ensemble_evaluate(models[:n], setup.test_loader, device=args.device)["accuracy"]
-        sub = _subset(stats, n)
+        sub = first_models(stats, n)
         for post in posts:
             use = post == "post"
 
