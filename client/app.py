@@ -5,10 +5,14 @@ Messages (all records are Flower records; nothing is pickled):
 
 * ``train`` in: ``arrays`` (global weights; empty in round 1 when clients start from their own seeds),
   ``config`` (``server-round``, ``partition-id``/``num-partitions`` when the node has none of its own,
-  ``want-stats``). out: ``arrays`` (local weights), ``metrics`` (``num-examples``, train/test/probe
-  metrics, seconds), and ``own-stats`` (probe statistics of the local model) when asked.
-* ``query.cross_stats`` in: ``reference`` (the reference model's weights), ``config``. out: ``cross-stats``
-  (cross statistics between the reference and the local model kept in ``context.state``), ``metrics``.
+  ``want-stats``, ``probe-digest``). out: ``arrays`` (local weights), ``metrics`` (``num-examples``,
+  ``partition-id``, train/test/probe metrics, seconds), and, when asked, ``own-stats`` (probe statistics of
+  the local model) with ``fedmerge`` (a config record echoing ``probe-digest`` of the probe they were
+  computed on).
+* ``query.cross_stats`` in: ``reference`` (the reference model's weights; the reference client gets its own),
+  ``config`` (``reference-digest``). out: ``cross-stats`` (cross statistics between the reference and the
+  local model kept in ``context.state``), ``metrics``, and ``fedmerge`` echoing ``reference-digest`` of the
+  weights the statistics were computed against.
 
 Statistics are sent in the run config's ``stats-dtype`` / ``stats-rank`` encoding
 (:mod:`fedmerge.common.compress`; self-describing, the server needs no setting to decode them).
@@ -18,13 +22,15 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedmerge.common.graph import derive_spec
-from fedmerge.common.records import arrays_to_record, record_to_arrays
+from fedmerge.common.probe import probe_digest
+from fedmerge.common.records import arrays_to_record, record_to_arrays, weights_digest
 from fedmerge.common.compress import decode_moments, encode_cross, encode_moments
-from fedmerge.common.stats import collect_statistics, cross_statistics, own_statistics
+from fedmerge.common.stats import Moments, collect_statistics, cross_statistics, own_statistics
 from fedmerge.common.task import FedConfig, build_global_model, probe_batches, test_loader, train_loader
 
 from .train import TrainConfig, evaluate, train
@@ -97,14 +103,17 @@ def make_client_app(overrides: dict | None = None) -> ClientApp:
             t = time.perf_counter()
             spec = derive_spec(model, fit.example())
             own = own_statistics(model, fit, spec, device=device)
+            if "nonpsd" in faults:
+                own = {g: _not_psd(m) for g, m in own.items()}
             content["own-stats"] = arrays_to_record(encode_moments(own, cfg.stats_dtype, cfg.stats_rank))
+            content["fedmerge"] = ConfigRecord({"probe-digest": probe_digest(fit)})
             t_stats = time.perf_counter() - t
-        _inject(content, faults, cfg, pid)
         content["metrics"] = MetricRecord({
             "num-examples": int(loader.dataset_size), "partition-id": pid, "train-loss": hist["train_loss"],
             "test-accuracy": test["accuracy"], "test-loss": test["loss"], "probe-accuracy": held_m["accuracy"],
             "seconds-train": t_train, "seconds-eval": t_eval, "seconds-stats": t_stats,
         })
+        _inject(content, faults, cfg, pid, nparts)
         return Message(content, reply_to=msg)
 
     @app.query("cross_stats")
@@ -121,7 +130,10 @@ def make_client_app(overrides: dict | None = None) -> ClientApp:
         own_model = build_global_model(cfg)
         own_model.load_state_dict(context.state.array_records[LOCAL_KEY].to_torch_state_dict())
         ref_model = build_global_model(cfg)
-        ref_model.load_state_dict(msg.content.array_records["reference"].to_torch_state_dict(), strict=True)
+        ref_state = msg.content.array_records["reference"].to_torch_state_dict()
+        if "stale-ref" in faults:  # computes against another reference (its own weights) and says so
+            ref_state = context.state.array_records[LOCAL_KEY].to_torch_state_dict()
+        ref_model.load_state_dict(ref_state, strict=True)
         fit, _ = probe_batches(cfg)
         spec = derive_spec(own_model, fit.example())
         whiten = None
@@ -136,7 +148,8 @@ def make_client_app(overrides: dict | None = None) -> ClientApp:
         else:
             cross = cross_statistics(ref_model.eval(), own_model.eval(), fit, spec, device=cfg.device or None)
         content = RecordDict({"cross-stats": arrays_to_record(
-            encode_cross(cross, cfg.stats_dtype, cfg.stats_rank, whiten=whiten))})
+            encode_cross(cross, cfg.stats_dtype, cfg.stats_rank, whiten=whiten)),
+            "fedmerge": ConfigRecord({"reference-digest": weights_digest(ref_state)})})
         if "nan-query" in faults:
             key = next(k for k in content["cross-stats"].keys() if k.endswith((".c", ".c.left")))
             bad = content["cross-stats"][key].numpy().copy()
@@ -157,11 +170,35 @@ def make_client_app(overrides: dict | None = None) -> ClientApp:
     return app
 
 
-def _inject(content: RecordDict, faults: list[str], cfg: FedConfig, pid: int) -> None:
-    """Fault injection for tests and demos (``--inject-fault KIND:CLIENT``): corrupt this client's upload."""
+def _not_psd(m: Moments) -> Moments:
+    """Fault ``nonpsd``: the two largest-variance units get a covariance of 4x what Cauchy-Schwarz allows, so
+    every variance stays positive but the matrix has a negative eigenvalue of at least -3x their variance."""
+    m2 = m.m2.clone()
+    i, j = torch.topk(torch.diagonal(m2), 2).indices.tolist()
+    m2[i, j] = m2[j, i] = 4 * torch.sqrt(m2[i, i] * m2[j, j])
+    return Moments(m.n, m.mean, m2)
+
+
+def _inject(content: RecordDict, faults: list[str], cfg: FedConfig, pid: int, nparts: int) -> None:
+    """Fault injection for tests and demos (``--inject-fault KIND:CLIENT``): corrupt this client's upload.
+    Kinds: :data:`fedmerge.common.task.FAULT_KINDS`."""
     if not faults:
         return
     arrays = content["arrays"]
+    if "bytes" in faults:  # the payload holds another shape than the Array declares
+        key = next(k for k in arrays.keys() if len(arrays[k].shape) > 0)
+        a = arrays[key]
+        arrays[key] = Array(dtype=a.dtype, shape=tuple(a.shape), stype=a.stype,
+                            data=Array(np.zeros(3, dtype=np.float32)).data)
+    if "scale" in faults:  # weights x 1e6
+        for k in list(arrays.keys()):
+            v = arrays[k].numpy()
+            if v.dtype.kind == "f":
+                arrays[k] = Array(v * np.float32(1e6))
+    if "count" in faults:  # inflated sample count
+        content["metrics"]["num-examples"] = 10 ** 12
+    if "partition" in faults:  # claims the next client's partition
+        content["metrics"]["partition-id"] = (pid + 1) % max(nparts, 2)
     if "nan" in faults:
         key = next(k for k in arrays.keys() if arrays[k].numpy().dtype.kind == "f")
         bad = arrays[key].numpy().copy()

@@ -87,3 +87,11 @@ def as_batches(probe, batch_size: int = 256) -> Batches:
     if out.num_samples < 2:
         raise ValueError("probe needs at least 2 samples")
     return out
+
+
+def probe_digest(batches: Batches) -> str:
+    """SHA-256 of the probe's inputs (float bytes, in order): the fingerprint the server sends with the train
+    config and clients echo with their statistics, so that statistics computed on another probe are refused."""
+    from .records import weights_digest
+
+    return weights_digest({"inputs": torch.cat([x for x, _ in batches.batches])})

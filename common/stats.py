@@ -224,6 +224,20 @@ def _stream(models: Sequence[nn.Module], spec: MergeSpec, batches: Batches, devi
             m.train(training).to(d)
 
 
+@torch.no_grad()
+def samples_per_input(model: nn.Module, spec: MergeSpec, example: torch.Tensor) -> dict[int, int]:
+    """Statistics samples one probe input adds at each group: 1 for a dense unit, every spatial position of a
+    conv site, summed over the sites a residual stream pools. ``n`` of an honest block is this times the
+    number of probe inputs."""
+    was_training = model.training
+    model.eval()
+    try:
+        feats = group_features(spec, site_extractor(model, spec)(example[:1].to(next(model.parameters()).device)))
+    finally:
+        model.train(was_training)
+    return {g: int(sum(p.shape[1] for p in parts)) for g, parts in feats.items()}
+
+
 def own_statistics(model: nn.Module, probe, spec: MergeSpec | None = None, device=None) -> GroupMoments:
     """Statistics of one model on the probe (what a client uploads after training)."""
     batches = as_batches(probe)

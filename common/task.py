@@ -21,9 +21,18 @@ from .probe import Batches, as_batches
 from .splits import make_split
 
 __all__ = ["FedConfig", "build_global_model", "client_partition", "probe_batches", "test_loader",
-           "train_loader", "METHOD_CHOICES"]
+           "train_loader", "METHOD_CHOICES", "FAULT_KINDS", "parse_faults"]
 
 METHOD_CHOICES = ("avg", "permute", "weight_matching", "ot", "zipit", "merge_many", "cca", "gcca")
+#: Fault kinds the built-in ClientApp can inject (``--inject-fault KIND[@ROUND]:CLIENT``), each one a way a
+#: client can fail or attack: training-phase ``nan`` (a NaN weight), ``shape`` (a weight of another shape),
+#: ``bytes`` (a payload that holds another shape than the Array declares), ``huge`` (an upload over the cap),
+#: ``scale`` (weights x 1e6), ``count`` (num-examples 10^12), ``partition`` (claims another client's
+#: partition), ``nonpsd`` (own covariance not positive semidefinite), ``slow`` (answers after the timeout),
+#: ``drop-train`` (raises); statistics-phase ``drop-query`` (raises; the reference too), ``nan-query`` (a NaN
+#: cross statistic), ``stale-ref`` (cross statistics against another reference).
+FAULT_KINDS = ("nan", "shape", "bytes", "huge", "scale", "count", "partition", "nonpsd", "slow", "drop-train",
+               "drop-query", "nan-query", "stale-ref")
 
 
 @dataclass
@@ -106,6 +115,7 @@ class FedConfig:
             raise ValueError("probe_size must be >= 10")
         from .compress import check_options
         check_options(self.stats_dtype, self.stats_rank)
+        parse_faults(self.faults)
 
     # --- conversions ------------------------------------------------------------------------------------
     @classmethod
@@ -141,12 +151,29 @@ class FedConfig:
         return {"auto": None, "true": True, "false": False}[str(self.bn_reset).lower()]
 
     def fault_for(self, client: int) -> list[str]:
-        out = []
-        for item in filter(None, (s.strip() for s in self.faults.split(","))):
-            kind, _, who = item.partition(":")
-            if who == "" or who == "*" or int(who) == client:
-                out.append(kind)
-        return out
+        """This client's faults as ``KIND`` or ``KIND@ROUND``."""
+        return [f"{kind}@{rnd}" if rnd else kind for kind, rnd, who in parse_faults(self.faults)
+                if who is None or who == client]
+
+
+def parse_faults(spec: str) -> list[tuple[str, int | None, int | None]]:
+    """``"KIND[@ROUND][:CLIENT],..."`` -> [(kind, round or None, client or None = every client)]; an unknown
+    kind, round or client is an error."""
+    out = []
+    for item in filter(None, (s.strip() for s in str(spec).split(","))):
+        head, _, who = item.partition(":")
+        kind, _, rnd = head.partition("@")
+        if kind not in FAULT_KINDS:
+            raise ValueError(f"unknown fault kind {kind!r} in {item!r}; known: {', '.join(FAULT_KINDS)}")
+        try:
+            r = int(rnd) if rnd else None
+            c = None if who in ("", "*") else int(who)
+        except ValueError:
+            raise ValueError(f"fault {item!r}: expected KIND[@ROUND][:CLIENT] with integer round and client") from None
+        if (r is not None and r < 1) or (c is not None and c < 0):
+            raise ValueError(f"fault {item!r}: round must be >= 1 and client >= 0")
+        out.append((kind, r, c))
+    return out
 
 
 def _coerce(f: dataclasses.Field, v: Any) -> Any:

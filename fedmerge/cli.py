@@ -45,8 +45,10 @@ def _add_federation_args(p: argparse.ArgumentParser, defaults: dict) -> None:
     p.add_argument("--max-test", type=int, default=0, help="cap test images")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="", help="cpu | cuda (default: cuda when available)")
-    p.add_argument("--inject-fault", action="append", default=[], metavar="KIND:CLIENT",
-                   help="nan | shape | huge | slow | drop-train | drop-query | nan-query, e.g. nan:1")
+    p.add_argument("--inject-fault", action="append", default=[], metavar="KIND[@ROUND]:CLIENT",
+                   help="make a client fail or attack (the server must reject it): "
+                        "nan | shape | bytes | huge | scale | count | partition | nonpsd | slow | drop-train | "
+                        "drop-query | nan-query | stale-ref, e.g. nan:1 or scale@2:0")
     p.add_argument("--backend", default=d("backend", "ray"), choices=["ray", "inline"])
     p.add_argument("--out", default=d("out", "runs/simulate"))
     p.add_argument("--resume", action="store_true",

@@ -3,8 +3,11 @@ clients and their ensemble on the test set, and writes ``result.json``, a plot a
 run's output folder (after every round, atomically, so that a crash loses no finished round)."""
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -17,11 +20,11 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedmerge.client.train import ensemble_evaluate, evaluate
 from fedmerge.common.checkpoint import save_state
-from fedmerge.common.task import FedConfig, build_global_model, probe_batches, test_loader
+from fedmerge.common.task import FedConfig, build_global_model, client_partition, probe_batches, test_loader
 
-from .strategy import CCAMerge
+from .strategy import CCAMerge, RoundRecord
 
-__all__ = ["make_server_app", "app", "run_federation", "write_json_atomic"]
+__all__ = ["make_server_app", "app", "run_federation", "write_json_atomic", "ResumeError"]
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:
@@ -54,7 +57,8 @@ def run_federation(grid: Grid, cfg: FedConfig) -> dict:
         reference=cfg.reference_value, gamma=cfg.gamma_value, bn_reset=cfg.bn_reset_value, repair=cfg.repair,
         weighted=cfg.weighted, num_clients=cfg.num_clients, min_clients=cfg.min_clients,
         stats_on_server=cfg.stats_on_server, query_timeout=cfg.timeout, held_out=cfg.held_out, seed=cfg.seed,
-        device=cfg.device or None, **({"np_merge": True} if cfg.np_merge else {}))
+        device=cfg.device or None, max_examples=lambda part: _partition_size(cfg, part, strategy),
+        **({"np_merge": True} if cfg.np_merge else {}))
     test = test_loader(cfg)
     evals: dict[int, dict] = {}
     initial = ArrayRecord(template.state_dict()) if cfg.common_init else ArrayRecord()
@@ -75,9 +79,14 @@ def run_federation(grid: Grid, cfg: FedConfig) -> dict:
             write_json_atomic(out / "result.json", _result(cfg, strategy, evals, None, t0, partial=True))
         return MetricRecord({"accuracy": m["accuracy"], "loss": m["loss"]})
 
+    error = None
     if done < cfg.num_server_rounds:
-        strategy.start(grid, initial, num_rounds=cfg.num_server_rounds - done, timeout=cfg.timeout,
-                       train_config=ConfigRecord({}), evaluate_fn=evaluate_fn)
+        try:
+            strategy.start(grid, initial, num_rounds=cfg.num_server_rounds - done, timeout=cfg.timeout,
+                           train_config=ConfigRecord({}), evaluate_fn=evaluate_fn)
+        except Exception as exc:  # noqa: BLE001 - result.json is always written, with the error
+            error = f"{type(exc).__name__}: {exc}"
+            log(40, "the federation stopped: %s", error)
     ensemble = None
     if len(strategy.last_states) >= 1:
         models = []
@@ -88,13 +97,21 @@ def run_federation(grid: Grid, cfg: FedConfig) -> dict:
         ensemble = ensemble_evaluate(models, test, device=cfg.device or None)
         for part, m in zip(sorted(strategy.last_states), models):  # for offline comparisons (benchmarks, demo)
             save_state(m.state_dict(), out / "clients" / f"client_{part}.safetensors")
-    result = _result(cfg, strategy, evals, ensemble, t0, partial=False)
+    result = _result(cfg, strategy, evals, ensemble, t0, partial=error is not None)
+    result["error"] = error
     write_json_atomic(out / "result.json", result)
     try:
         plot_result(result, out / "accuracy.png")
     except Exception as exc:  # noqa: BLE001 - a plot is never worth losing the run
         log(30, "could not draw the plot: %s", exc)
+    if error is not None:
+        raise RuntimeError(f"the federation stopped: {error} (results so far in {out / 'result.json'})")
     return result
+
+
+def _partition_size(cfg: FedConfig, part: int, strategy: CCAMerge) -> int:
+    """The bound on a client's num-examples: the size of its partition, which the server can rebuild."""
+    return len(client_partition(cfg, part, strategy.num_partitions or cfg.num_clients))
 
 
 _RESUME_IGNORED = {"num_server_rounds", "resume", "out", "faults", "timeout", "device", "min_clients"}
@@ -110,7 +127,7 @@ def _checkpoint(cfg: FedConfig, out: Path, strategy: CCAMerge, evals: dict, mode
     shutil.copyfile(ckpt / name, tmp)
     os.replace(tmp, out / "global_model.safetensors")
     write_json_atomic(out / "state.json", {
-        "round": server_round, "model": name, "config": cfg.to_dict(),
+        "round": server_round, "model": name, "model_sha256": _sha256(ckpt / name), "config": cfg.to_dict(),
         "history": [h.to_dict() for h in strategy.history],
         "evals": {str(k): v for k, v in evals.items()}, "partitions": {str(k): v for k, v in strategy.partitions.items()}})
     for old in ckpt.glob("global_round*.safetensors"):
@@ -118,25 +135,103 @@ def _checkpoint(cfg: FedConfig, out: Path, strategy: CCAMerge, evals: dict, mode
             old.unlink(missing_ok=True)
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+_MODEL_NAME = re.compile(r"global_round\d{4,}\.safetensors")
+
+
+class ResumeError(ValueError):
+    """A file of a run to resume is malformed; the message names the file and the field."""
+
+
+def _read_state(path: Path, cfg: FedConfig) -> dict:
+    """state.json, checked field by field (a resume trusts nothing it reads back)."""
+    def bad(field, why):
+        raise ResumeError(f"resume: {path}: field '{field}' {why}")
+
+    try:
+        st = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ResumeError(f"resume: {path} is not readable JSON ({exc})") from None
+    if not isinstance(st, dict):
+        raise ResumeError(f"resume: {path} must hold a JSON object")
+    for key, typ in (("round", int), ("model", str), ("model_sha256", str), ("config", dict), ("history", list),
+                     ("evals", dict), ("partitions", dict)):
+        if key not in st:
+            bad(key, "is missing")
+        if not isinstance(st[key], typ) or isinstance(st[key], bool):
+            bad(key, f"must be a {typ.__name__}")
+    saved = st["config"]
+    diff = {k: (saved.get(k), v) for k, v in cfg.to_dict().items() if k not in _RESUME_IGNORED and saved.get(k) != v}
+    if diff:
+        raise ValueError(f"resume: the run in {path.parent} was made with a different configuration: "
+                         + ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items()))
+    if not 1 <= st["round"] <= cfg.num_server_rounds:
+        bad("round", f"is {st['round']}, outside [1, {cfg.num_server_rounds}]")
+    if not _MODEL_NAME.fullmatch(st["model"]):
+        bad("model", f"{st['model'][:80]!r} is not a checkpoint name of this run (global_roundNNNN.safetensors)")
+    try:
+        st["history"] = [RoundRecord.from_dict(h) for h in st["history"]]
+        st["evals"] = {int(k): dict(v) for k, v in st["evals"].items()}
+        st["partitions"] = {int(k): int(v) for k, v in st["partitions"].items()}
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        bad("history/evals/partitions", f"is malformed ({type(exc).__name__}: {exc})")
+    if [h.round for h in st["history"]] != list(range(1, len(st["history"]) + 1)) or len(st["history"]) < st["round"]:
+        bad("history", f"must list rounds 1..{st['round']} or more, in order")
+    if any(not (isinstance(v.get("accuracy"), float) and math.isfinite(v["accuracy"])) for v in st["evals"].values()):
+        bad("evals", "must hold a finite accuracy per round")
+    if len(set(st["partitions"].values())) != len(st["partitions"]) or any(p < 0 for p in st["partitions"].values()):
+        bad("partitions", "must map nodes to distinct partitions >= 0")
+    return st
+
+
+def _read_checkpoint(path: Path, sha256: str, template: dict) -> dict:
+    if not path.is_file():
+        raise ResumeError(f"resume: checkpoint {path} named by state.json does not exist")
+    if _sha256(path) != sha256:
+        raise ResumeError(f"resume: checkpoint {path} does not match the checksum in state.json (changed or corrupt)")
+    from fedmerge.common.checkpoint import load_state
+
+    try:
+        state = load_state(path)
+    except Exception as exc:  # noqa: BLE001 - any reader error is a malformed file
+        raise ResumeError(f"resume: checkpoint {path} is not a readable safetensors file ({exc})") from None
+    if set(state) != set(template):
+        raise ResumeError(f"resume: checkpoint {path} has other tensors than the model "
+                          f"(missing {sorted(set(template) - set(state))[:5]}, extra {sorted(set(state) - set(template))[:5]})")
+    for k, v in template.items():
+        if state[k].shape != v.shape or state[k].dtype != v.dtype:
+            raise ResumeError(f"resume: checkpoint {path}: tensor '{k}' is {state[k].dtype} {tuple(state[k].shape)}, "
+                              f"the model has {v.dtype} {tuple(v.shape)}")
+        if v.is_floating_point() and not torch.isfinite(state[k]).all():
+            raise ResumeError(f"resume: checkpoint {path}: tensor '{k}' has non-finite values")
+    return state
+
+
 def _restore(cfg: FedConfig, out: Path, strategy: CCAMerge, evals: dict, initial: ArrayRecord):
     path = out / "state.json"
     if not path.exists():
         log(30, "resume: no %s yet; starting from round 1", path)
         return 0, initial
-    st = json.loads(path.read_text())
-    saved = st["config"]
-    diff = {k: (saved.get(k), v) for k, v in cfg.to_dict().items() if k not in _RESUME_IGNORED and saved.get(k) != v}
-    if diff:
-        raise ValueError(f"resume: the run in {out} was made with a different configuration: "
-                         + ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items()))
-    from fedmerge.common.checkpoint import load_state
-    from .strategy import RoundRecord
-
-    state = load_state(out / "checkpoints" / st["model"])
-    done = int(st["round"])
+    st = _read_state(path, cfg)
+    ckpt_dir = (out / "checkpoints").resolve()
+    model_path = (ckpt_dir / st["model"]).resolve()
+    if model_path.parent != ckpt_dir:
+        raise ResumeError(f"resume: {path}: field 'model' points outside {ckpt_dir}")
+    state = _read_checkpoint(model_path, st["model_sha256"], strategy.template.state_dict())
+    done = st["round"]
     strategy.round_offset = done
-    strategy.history = [RoundRecord.from_dict(h) for h in st["history"]]
-    evals.update({int(k): v for k, v in st["evals"].items()})
+    strategy.history = st["history"]
+    if st["partitions"]:
+        strategy.partitions = dict(st["partitions"])
+        strategy.num_partitions = max(cfg.num_clients, max(st["partitions"].values()) + 1)
+    evals.update(st["evals"])
     log(20, "resume: %d rounds finished in %s; continuing with round %d", done, out, done + 1)
     return done, ArrayRecord(state)
 

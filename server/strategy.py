@@ -3,19 +3,26 @@
 One round:
 
 1. ``configure_train`` sends the global weights (empty in round 1 unless ``common_init``) with each node's
-   partition (when the node has none of its own) and whether to upload probe statistics.
-2. ``aggregate_train`` validates every reply (keys, shapes, dtypes, finite values, statistics blocks in any
-   :mod:`fedmerge.common.compress` encoding, sample counts, size cap), picks the reference (an index or the
-   best on the probe), and, in the default two-phase protocol, sends the reference weights to every other
-   client in a ``query.cross_stats`` message inside the same round; clients answer with the cross
-   statistics. In ``stats_on_server`` mode
-   (the server holds the probe) the server computes all statistics from the uploaded weights instead.
+   partition, whether to upload probe statistics and the probe's fingerprint.
+2. ``aggregate_train`` reads every reply as untrusted input (:mod:`fedmerge.server.checks`: identity,
+   metrics, weights decoded before allocation, statistics bounds), applies the weight-norm bound, picks the
+   reference (an index or the best on the probe) and, in the default two-phase protocol, sends the reference
+   weights to every client -- the reference included -- in a ``query.cross_stats`` message inside the same
+   round; clients answer with cross statistics and echo the digest of the reference they used. When the
+   reference fails in this phase, the next best client becomes the reference and the phase is redone. In
+   ``stats_on_server`` mode (the server holds the probe) the server computes all statistics instead.
 3. It aligns every model to the reference, averages (weighted by sample counts), resets BatchNorm or
    applies REPAIR, and returns the merged weights, which ``Strategy.start`` redistributes next round.
 
-A bad or missing reply never stops the round: the client is dropped with a reason (``history`` and
-the log), and the merge goes on if at least ``min_clients`` remain; otherwise the round fails and the
-previous global model is kept.
+Identity: the server's node -> partition map is the only identity. A node's partition is fixed by its first
+reply (the partition the server proposed, or the one the node has of its own, if no other node holds it)
+or given up front (``node_partitions``); afterwards a reply that reports another partition, a second reply
+from one node in a phase, and a reply from a node that was not asked are rejected.
+
+A bad or missing reply never stops the round: the client is dropped with a reason (``history``, the log and
+result.json), and the merge goes on if at least ``min_clients`` remain. A merge that fails (for example
+non-finite transforms) fails the round: the previous global model is kept, the error is recorded, and the
+clients whose data alone make the merge fail are named.
 
     strategy = CCAMerge(model_fn=lambda: MyNet(), probe=probe_images, method="cca")
     result = strategy.start(grid, ArrayRecord(), num_rounds=1)
@@ -23,10 +30,12 @@ previous global model is kept.
 from __future__ import annotations
 
 import copy
+import re
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from logging import ERROR, INFO, WARNING
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -36,20 +45,22 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedmerge.common.graph import MergeSpec, derive_spec
-from fedmerge.common.merge import GAMMA_GRID, METHODS, merge_from_statistics
-from fedmerge.common.probe import Batches, as_batches
-from fedmerge.common.records import record_to_arrays
 from fedmerge.common.compress import decode_cross, decode_moments
-from fedmerge.common.stats import Statistics, collect_statistics
+from fedmerge.common.graph import MergeSpec, derive_spec
+from fedmerge.common.merge import GAMMA_GRID, METHODS, has_batchnorm, merge_from_statistics, probe_logits, probe_score
+from fedmerge.common.probe import Batches, as_batches, probe_digest
+from fedmerge.common.records import weights_digest
+from fedmerge.common.stats import CrossMoments, Statistics, collect_statistics, own_statistics, samples_per_input
 
-__all__ = ["CCAMerge", "RoundRecord", "ReplyRejected"]
+from .checks import (MAX_EXAMPLES, ClientMetrics, ReplyRejected, check_cross, check_echo, check_moments,
+                     check_size, decode_statistics, decode_weights, norm_outliers, psd_tolerance, read_metrics,
+                     record_bytes, weight_norm)
+
+__all__ = ["CCAMerge", "RoundRecord", "ReplyRejected", "ClientUpdate", "QUERY_CROSS"]
 
 QUERY_CROSS = "query.cross_stats"
-
-
-class ReplyRejected(ValueError):
-    """A client reply failed a check; the message names the check."""
+REASON_CHARS = 500   # a client's error text is untrusted: it is cut to this length in logs and result.json
+NORM_ACTIONS = ("reject", "clip")
 
 
 @dataclass
@@ -61,6 +72,8 @@ class RoundRecord:
     error: str | None = None
     clients_merged: list[int] = field(default_factory=list)       # partition ids
     clients_rejected: list[dict] = field(default_factory=list)    # {node, partition, phase, reason}
+    clients_clipped: dict[int, float] = field(default_factory=dict)  # partition -> scale applied (norm bound)
+    blamed: list[int] = field(default_factory=list)               # partitions whose data alone fail the merge
     reference: int | None = None                                  # partition id of the reference
     gamma: float | None = None
     client_metrics: dict[int, dict] = field(default_factory=dict)  # partition id -> reported metrics
@@ -70,33 +83,55 @@ class RoundRecord:
     timings: dict[str, float] = field(default_factory=dict)
     merge_info: dict = field(default_factory=dict)
 
+    _INT_KEYED = ("clients_clipped", "client_metrics", "bytes_uploaded", "bytes_weights", "bytes_statistics")
+
     @classmethod
     def from_dict(cls, d: dict) -> "RoundRecord":
-        return cls(round=int(d["round"]), ok=bool(d["ok"]), error=d.get("error"),
-                   clients_merged=list(d.get("clients_merged", [])),
-                   clients_rejected=list(d.get("clients_rejected", [])), reference=d.get("reference"),
-                   gamma=d.get("gamma"), client_metrics={int(k): v for k, v in d.get("client_metrics", {}).items()},
-                   bytes_uploaded={int(k): v for k, v in d.get("bytes_uploaded", {}).items()},
-                   bytes_weights={int(k): v for k, v in d.get("bytes_weights", {}).items()},
-                   bytes_statistics={int(k): v for k, v in d.get("bytes_statistics", {}).items()},
-                   timings=dict(d.get("timings", {})), merge_info=dict(d.get("merge_info", {})))
+        kw = {k: d[k] for k in ("error", "reference", "gamma") if k in d}
+        kw.update({k: {int(p): v for p, v in dict(d.get(k, {})).items()} for k in cls._INT_KEYED})
+        return cls(round=int(d["round"]), ok=bool(d["ok"]), clients_merged=[int(p) for p in d.get("clients_merged", [])],
+                   clients_rejected=[dict(r) for r in d.get("clients_rejected", [])],
+                   blamed=[int(p) for p in d.get("blamed", [])], timings=dict(d.get("timings", {})),
+                   merge_info=dict(d.get("merge_info", {})), **kw)
 
     def to_dict(self) -> dict:
-        return {"round": self.round, "ok": self.ok, "error": self.error, "clients_merged": self.clients_merged,
-                "clients_rejected": self.clients_rejected, "reference": self.reference, "gamma": self.gamma,
-                "client_metrics": {str(k): v for k, v in self.client_metrics.items()},
-                "bytes_uploaded": {str(k): v for k, v in self.bytes_uploaded.items()},
-                "bytes_weights": {str(k): v for k, v in self.bytes_weights.items()},
-                "bytes_statistics": {str(k): v for k, v in self.bytes_statistics.items()},
-                "timings": self.timings, "merge_info": self.merge_info}
+        out = {"round": self.round, "ok": self.ok, "error": self.error, "clients_merged": self.clients_merged,
+               "clients_rejected": self.clients_rejected, "blamed": self.blamed, "reference": self.reference,
+               "gamma": self.gamma, "timings": self.timings, "merge_info": self.merge_info}
+        out.update({k: {str(p): v for p, v in getattr(self, k).items()} for k in self._INT_KEYED})
+        return out
 
 
-def _record_bytes(rd: RecordDict) -> int:
-    total = 0
-    for rec in list(rd.array_records.values()) + list(rd.metric_records.values()) + list(
-            rd.config_records.values()):
-        total += rec.count_bytes()
-    return total
+@dataclass(eq=False)
+class ClientUpdate:
+    """One client's checked training reply."""
+
+    node: int
+    partition: int
+    state: dict[str, torch.Tensor]
+    metrics: ClientMetrics
+    own: dict | None = None   # decoded own statistics (two-phase protocol)
+    low_rank: frozenset[int] = frozenset()  # groups whose own block came in low rank
+
+
+class _RoundFailed(RuntimeError):
+    pass
+
+
+def _cut(text: str) -> str:
+    text = str(text)
+    return text if len(text) <= REASON_CHARS else text[:REASON_CHARS] + "…"
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def client_error(reason: str) -> str:
+    """A client's error reply in one line: the runtime's traceback (Ray's included) cut to its last line."""
+    lines = [ln.strip() for ln in _ANSI.sub("", str(reason)).splitlines() if ln.strip()]
+    last = next((ln for ln in reversed(lines) if not ln.startswith(("^", "File ", "'>", ">"))), "")
+    last = last.strip("'<> ") or "no reason given"
+    return f"client error: {_cut(last)}"
 
 
 class CCAMerge(FedAvg):
@@ -106,9 +141,16 @@ class CCAMerge(FedAvg):
     probe: the shared probe set on the server (tensor, (x, y) pair, DataLoader or Batches, split here into a
         fitting part and a held-out part; or a ``(fit, held_out)`` pair of Batches). Needed for
         ``gamma="auto"``, BatchNorm reset, REPAIR, ``stats_on_server`` and methods that need all pairs
-        (ZipIt!); with labels, ``reference="best"`` and γ are chosen by accuracy on its held-out slice.
-    method: any of ``fedmerge.common.merge.METHODS`` (``avg`` gives plain FedAvg for comparison).
+        (ZipIt!); with labels, ``reference="best"`` and γ are chosen by accuracy on its held-out slice,
+        without labels by agreement with the clients' ensemble.
+    method: any of ``fedmerge.common.merge.METHODS`` (``avg`` is plain FedAvg: it needs a common
+        initialisation to be meaningful).
     reference: a client position (in partition order) or ``"best"``.
+    max_examples: bound on each client's ``num-examples``: an int, a ``{partition: size}`` mapping or a
+        callable ``partition -> size`` (the partition sizes the server knows). Default: 2^40 (integers only).
+    norm_bound: a client's weight norm must lie within this factor of the median over the round's clients and
+        the server's global model (``None``: off). norm_action: ``"reject"`` the client or ``"clip"`` its update.
+    node_partitions: a fixed ``{node id: partition}`` map (otherwise fixed by each node's first reply).
     """
 
     def __init__(self, model_fn: Callable[[], nn.Module] | nn.Module, probe: Any = None, *, method: str = "cca",
@@ -118,11 +160,18 @@ class CCAMerge(FedAvg):
                  wait_for_clients: float = 120.0, held_out: float = 0.2, seed: int = 0, device=None,
                  gamma_grid: Sequence[float] = GAMMA_GRID, max_upload_bytes: int | None = None,
                  example_input: torch.Tensor | None = None, train_config: dict | None = None,
+                 max_examples: int | Mapping[int, int] | Callable[[int], int] | None = None,
+                 norm_bound: float | None = 10.0, norm_action: str = "reject",
+                 node_partitions: Mapping[int, int] | None = None, max_reference_retries: int = 2,
                  **method_kwargs) -> None:
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
         if min_clients < 1:
             raise ValueError("min_clients must be >= 1")
+        if norm_action not in NORM_ACTIONS:
+            raise ValueError(f"norm_action must be one of {NORM_ACTIONS}, got {norm_action!r}")
+        if norm_bound is not None and not norm_bound > 1:
+            raise ValueError(f"norm_bound must be a factor > 1 or None, got {norm_bound!r}")
         super().__init__(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=min_clients,
                          min_evaluate_nodes=0, min_available_nodes=min_clients)
         self.model_fn = model_fn if callable(model_fn) and not isinstance(model_fn, nn.Module) else (
@@ -133,6 +182,8 @@ class CCAMerge(FedAvg):
         self.stats_on_server, self.query_timeout = stats_on_server, query_timeout
         self.wait_for_clients = wait_for_clients
         self.device, self.gamma_grid, self.seed = device, tuple(gamma_grid), seed
+        self.max_examples, self.norm_bound, self.norm_action = max_examples, norm_bound, norm_action
+        self.max_reference_retries = max_reference_retries
         self.method_kwargs = method_kwargs
         self.train_config = dict(train_config or {})
         self.needs = METHODS[method].needs
@@ -159,18 +210,32 @@ class CCAMerge(FedAvg):
         self.keys = {k: (tuple(v.shape), v.dtype) for k, v in self.template.state_dict().items()}
         self.model_bytes = sum(v.numel() * v.element_size() for v in self.template.state_dict().values())
         self.max_upload_bytes = max_upload_bytes or int(8 * self.model_bytes + self._stats_bytes_bound() + 2 ** 20)
+        self.template_norm = weight_norm(self.template.state_dict())
+        # what an honest client's statistics must look like: the probe's sample counts and fingerprint
+        self.probe_digest: str | None = probe_digest(self.fit) if self.fit is not None else None
+        self.expected_counts: dict[int, int] | None = None
+        if self.fit is not None:
+            per = samples_per_input(self.template, self.spec, self.fit.example())
+            self.expected_counts = {g: per[g] * self.fit.num_samples for g in self.spec.groups}
+
+        if weighted and max_examples is None:
+            log(WARNING, "CCAMerge: the average is weighted by client-reported num-examples, bounded only by %d; "
+                "pass max_examples (the partition sizes the server knows) or weighted=False", MAX_EXAMPLES)
         self.history: list[RoundRecord] = []
-        self.partitions: dict[int, int] = {}      # node id -> partition id (assigned when first seen)
+        self.partitions: dict[int, int] = {int(n): int(p) for n, p in (node_partitions or {}).items()}
+        self.num_partitions: int | None = (max(self.partitions.values()) + 1) if self.partitions else None
         self.last_states: dict[int, dict[str, torch.Tensor]] = {}  # partition -> weights of the last round
-        self._grid: Grid | None = None
         self.round_offset = 0  # rounds finished before a resume: Strategy.start counts from 1 again
+        self._proposed: dict[int, int] = {}      # node -> partition proposed this round (not yet confirmed)
+        self._sampled: set[int] = set()
+        self._global: dict[str, torch.Tensor] | None = None
+        self._grid: Grid | None = None
+        self._round_start = 0.0
 
     # --- set-up checks ----------------------------------------------------------------------------------
     def _check_needs_probe(self) -> None:
         if self.fit is not None:
             return
-        from fedmerge.common.merge import has_batchnorm
-
         problems = []
         if self.gamma == "auto" and METHODS[self.method].tunable_gamma:
             problems.append("gamma='auto' (pass a number)")
@@ -191,10 +256,10 @@ class CCAMerge(FedAvg):
     def summary(self) -> None:
         log(INFO, "\t├──> CCAMerge: method=%s reference=%s gamma=%s statistics=%s", self.method, self.reference,
             self.gamma, self.stats_where)
-        log(INFO, "\t└──> merge spec: %d groups, %d layers; min clients %d", len(self.spec.groups),
-            len(self.spec.layers), self.min_clients)
+        log(INFO, "\t└──> merge spec: %d groups, %d layers; min clients %d; norm bound %s (%s)", len(self.spec.groups),
+            len(self.spec.layers), self.min_clients, self.norm_bound, self.norm_action)
 
-    # --- phase 1 ------------------------------------------------------------------------------------------
+    # --- identity -----------------------------------------------------------------------------------------
     def _sample(self, grid: Grid) -> list[int]:
         want = self.num_clients or self.min_clients
         t0 = time.time()
@@ -206,121 +271,143 @@ class CCAMerge(FedAvg):
                 log(WARNING, "only %d of %d expected clients connected; going on", len(nodes), want)
                 break
             time.sleep(0.5)
-        if not self.partitions:
-            self.partitions = {n: i for i, n in enumerate(nodes)}
-            self._num_partitions = len(nodes)
-        unknown = [n for n in nodes if n not in self.partitions]
-        if unknown:
-            log(WARNING, "nodes %s joined after round 1 and have no partition; not sampled", unknown)
-        return [n for n in nodes if n in self.partitions]
+        if self.num_partitions is None:
+            self.num_partitions = len(nodes)
+        self._proposed = {}
+        taken = set(self.partitions.values())
+        free = [p for p in range(self.num_partitions) if p not in taken]
+        sampled = []
+        for n in nodes:
+            if n in self.partitions:
+                sampled.append(n)
+            elif free:
+                self._proposed[n] = free.pop(0)
+                sampled.append(n)
+        left = [n for n in nodes if n not in sampled]
+        if left:
+            log(WARNING, "nodes %s have no free partition (of %d); not sampled", left, self.num_partitions)
+        return sampled
 
+    def _label(self, node: int) -> int:
+        return self.partitions.get(node, self._proposed.get(node, -1))
+
+    def _identify(self, node: int, claimed: int | None) -> int:
+        """The node's partition: the registered one (a different claim is rejected), else its first valid claim."""
+        registered = self.partitions.get(node)
+        if registered is not None:
+            if claimed is not None and claimed != registered:
+                raise ReplyRejected(f"reports partition {claimed}, but node {node} is partition {registered}")
+            return registered
+        part = claimed if claimed is not None else self._proposed.get(node)
+        if part is None:
+            raise ReplyRejected("reports no partition-id and none was assigned")
+        owner = next((n for n, p in self.partitions.items() if p == part), None)
+        if owner is not None:
+            raise ReplyRejected(f"claims partition {part}, which belongs to node {owner}")
+        self.partitions[node] = part
+        return part
+
+    def _examples_cap(self, part: int) -> int:
+        cap = self.max_examples
+        if cap is None:
+            return MAX_EXAMPLES
+        if callable(cap):
+            return int(cap(part))
+        if isinstance(cap, Mapping):
+            return int(cap.get(part, MAX_EXAMPLES))
+        return int(cap)
+
+    # --- phase 1 ------------------------------------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         server_round += self.round_offset
         self._grid = grid
         self._round_start = time.time()
+        self._global = {k: v.detach().cpu() for k, v in arrays.to_torch_state_dict().items()} if len(arrays) else None
         nodes = self._sample(grid)
+        self._sampled = set(nodes)
         messages = []
+        extra = {"probe-digest": self.probe_digest} if self.probe_digest else {}
         for node in nodes:
-            cfg = ConfigRecord({**dict(config), **self.train_config, "server-round": server_round,
-                                "partition-id": self.partitions[node], "num-partitions": self._num_partitions,
+            cfg = ConfigRecord({**dict(config), **self.train_config, **extra, "server-round": server_round,
+                                "partition-id": self._label(node), "num-partitions": self.num_partitions,
                                 "want-stats": self.stats_where == "clients"})
             messages.append(Message(RecordDict({"arrays": arrays, "config": cfg}), message_type="train",
                                     dst_node_id=node))
         log(INFO, "configure_train: round %d, %d clients", server_round, len(messages))
         return messages
 
-    # --- validation -------------------------------------------------------------------------------------------
-    def _validate_train_reply(self, msg: Message) -> tuple[dict[str, torch.Tensor], dict, Any]:
+    def _read_train_reply(self, node: int, msg: Message) -> ClientUpdate:
+        """Every check of one training reply (raises ReplyRejected naming the failed check)."""
         rd = msg.content
-        self._check_size(rd)
+        metrics = read_metrics(rd, num_partitions=self.num_partitions)
+        part = self._identify(node, metrics.partition)
+        cap = self._examples_cap(part)
+        if metrics.num_examples > cap:
+            raise ReplyRejected(f"num-examples {metrics.num_examples} exceeds partition {part}'s bound of {cap}")
+        check_size(rd, self.max_upload_bytes)
         if "arrays" not in rd.array_records:
             raise ReplyRejected("reply has no 'arrays' record (model weights)")
-        if "metrics" not in rd.metric_records:
-            raise ReplyRejected("reply has no 'metrics' record")
-        arrays = rd.array_records["arrays"]
-        got, want = set(arrays.keys()), set(self.keys)
-        if got != want:
-            missing, extra = sorted(want - got)[:5], sorted(got - want)[:5]
-            raise ReplyRejected(f"weights keys differ from the global model (missing {missing}, unexpected {extra})")
-        state = {}
-        for k, (shape, dtype) in self.keys.items():
-            a = arrays[k]
-            if tuple(a.shape) != shape:
-                raise ReplyRejected(f"weight '{k}' has shape {tuple(a.shape)}, expected {shape}")
-            t = torch.from_numpy(np.array(a.numpy(), copy=True))
-            if t.dtype.is_floating_point != dtype.is_floating_point:
-                raise ReplyRejected(f"weight '{k}' has dtype {t.dtype}, expected {dtype}")
-            if t.dtype.is_floating_point and not torch.isfinite(t).all():
-                raise ReplyRejected(f"weight '{k}' contains NaN or Inf")
-            state[k] = t.to(dtype)
-        metrics = dict(rd.metric_records["metrics"])
-        n = metrics.get("num-examples")
-        if not isinstance(n, (int, float)) or not np.isfinite(n) or n <= 0:
-            raise ReplyRejected(f"num-examples must be a positive number, got {n!r}")
+        state = decode_weights(rd.array_records["arrays"], self.keys)
         own = None
         if self.stats_where == "clients":
-            if "own-stats" not in rd.array_records:
-                raise ReplyRejected("reply has no 'own-stats' record (probe statistics)")
-            try:
-                own = decode_moments(record_to_arrays(rd.array_records["own-stats"]), self.spec)
-            except (KeyError, ValueError) as exc:
-                raise ReplyRejected(f"own statistics: {exc}") from None
-            self._check_count(own, "own statistics")
-        return state, metrics, own
+            if self.probe_digest is not None:
+                check_echo(rd, "probe-digest", self.probe_digest,
+                           "statistics computed on a different probe (probe digest differs)")
+            own, enc = decode_statistics(rd, "own-stats", decode_moments, self.spec, "own", "own statistics")
+            check_moments(own, self.expected_counts, {g: psd_tolerance(e["dtype"]) for g, e in enc.items()})
+            low_rank = frozenset(g for g, e in enc.items() if e["form"] != "dense")
+            return ClientUpdate(node, part, state, metrics, own, low_rank)
+        return ClientUpdate(node, part, state, metrics, own)
 
-    def _check_size(self, rd: RecordDict) -> int:
-        size = _record_bytes(rd)
-        if size > self.max_upload_bytes:
-            raise ReplyRejected(f"upload of {size} bytes exceeds the cap of {self.max_upload_bytes} bytes")
-        return size
+    def _agree_on_counts(self, rec: RoundRecord, accepted: list[ClientUpdate]) -> list[ClientUpdate]:
+        """Without a server probe the expected sample counts are unknown: the most common counts win and
+        clients with other counts are rejected (statistics on another probe)."""
+        if self.expected_counts is not None or self.stats_where != "clients" or not accepted:
+            return accepted
+        keys = [tuple(sorted((g, m.n) for g, m in u.own.items())) for u in accepted]
+        common = Counter(keys).most_common(1)[0][0]
+        for u, k in zip(accepted, keys):
+            if k != common:
+                self._reject(rec, u.node, "train", f"statistics sample counts {dict(k)} differ from the other "
+                             f"clients' {dict(common)}: computed on a different probe?")
+        return [u for u, k in zip(accepted, keys) if k == common]
 
-    def _check_count(self, blocks: dict, what: str) -> None:
-        expected = self.fit.num_samples if self.fit is not None else None
-        for g, m in blocks.items():
-            if m.n <= 1:
-                raise ReplyRejected(f"{what}: group {g} has {m.n} samples")
-            if expected is not None:
-                # each probe image gives >= 1 sample (convs: one per spatial position)
-                if m.n < expected:
-                    raise ReplyRejected(f"{what}: group {g} has {m.n} samples, fewer than the {expected} "
-                                        "probe images: computed on a different probe?")
-
-    # --- phase 2 and merge ------------------------------------------------------------------------------------
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.round_offset
         rec = RoundRecord(round=server_round)
         self.history.append(rec)
         t_round = time.time()
-        replies = list(replies)
-        accepted: list[tuple[int, int, dict, dict, Any]] = []  # (node, partition, state, metrics, own)
-        for msg in replies:
+        accepted: list[ClientUpdate] = []
+        seen: set[int] = set()
+        for msg in sorted(replies, key=lambda m: int(m.metadata.src_node_id)):
             node = int(msg.metadata.src_node_id)
-            part = self.partitions.get(node, -1)
-            if msg.has_error():
-                self._reject(rec, node, part, "train", f"client error: {msg.error.reason}")
+            if node not in self._sampled:
+                self._reject(rec, node, "train", "reply from a node that was not sampled this round")
                 continue
+            if node in seen:
+                self._reject(rec, node, "train", "a second reply from this node in this phase")
+                continue
+            seen.add(node)
             try:
-                state, metrics, own = self._validate_train_reply(msg)
+                if msg.has_error():
+                    raise ReplyRejected(client_error(msg.error.reason))
+                upd = self._read_train_reply(node, msg)
             except ReplyRejected as exc:
-                self._reject(rec, node, part, "train", str(exc))
+                self._reject(rec, node, "train", str(exc))
                 continue
-            part = int(metrics.get("partition-id", part))
-            rec.bytes_uploaded[part] = rec.bytes_uploaded.get(part, 0) + _record_bytes(msg.content)
-            ars = msg.content.array_records
-            rec.bytes_weights[part] = rec.bytes_weights.get(part, 0) + ars["arrays"].count_bytes()
-            if "own-stats" in ars:
-                rec.bytes_statistics[part] = rec.bytes_statistics.get(part, 0) + ars["own-stats"].count_bytes()
-            rec.client_metrics[part] = {k: (float(v) if isinstance(v, (int, float)) else v)
-                                        for k, v in metrics.items()}
-            accepted.append((node, part, state, metrics, own))
-        missing = set(self.partitions) - {int(m.metadata.src_node_id) for m in replies}
-        for node in sorted(missing):
-            if self.partitions[node] < getattr(self, "_num_partitions", 0):
-                self._reject(rec, node, self.partitions[node], "train", "no reply (timed out)")
-        accepted.sort(key=lambda a: a[1])
-        rec.timings["phase1_wait"] = t_round - getattr(self, "_round_start", t_round)
+            except Exception as exc:  # noqa: BLE001 - any failure reading a reply rejects that client only
+                self._reject(rec, node, "train", f"unreadable reply ({type(exc).__name__}: {exc})")
+                continue
+            self._account(rec, upd.partition, msg.content, "arrays", "own-stats")
+            rec.client_metrics[upd.partition] = dict(upd.metrics.values)
+            accepted.append(upd)
+        for node in sorted(self._sampled - seen):
+            self._reject(rec, node, "train", "no reply (timed out)")
+        accepted = self._bound_norms(rec, self._agree_on_counts(rec, accepted))
+        accepted.sort(key=lambda u: u.partition)
+        rec.timings["phase1_wait"] = t_round - self._round_start
         try:
             return self._merge_round(server_round, rec, accepted)
         except _RoundFailed as exc:
@@ -328,29 +415,60 @@ class CCAMerge(FedAvg):
             log(ERROR, "round %d failed: %s; keeping the previous global model", server_round, exc)
             return None, None
 
-    def _reject(self, rec: RoundRecord, node: int, part: int, phase: str, reason: str) -> None:
-        rec.clients_rejected.append({"node": node, "partition": part, "phase": phase, "reason": reason})
-        log(WARNING, "round %d: rejected client %s (node %d) in %s: %s", rec.round, part, node, phase, reason)
+    def _account(self, rec: RoundRecord, part: int, rd: RecordDict, weights_key: str | None, stats_key: str) -> None:
+        ars = rd.array_records
+        rec.bytes_uploaded[part] = rec.bytes_uploaded.get(part, 0) + record_bytes(rd)
+        if weights_key and weights_key in ars:
+            rec.bytes_weights[part] = rec.bytes_weights.get(part, 0) + ars[weights_key].count_bytes()
+        if stats_key in ars:
+            rec.bytes_statistics[part] = rec.bytes_statistics.get(part, 0) + ars[stats_key].count_bytes()
 
-    def _choose_reference(self, accepted) -> tuple[int, list[float]]:
-        if self.reference != "best":
-            r = int(self.reference)
-            parts = [a[1] for a in accepted]
-            if r in parts:
-                return parts.index(r), []
-            log(WARNING, "reference client %d is not among the merged clients; using the best instead", r)
-        if self.held is not None:
-            from fedmerge.common.merge import probe_logits, probe_score
+    def _reject(self, rec: RoundRecord, node: int, phase: str, reason: str) -> None:
+        part = self._label(node)
+        rec.clients_rejected.append({"node": node, "partition": part, "phase": phase, "reason": _cut(reason)})
+        log(WARNING, "round %d: rejected client %s (node %d) in %s: %s", rec.round, part, node, phase, _cut(reason))
 
-            ens = None
-            if not self.held.has_labels:
-                ens = torch.stack([probe_logits(self._model(a[2]), self.held, self._dev()) for a in accepted]).mean(0)
-            scores = [probe_score(probe_logits(self._model(a[2]), self.held, self._dev()), self.held, ens)[0]
-                      for a in accepted]
-        else:
-            scores = [float(a[3].get("probe-accuracy", 0.0)) for a in accepted]
-        return int(np.argmax(scores)), [float(s) for s in scores]
+    def _bound_norms(self, rec: RoundRecord, accepted: list[ClientUpdate]) -> list[ClientUpdate]:
+        """The weight-norm bound: clients outside [anchor / f, anchor * f] are rejected, or clipped."""
+        if self.norm_bound is None or not accepted:
+            return accepted
+        norms = [weight_norm(u.state) for u in accepted]
+        trusted = weight_norm(self._global) if self._global is not None else self.template_norm
+        anchor, outliers = norm_outliers(norms, trusted, self.norm_bound)
+        rec.merge_info["norm_anchor"] = anchor
+        kept = []
+        for i, u in enumerate(accepted):
+            if i not in outliers:
+                kept.append(u)
+                continue
+            ratio = norms[i] / anchor
+            if self.norm_action == "clip" and ratio > 1:
+                scale = self._clip(u, anchor * self.norm_bound, norms[i])
+                rec.clients_clipped[u.partition] = scale
+                log(WARNING, "round %d: client %d's weights clipped (norm %.3g = %.3g x the anchor; scale %.3g)",
+                    rec.round, u.partition, norms[i], ratio, scale)
+                kept.append(u)
+            else:
+                self._reject(rec, u.node, "train", f"weight norm {norms[i]:.4g} is {ratio:.3g} x the median anchor "
+                             f"{anchor:.4g} (allowed factor {self.norm_bound:g})")
+        return kept
 
+    def _clip(self, u: ClientUpdate, bound: float, norm: float) -> float:
+        """Scale the client's update (its weights minus the global model; the weights themselves in a round
+        without one) so that the weight norm is at most ``bound``; returns the factor applied."""
+        g = self._global
+        if g is None:
+            scale = bound / norm
+            u.state = {k: v * scale if v.is_floating_point() else v for k, v in u.state.items()}
+            return scale
+        delta = {k: u.state[k].double() - g[k].double() for k in u.state if u.state[k].is_floating_point()}
+        dn = float(np.sqrt(sum(float(d.pow(2).sum()) for d in delta.values())))
+        scale = max(0.0, min(1.0, (bound - weight_norm(g)) / dn)) if dn > 0 else 1.0
+        u.state = {k: ((g[k].double() + scale * delta[k]).to(v.dtype) if k in delta else v)
+                   for k, v in u.state.items()}
+        return scale
+
+    # --- reference ------------------------------------------------------------------------------------------
     def _model(self, state) -> nn.Module:
         m = self.model_fn()
         m.load_state_dict(state)
@@ -361,110 +479,208 @@ class CCAMerge(FedAvg):
             return torch.device(self.device)
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-    def _merge_round(self, server_round: int, rec: RoundRecord, accepted):
+    def _ensemble_target(self, updates: Sequence[ClientUpdate]) -> torch.Tensor | None:
+        """Without probe labels, the clients' mean logits on the held-out slice are the target for γ and the
+        reference (agreement with the ensemble)."""
+        if self.held is None or self.held.has_labels:
+            return None
+        return torch.stack([probe_logits(self._model(u.state), self.held, self._dev()) for u in updates]).mean(0)
+
+    def _rank_references(self, accepted: list[ClientUpdate]) -> tuple[list[int], list[float], str]:
+        """Candidate references, best first, with the scores and the rule that ranked them."""
+        if self.held is not None:
+            target = self._ensemble_target(accepted)
+            scores = []
+            for u in accepted:
+                try:
+                    scores.append(probe_score(probe_logits(self._model(u.state), self.held, self._dev()),
+                                              self.held, target)[0])
+                except Exception:  # noqa: BLE001 - a model that cannot be scored is never the reference
+                    scores.append(float("-inf"))
+            rule = "held-out probe accuracy" if self.held.has_labels else "agreement with the ensemble (no labels)"
+        else:
+            scores = [u.metrics.probe_accuracy if u.metrics.probe_accuracy is not None else 0.0 for u in accepted]
+            rule = "client-reported probe accuracy (no server probe)"
+        order = sorted(range(len(accepted)), key=lambda i: (-scores[i], accepted[i].partition))
+        if self.reference != "best":
+            parts = [u.partition for u in accepted]
+            r = int(self.reference)
+            if r in parts:
+                order.remove(parts.index(r))
+                order.insert(0, parts.index(r))
+                rule = "fixed"
+            else:
+                log(WARNING, "reference client %d is not among the merged clients; using the best instead", r)
+        return order, [float(s) for s in scores], rule
+
+    # --- phase 2 and merge ------------------------------------------------------------------------------------
+    def _merge_round(self, server_round: int, rec: RoundRecord, accepted: list[ClientUpdate]):
         if len(accepted) < self.min_clients:
             raise _RoundFailed(f"only {len(accepted)} valid client replies, fewer than min_clients="
                                f"{self.min_clients}")
         t = time.time()
-        ref, scores = self._choose_reference(accepted)
+        order, scores, rule = self._rank_references(accepted)
         rec.timings["select_reference"] = time.time() - t
+        rec.merge_info.update({"reference_scores": scores, "reference_rule": rule})
+        ranking = [accepted[i] for i in order]
         stats = None
         if self.stats_where == "clients":
-            accepted, ref, stats = self._phase_two(server_round, rec, accepted, ref)
-        elif self.stats_where == "server":
-            t = time.time()
-            models = [self._model(a[2]) for a in accepted]
-            stats = collect_statistics(models, self.fit, reference=ref,
-                                       pairs="all" if self.needs == "stats_all" else "reference", spec=self.spec,
-                                       device=self._dev())
-            rec.timings["server_statistics"] = time.time() - t
+            accepted, ref_u, stats = self._phase_two(server_round, rec, accepted, ranking)
+        else:
+            ref_u = ranking[0]
         if len(accepted) < self.min_clients:
             raise _RoundFailed(f"only {len(accepted)} clients left after the statistics phase, fewer than "
                                f"min_clients={self.min_clients}")
-        states = [a[2] for a in accepted]
-        counts = [float(a[3]["num-examples"]) for a in accepted]
+        ref = accepted.index(ref_u)
+        states = [u.state for u in accepted]
+        counts = [float(u.metrics.num_examples) for u in accepted]
         weights = [c / sum(counts) for c in counts] if self.weighted else None
         t = time.time()
-        merged, info = merge_from_statistics(
-            self.template, states, self.spec, stats, method=self.method, reference=ref,
-            gamma=self.gamma if METHODS[self.method].tunable_gamma else None, weights=weights,
-            bn_reset=self.bn_reset, repair=self.repair, reset_batches=self.fit, eval_batches=self.held,
-            gamma_grid=self.gamma_grid, device=self._dev(),
-            repair_models=[self._model(s) for s in states] if self.repair else None, **self.method_kwargs)
+        try:
+            if self.stats_where == "server":
+                stats = collect_statistics([self._model(s) for s in states], self.fit, reference=ref,
+                                           pairs="all" if self.needs == "stats_all" else "reference", spec=self.spec,
+                                           device=self._dev())
+                rec.timings["server_statistics"] = time.time() - t
+                t = time.time()
+            merged, info = merge_from_statistics(
+                self.template, states, self.spec, stats, method=self.method, reference=ref,
+                gamma=self.gamma if METHODS[self.method].tunable_gamma else None, weights=weights,
+                bn_reset=self.bn_reset, repair=self.repair, reset_batches=self.fit, eval_batches=self.held,
+                eval_target=self._ensemble_target(accepted), gamma_grid=self.gamma_grid, device=self._dev(),
+                repair_models=[self._model(s) for s in states] if self.repair else None, **self.method_kwargs)
+        except Exception as exc:  # noqa: BLE001 - a merge that fails fails this round, not the federation
+            rec.blamed = self._blame(accepted, stats)
+            who = f"; the merge fails on the data of client(s) {rec.blamed} alone" if rec.blamed else ""
+            raise _RoundFailed(f"merge failed ({type(exc).__name__}: {_cut(exc)}){who}") from None
         rec.timings["merge"] = time.time() - t
         rec.timings.update({f"merge_{k}": v for k, v in info.timings.items()})
-        for a in accepted:
-            self.last_states[a[1]] = a[2]
+        for u in accepted:
+            self.last_states[u.partition] = u.state
         rec.ok = True
-        rec.clients_merged = [a[1] for a in accepted]
-        rec.reference = accepted[ref][1]
+        rec.clients_merged = [u.partition for u in accepted]
+        rec.reference = ref_u.partition
         rec.gamma = info.gamma
-        rec.merge_info = {"reference_scores": scores, "gamma_scores": {str(k): v for k, v in info.gamma_scores.items()},
-                          "bn_reset": info.bn_reset, "repair": info.repair, "weights": weights}
-        log(INFO, "round %d: merged %d clients with %s (reference client %d, gamma %s)", server_round,
-            len(accepted), self.method, rec.reference, info.gamma)
+        rec.merge_info.update({"gamma_scores": {str(k): v for k, v in info.gamma_scores.items()},
+                               "bn_reset": info.bn_reset, "repair": info.repair, "weights": weights})
+        log(INFO, "round %d: merged %d clients with %s (reference client %d by %s, gamma %s)", server_round,
+            len(accepted), self.method, rec.reference, rule, info.gamma)
         sd = {k: v.detach().cpu() for k, v in merged.state_dict().items()}
         metrics = MetricRecord({"clients-merged": len(accepted), "clients-rejected": len(rec.clients_rejected),
                                 "num-examples": int(sum(counts))})
         return ArrayRecord(sd), metrics
 
-    def _phase_two(self, server_round: int, rec: RoundRecord, accepted, ref: int):
-        """Send the reference weights to every other client; collect and validate cross statistics."""
-        grid = self._grid
-        if grid is None:
-            raise _RoundFailed("no grid: configure_train was not called")
-        # the reference is not queried, so it cannot drop out of this phase
-        ref_part, ref_state = accepted[ref][1], accepted[ref][2]
-        t = time.time()
-        ref_record = ArrayRecord({k: v for k, v in ref_state.items()})
-        messages = [Message(RecordDict({"reference": ref_record,
-                                        "config": ConfigRecord({"server-round": server_round,
-                                                                "reference-partition": ref_part,
-                                                                "partition-id": a[1],
-                                                                "num-partitions": self._num_partitions})}),
-                            message_type=QUERY_CROSS, dst_node_id=a[0])
-                    for i, a in enumerate(accepted) if i != ref]
-        replies = {int(m.metadata.src_node_id): m for m in grid.send_and_receive(messages,
-                                                                                 timeout=self.query_timeout)}
-        rec.timings["phase2"] = rec.timings.get("phase2", 0.0) + time.time() - t
-        kept, cross = [accepted[ref]], {}
-        for i, a in enumerate(accepted):
-            if i == ref:
-                continue
-            node, part = a[0], a[1]
-            msg = replies.get(node)
+    def _blame(self, accepted: list[ClientUpdate], stats: Statistics | None) -> list[int]:
+        """After a failed merge: the clients whose weights and statistics alone (merged with themselves) fail."""
+        out = []
+        gamma = self.gamma if not isinstance(self.gamma, str) else self.gamma_grid[len(self.gamma_grid) // 2]
+        for i, u in enumerate(accepted):
             try:
-                if msg is None:
-                    raise ReplyRejected("no reply to the cross-statistics query (timed out)")
-                if msg.has_error():
-                    raise ReplyRejected(f"client error: {msg.error.reason}")
-                if "cross-stats" not in msg.content.array_records:
-                    raise ReplyRejected("reply has no 'cross-stats' record")
-                size = _record_bytes(msg.content)
-                if size > self.max_upload_bytes:
-                    raise ReplyRejected(f"upload of {size} bytes exceeds the cap of {self.max_upload_bytes}")
-                try:
-                    c = decode_cross(record_to_arrays(msg.content.array_records["cross-stats"]), self.spec)
-                except (KeyError, ValueError) as exc:
-                    raise ReplyRejected(f"cross statistics: {exc}") from None
-                self._check_count(c, "cross statistics")
-            except ReplyRejected as exc:
-                self._reject(rec, node, part, "cross-statistics", str(exc))
+                own = None
+                if self.stats_where == "clients":
+                    own = stats.own[i] if stats is not None else u.own
+                elif self.stats_where == "server":
+                    own = own_statistics(self._model(u.state), self.fit, self.spec, device=self._dev())
+                self_stats = None if own is None else Statistics(
+                    own=[own, own], cross={(0, 1): {g: CrossMoments(m.n, m.mean, m.mean, m.m2) for g, m in own.items()}},
+                    reference=0)
+                merge_from_statistics(self.template, [u.state, u.state], self.spec, self_stats, method=self.method,
+                                      reference=0, gamma=gamma if METHODS[self.method].tunable_gamma else None,
+                                      bn_reset=self.bn_reset, reset_batches=self.fit, device=self._dev(),
+                                      **self.method_kwargs)
+            except Exception:  # noqa: BLE001 - this is the diagnosis
+                out.append(u.partition)
+        return out
+
+    def _phase_two(self, server_round: int, rec: RoundRecord, accepted: list[ClientUpdate],
+                   ranking: list[ClientUpdate]):
+        """Send the reference weights to every client (the reference included); collect and check cross
+        statistics. A reference that fails, or whose own statistics every other client contradicts, is
+        replaced by the next best client and the phase is redone."""
+        if self._grid is None:
+            raise _RoundFailed("no grid: configure_train was not called")
+        kept = list(accepted)
+        for attempt in range(self.max_reference_retries + 1):
+            ref = next(u for u in ranking if u in kept)
+            cross, failed, ref_problem = self._query(server_round, rec, kept, ref)
+            others = [u for u in kept if u is not ref]
+            mismatched = [u for u in others if failed.get(u.partition, "").startswith("reference mismatch")]
+            if ref_problem is None and len(others) >= 2 and len(mismatched) == len(others):
+                ref_problem = (f"its own statistics disagree with the cross statistics of all {len(others)} other "
+                               "clients (reference mismatch)")
+            if ref_problem is None:
+                break
+            self._reject(rec, ref.node, "cross-statistics", f"as reference: {ref_problem}")
+            kept.remove(ref)
+            if len(kept) < self.min_clients:
+                raise _RoundFailed(f"the reference failed and only {len(kept)} clients are left, fewer than "
+                                   f"min_clients={self.min_clients}")
+            if attempt == self.max_reference_retries:
+                raise _RoundFailed(f"{attempt + 1} references failed in the statistics phase")
+            log(WARNING, "round %d: reference client %d failed; redoing the statistics phase with another reference",
+                rec.round, ref.partition)
+        for u in others:
+            if u.partition in failed:
+                self._reject(rec, u.node, "cross-statistics", failed[u.partition])
+        kept = sorted([ref] + [u for u in others if u.partition in cross], key=lambda u: u.partition)
+        r = kept.index(ref)
+        stats = Statistics(own=[u.own for u in kept],
+                           cross={(r, i): cross[u.partition] for i, u in enumerate(kept) if i != r}, reference=r)
+        return kept, ref, stats
+
+    def _query(self, server_round: int, rec: RoundRecord, kept: list[ClientUpdate], ref: ClientUpdate):
+        """One cross-statistics exchange: (cross blocks by partition, rejection reasons by partition, the
+        reference's own problem or None)."""
+        digest = weights_digest(ref.state)
+        ref_record = ArrayRecord({k: v for k, v in ref.state.items()})
+        messages = [Message(RecordDict({"reference": ref_record, "config": ConfigRecord({
+            "server-round": server_round, "reference-partition": ref.partition, "reference-digest": digest,
+            "partition-id": u.partition, "num-partitions": self.num_partitions})}),
+            message_type=QUERY_CROSS, dst_node_id=u.node) for u in kept]
+        t = time.time()
+        replies = list(self._grid.send_and_receive(messages, timeout=self.query_timeout))
+        rec.timings["phase2"] = rec.timings.get("phase2", 0.0) + time.time() - t
+        by_node = {u.node: u for u in kept}
+        got: dict[int, Message] = {}
+        for msg in replies:
+            node = int(msg.metadata.src_node_id)
+            if node not in by_node:
+                self._reject(rec, node, "cross-statistics", "reply from a node that was not queried")
+            elif node in got:
+                self._reject(rec, node, "cross-statistics", "a second reply from this node in this phase")
+            else:
+                got[node] = msg
+        cross, failed, ref_problem = {}, {}, None
+        for u in kept:
+            try:
+                c = self._read_cross_reply(rec, got.get(u.node), u, ref, digest)
+            except Exception as exc:  # noqa: BLE001 - ReplyRejected or anything else: this client only
+                reason = str(exc) if isinstance(exc, ReplyRejected) else f"unreadable reply ({type(exc).__name__}: {exc})"
+                if u is ref:
+                    ref_problem = reason
+                else:
+                    failed[u.partition] = reason
                 continue
-            rec.bytes_uploaded[part] = rec.bytes_uploaded.get(part, 0) + size
-            rec.bytes_statistics[part] = (rec.bytes_statistics.get(part, 0)
-                                          + msg.content.array_records["cross-stats"].count_bytes())
-            t_c = msg.content.metric_records.get("metrics", {}).get("seconds-cross-stats", 0.0)
-            rec.client_metrics[part]["seconds-cross-stats"] = float(t_c)
-            kept.append(a)
-            cross[part] = c
-        kept.sort(key=lambda a: a[1])
-        new_ref = [a[1] for a in kept].index(ref_part)
-        own = [a[4] for a in kept]
-        stats = Statistics(own=own, cross={(new_ref, i): cross[a[1]] for i, a in enumerate(kept)
-                                           if i != new_ref}, reference=new_ref)
-        return kept, new_ref, stats
+            self._account(rec, u.partition, got[u.node].content, None, "cross-stats")
+            if u is not ref:
+                cross[u.partition] = c
+        return cross, failed, ref_problem
 
-
-class _RoundFailed(RuntimeError):
-    pass
+    def _read_cross_reply(self, rec: RoundRecord, msg: Message | None, u: ClientUpdate, ref: ClientUpdate, digest: str):
+        if msg is None:
+            raise ReplyRejected("no reply to the cross-statistics query (timed out)")
+        if msg.has_error():
+            raise ReplyRejected(client_error(msg.error.reason))
+        rd = msg.content
+        metrics = read_metrics(rd, need_examples=False, num_partitions=self.num_partitions)
+        if metrics.partition is not None and metrics.partition != u.partition:
+            raise ReplyRejected(f"reports partition {metrics.partition}, but node {u.node} is partition {u.partition}")
+        check_size(rd, self.max_upload_bytes)
+        check_echo(rd, "reference-digest", digest,
+                   "cross statistics computed against another reference (reference digest differs)")
+        c, enc = decode_statistics(rd, "cross-stats", decode_cross, self.spec, "cross", "cross statistics")
+        low_rank = {g for g, e in enc.items() if e["form"] != "dense"}
+        check_cross(c, ref.own, u.own, self.expected_counts, low_rank=low_rank | ref.low_rank | u.low_rank)
+        if "seconds-cross-stats" in metrics.values and u.partition in rec.client_metrics:
+            rec.client_metrics[u.partition]["seconds-cross-stats"] = metrics.values["seconds-cross-stats"]
+        return c

@@ -69,7 +69,8 @@ def test_two_phases_match_the_offline_merge(tmp_path):
     grid = InlineGrid(make_client_app(cfg.to_run_config()), 3)
     result = run_federation(grid, cfg)
     types = [m.metadata.message_type for m in grid.sent]
-    assert types == ["train"] * 3 + ["query.cross_stats"] * 2  # phase 1 to all, phase 2 to all but the reference
+    # phase 1 to all; phase 2 to all, the reference included (it must still hold the model it uploaded)
+    assert types == ["train"] * 3 + ["query.cross_stats"] * 3
     assert result["clients_merged"] == [0, 1, 2] and result["reference"] == 0
     for key in ("merged", "clients", "ensemble", "average_of_clients"):
         assert result["accuracy"][key] is not None
@@ -242,7 +243,7 @@ def test_every_method_through_the_strategy(tmp_path, method, on_server):
     types = [m.metadata.message_type for m in grid.sent]
     # statistics computed by the server (its own probe) or not needed: one phase only
     two_phase = method in ("cca", "permute", "ot") and not on_server
-    assert types.count("query.cross_stats") == (2 if two_phase else 0)
+    assert types.count("query.cross_stats") == (3 if two_phase else 0)
     assert result["clients_merged"] == [0, 1, 2] and result["accuracy"]["merged"] is not None
     if not two_phase:
         own = [m for m in grid.sent if m.metadata.message_type == "train"]

@@ -45,11 +45,20 @@ def equivalent_copy(model, x, kind, seed=1):
     return other.eval()
 
 
+def _seeded(make, seed):
+    """Each model from its own seed, whatever ran before (no test depends on the global RNG's history)."""
+    def build():
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            return make()
+    return build
+
+
 MODELS = {
-    "vgg": lambda: TinyVGG().eval(),
-    "vgg_bn": lambda: randomize_bn(TinyVGG(bn=True)),
-    "resnet": lambda: randomize_bn(TinyResNet()),
-    "concat": lambda: ConcatNet().eval(),
+    "vgg": _seeded(lambda: TinyVGG().eval(), 1),
+    "vgg_bn": _seeded(lambda: randomize_bn(TinyVGG(bn=True)), 2),
+    "resnet": _seeded(lambda: randomize_bn(TinyResNet()), 3),
+    "concat": _seeded(lambda: ConcatNet().eval(), 4),
 }
 
 
@@ -79,15 +88,20 @@ def test_cca_with_rescaled_copy_is_exact(arch):
 
 
 def test_cca_auto_gamma_and_best_reference_with_three_copies():
-    a = MODELS["resnet"]()
-    models = [a, equivalent_copy(a, X, "perm", 2), equivalent_copy(a, X, "scale", 3)]
+    # float64 end to end: the copies are exact up to float64 round-off amplified by the covariances' condition
+    # number, which the inverse square roots cap at 1e8 -- u * kappa = 1.1e-16 * 1e8 ~ 1e-8 (measured: 5e-14).
+    # In float32 the statistics' round-off (~1e-5 relative over 24k samples) is amplified by the same condition
+    # numbers, which is why the float32 version of this test failed on some weight draws.
+    x = X.double()
+    a = MODELS["resnet"]().double()
+    models = [a, equivalent_copy(a, x, "perm", 2), equivalent_copy(a, x, "scale", 3)]
     # a rescaled copy is exact for every gamma only with the scale-free "corr" ridge
-    merged, info = merge_models(models, X, method="cca", gamma="auto", reference="best", bn_reset=False,
+    merged, info = merge_models(models, x, method="cca", gamma="auto", reference="best", bn_reset=False,
                                 return_info=True, regularization="corr")
     assert info.gamma in info.gamma_scores and len(info.gamma_scores) >= 3
     assert 0 <= info.reference < 3 and len(info.reference_scores) == 3
     with torch.no_grad():
-        assert rel_err(merged(X), a(X)) <= 1e-4
+        assert rel_err(merged(x), a(x)) <= 1e-8
     assert info.timings["statistics"] > 0 and info.timings["transforms"] > 0
 
 

@@ -1,0 +1,370 @@
+"""Every client reply is untrusted input: each attack found against the server is a test here, at the strategy
+level (honest replies recorded once from the real ClientApp, one client's reply mutated) and end to end
+through the ServerApp's federation (the run finishes, result.json names the right client and reason, the
+merged model is finite and within the stated norm bound)."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array
+
+import adversary as adv
+from adversary import ATTACKER, QUERY_CROSS
+from fedmerge.common.records import WireError, decode_array
+from fedmerge.common.stats import Moments
+from fedmerge.server.checks import ReplyRejected, norm_outliers, read_int, weight_norm
+
+
+@pytest.fixture(scope="module")
+def kit():
+    return adv.record_honest()
+
+
+# --- decoding before allocation ----------------------------------------------------------------------------------
+def test_decode_array_checks_before_allocating():
+    good = Array(np.arange(6, dtype=np.float32).reshape(2, 3))
+    assert decode_array(good, "w", (2, 3)).tolist() == [[0, 1, 2], [3, 4, 5]]
+    cases = {
+        "declared shape": adv.raw("float32", (2, 3), adv.npy(np.zeros(3, np.float32))),
+        "header claims": adv.raw("float32", (10 ** 6, 10 ** 6),
+                                 adv.npy_with_header("{'descr': '<f4', 'fortran_order': False, "
+                                                     "'shape': (1000000, 1000000), }")),
+        "not numeric": adv.raw("object", (2,), adv.npy_with_header(
+            "{'descr': '|O', 'fortran_order': False, 'shape': (2,), }", b"\0" * 16)),
+        "unsupported serialization": adv.raw("float32", (3,), adv.npy(np.zeros(3, np.float32)), "torch.save"),
+        "bad magic": adv.raw("float32", (3,), b"PK\x03\x04" + b"\0" * 40),
+        "structured": adv.raw("float32", (1,), adv.npy(np.zeros(1, dtype=[("a", "<f4")]))),
+        "unreadable npy header": adv.raw("float32", (3,), adv.npy_with_header("__import__('os')")),
+        "declared dtype": adv.raw("float64", (3,), adv.npy(np.zeros(3, np.float32))),
+        "expected": good,
+    }
+    for reason, arr in cases.items():
+        with pytest.raises(WireError, match=reason):
+            decode_array(arr, "w", (3, 2) if reason == "expected" else None)
+    # other byte order and Fortran order are read as what they are
+    be = Array(np.arange(4, dtype=">f4"))
+    assert decode_array(be, "b").dtype == np.float32 and decode_array(be, "b").tolist() == [0, 1, 2, 3]
+    f = Array(np.asfortranarray(np.arange(6, dtype=np.float32).reshape(2, 3)))
+    assert decode_array(f, "f").tolist() == [[0, 1, 2], [3, 4, 5]]
+
+
+def test_integer_metrics_and_norm_anchor_rules():
+    assert read_int(256, "n", 1, 300) == 256 and read_int(256.0, "n", 1, 300) == 256
+    for bad in (1.5, float("nan"), float("inf"), 1e308, [3], True, "7"):
+        with pytest.raises(ReplyRejected):
+            read_int(bad, "n", 1, 10 ** 12)
+    # two honest clients near the server's own norm, one scaled x1000: the anchor stays with the honest ones
+    anchor, out = norm_outliers([10.0, 11.0, 10500.0], trusted=9.0, factor=10)
+    assert out == [2] and 9.0 <= anchor <= 11.0
+    anchor, out = norm_outliers([10.0, 0.001], trusted=9.0, factor=10)  # with two clients, a shrunk one too
+    assert out == [1] and anchor == 9.0
+    big = {"w": torch.full((4,), 3.0e38)}
+    assert math.isfinite(weight_norm(big))  # float64 accumulation: no overflow
+
+
+# --- every attack, at the strategy level ----------------------------------------------------------------------------
+TRAIN, CROSS = "train", QUERY_CROSS
+
+
+def _indefinite(b: Moments) -> Moments:
+    """Positive variances, but units 0 and 1 covary 4x more than Cauchy-Schwarz allows (eigenvalue < 0)."""
+    m2 = b.m2.clone()
+    m2[0, 1] = m2[1, 0] = 4 * torch.sqrt(m2[0, 0] * m2[1, 1]) + 1.0
+    return Moments(b.n, b.mean, m2)
+
+ROWS = [
+    # crashes of the whole run before
+    ("payload-not-declared-shape", TRAIN, adv.set_array("arrays", adv.first_weight, lambda a: adv.raw(
+        a.dtype, a.shape, adv.npy(np.zeros(3, np.float32)))), "declared shape"),
+    ("npy-header-enormous", TRAIN, adv.set_array("arrays", adv.first_weight, lambda a: adv.raw(
+        a.dtype, a.shape, adv.npy_with_header(
+            "{'descr': '<f4', 'fortran_order': False, 'shape': (4000000000, 4000000000), }"))), "declared shape"),
+    ("object-payload", TRAIN, adv.set_array("arrays", adv.first_weight, lambda a: adv.raw(
+        a.dtype, a.shape, adv.npy_with_header(f"{{'descr': '|O', 'fortran_order': False, 'shape': {tuple(a.shape)}, }}",
+                                              b"\0" * 8 * int(np.prod(a.shape))))), "not numeric"),
+    ("unknown-serialization", TRAIN, adv.set_array("arrays", adv.first_weight, lambda a: adv.raw(
+        a.dtype, a.shape, a.data, "torch.save")), "unsupported serialization"),
+    ("partition-id-nan", TRAIN, adv.set_metric("partition-id", float("nan")), "partition-id"),
+    ("partition-id-inf", TRAIN, adv.set_metric("partition-id", float("inf")), "partition-id"),
+    ("partition-id-list", TRAIN, adv.set_metric("partition-id", [1.0, 2.0]), "partition-id"),
+    ("probe-accuracy-list", TRAIN, adv.set_metric("probe-accuracy", [0.5]), "probe-accuracy"),
+    ("seconds-cross-stats-list", CROSS, adv.set_metric("seconds-cross-stats", [1.0, 2.0]), "seconds-cross-stats"),
+    ("own-covariance-zero", TRAIN, adv.own_blocks(lambda b: Moments(b.n, b.mean, b.m2 * 0)), "covariance is zero"),
+    ("own-covariance-1e300", TRAIN, adv.own_blocks(lambda b: Moments(
+        b.n, b.mean, 1e300 * torch.eye(b.m2.shape[0], dtype=torch.float64))), "activation scale"),
+    ("float16-scales-at-the-limit", TRAIN, adv.scales_near_limit, "activation scale"),
+    ("weights-near-float32-max", TRAIN, lambda rd: adv.set_weight(rd, lambda a: np.sign(a) * 3.0e38), "weight norm"),
+    # poisonings accepted before
+    ("num-examples-1e12", TRAIN, adv.set_metric("num-examples", 10 ** 12), "num-examples"),
+    ("num-examples-2^62", TRAIN, adv.set_metric("num-examples", 2 ** 62), "num-examples"),
+    ("num-examples-1.5", TRAIN, adv.set_metric("num-examples", 1.5), "num-examples"),
+    ("weights-1e30", TRAIN, lambda rd: adv.set_weight(rd, lambda a: np.sign(a) * 1e30), "weight norm"),
+    ("weights-x1000", TRAIN, lambda rd: adv.set_weight(rd, lambda a: a * 1000), "weight norm"),
+    ("own-covariance-not-psd", TRAIN, adv.own_blocks(_indefinite), "positive semidefinite"),
+    ("own-covariance-negative-variance", TRAIN, adv.own_blocks(lambda b: Moments(
+        b.n, b.mean, b.m2 - 2 * torch.trace(b.m2) * torch.outer(*(2 * [torch.linalg.eigh(b.m2)[1][:, -1]])))),
+     "negative variance"),
+    ("sample-count-2^62", TRAIN, adv.own_blocks(lambda b: Moments(2 ** 62, b.mean, b.m2)), "samples"),
+    ("statistics-on-another-probe", TRAIN, adv.echo("probe-digest", "0" * 64), "different probe"),
+    ("no-probe-digest", TRAIN, lambda rd: rd.config_records.pop("fedmerge"), "probe digest"),
+    ("claims-another-partition", TRAIN, adv.set_metric("partition-id", 0), "belongs to node"),
+    ("cross-against-another-reference", CROSS, adv.echo("reference-digest", "f" * 64), "another reference"),
+    ("cross-not-psd", CROSS, adv.set_array("cross-stats", lambda rd: next(
+        k for k in rd.array_records["cross-stats"].keys() if k.endswith(".c")),
+        lambda a: Array(a.numpy() * 50)), "Cauchy-Schwarz"),
+    ("cross-seconds-negative", CROSS, adv.set_metric("seconds-cross-stats", -5.0), "seconds-cross-stats"),
+]
+
+
+@pytest.mark.parametrize("name,phase,mutate,reason", ROWS, ids=[r[0] for r in ROWS])
+def test_attack_is_rejected_and_the_round_goes_on(kit, name, phase, mutate, reason):
+    strategy, rec, arrays = adv.run_round(kit, {(phase, ATTACKER): mutate}, reference=0,
+                                          max_examples=adv.partition_sizes(kit))
+    rej = rec.clients_rejected
+    assert [(r["partition"], r["phase"]) for r in rej] == [(ATTACKER, "train" if phase == TRAIN else "cross-statistics")]
+    assert reason in rej[0]["reason"], rej[0]["reason"]
+    assert rec.ok and rec.clients_merged == [0, 1] and adv.finite_state(arrays)
+    assert weight_norm(arrays.to_torch_state_dict()) <= 10 * rec.merge_info["norm_anchor"]
+
+
+def test_every_client_claiming_1e308_examples_fails_the_round_cleanly(kit):
+    muts = {(TRAIN, p): adv.set_metric("num-examples", 1e308) for p in range(3)}
+    strategy, rec, arrays = adv.run_round(kit, muts)
+    assert not rec.ok and "min_clients" in rec.error and len(arrays) == 0
+    assert sorted(r["partition"] for r in rec.clients_rejected) == [0, 1, 2]
+    assert all("num-examples" in r["reason"] for r in rec.clients_rejected)
+
+
+def test_a_merge_that_overflows_fails_the_round_and_names_the_client(kit):
+    """Without the norm bound, weights near float32's maximum make the merge non-finite: the round fails (the
+    previous model is kept) and the client whose data alone fail the merge is named."""
+    mutate = lambda rd: adv.set_weight(rd, lambda a: np.sign(a) * 3.0e38)  # noqa: E731
+    strategy, rec, arrays = adv.run_round(kit, {(TRAIN, ATTACKER): mutate}, reference=0, norm_bound=None)
+    assert not rec.ok and "merge failed" in rec.error and len(arrays) == 0
+    assert rec.blamed == [ATTACKER] and f"[{ATTACKER}]" in rec.error
+
+
+def test_norm_clip_keeps_the_client_within_the_bound(kit):
+    mutate = lambda rd: adv.set_weight(rd, lambda a: a * 1000)  # noqa: E731
+    strategy, rec, arrays = adv.run_round(kit, {(TRAIN, ATTACKER): mutate}, reference=0, norm_action="clip")
+    assert rec.ok and rec.clients_merged == [0, 1, 2] and rec.clients_rejected == []
+    scale = rec.clients_clipped[ATTACKER]
+    assert 0 < scale < 0.1  # 1000x the honest norm brought back to <= 10x the anchor
+    clipped = weight_norm(strategy.last_states[ATTACKER])
+    assert clipped <= 10 * rec.merge_info["norm_anchor"] * (1 + 1e-6)
+
+
+def test_duplicate_and_unsampled_replies_are_rejected(kit):
+    strategy, rec, _ = adv.run_round(kit, {}, grid_cls=adv.ExtraReplyGrid, grid_kw={"duplicate_of": 1}, reference=0)
+    assert [(r["partition"], r["reason"]) for r in rec.clients_rejected] == [(1, "a second reply from this node in "
+                                                                              "this phase")]
+    assert rec.ok and rec.clients_merged == [0, 1, 2]
+    strategy, rec, _ = adv.run_round(kit, {}, grid_cls=adv.ExtraReplyGrid, grid_kw={"stranger": 4242}, reference=0)
+    assert [(r["node"], r["partition"]) for r in rec.clients_rejected] == [(4242, -1)]
+    assert "not sampled" in rec.clients_rejected[0]["reason"] and rec.clients_merged == [0, 1, 2]
+
+
+def test_cross_statistics_against_another_reference_with_a_lying_digest(kit):
+    """The client echoes the right digest but sends cross statistics computed against another reference: the
+    reference side's means give it away."""
+    def stale(rd):
+        honest_digest = rd.config_records["fedmerge"]["reference-digest"]
+        rd.array_records["cross-stats"] = kit.cross[(1, ATTACKER)].array_records["cross-stats"]
+        rd.config_records["fedmerge"]["reference-digest"] = honest_digest
+    strategy, rec, arrays = adv.run_round(kit, {(CROSS, ATTACKER): stale}, reference=0)
+    assert [r["partition"] for r in rec.clients_rejected] == [ATTACKER]
+    assert "reference mismatch" in rec.clients_rejected[0]["reason"] and rec.clients_merged == [0, 1]
+
+
+def test_reference_that_fails_in_the_statistics_phase_is_replaced(kit):
+    def drop(rd):
+        rd.array_records.pop("cross-stats")
+    strategy, rec, arrays = adv.run_round(kit, {(CROSS, 0): drop}, reference=0)
+    assert [(r["partition"], r["phase"]) for r in rec.clients_rejected] == [(0, "cross-statistics")]
+    assert rec.clients_rejected[0]["reason"].startswith("as reference")
+    assert rec.ok and rec.clients_merged == [1, 2] and rec.reference in (1, 2) and adv.finite_state(arrays)
+
+
+def test_probe_accuracy_is_bounded_and_ignored_when_the_server_scores(kit):
+    # a client claiming probe accuracy 1e9 is rejected
+    strategy, rec, _ = adv.run_round(kit, {(TRAIN, ATTACKER): adv.set_metric("probe-accuracy", 1e9)})
+    assert [r["partition"] for r in rec.clients_rejected] == [ATTACKER] and "probe-accuracy" in \
+        rec.clients_rejected[0]["reason"]
+    # a believable lie (1.0) does not make it the reference: the server scores the held-out probe itself
+    strategy, rec, _ = adv.run_round(kit, {(TRAIN, ATTACKER): adv.set_metric("probe-accuracy", 1.0)})
+    honest, _ = adv.run_round(kit, {})[1:]
+    assert rec.merge_info["reference_rule"] == "held-out probe accuracy"
+    assert rec.reference == honest.reference
+    # without a server probe, the reported accuracy (bounded to [0, 1]) chooses
+    strategy, rec, _ = adv.run_round(kit, {(TRAIN, ATTACKER): adv.set_metric("probe-accuracy", 1e9)},
+                                     probe=None, example_input=torch.zeros(2, 3, 32, 32), bn_reset=False)
+    assert [r["partition"] for r in rec.clients_rejected] == [ATTACKER]
+    assert rec.merge_info["reference_rule"].startswith("client-reported")
+
+
+def test_weighted_average_cannot_be_steered_by_counts(kit):
+    """method=avg weights by num-examples: the counts are bounded by the partition sizes the server knows, and
+    by 10^9 when it knows none."""
+    sizes = adv.partition_sizes(kit)
+    strategy, rec, _ = adv.run_round(kit, {(TRAIN, ATTACKER): adv.set_metric("num-examples", 10 ** 12)}, method="avg")
+    assert [r["partition"] for r in rec.clients_rejected] == [ATTACKER] and "num-examples" in \
+        rec.clients_rejected[0]["reason"]
+    strategy, rec, arrays = adv.run_round(kit, {(TRAIN, ATTACKER): adv.set_metric("num-examples", sizes[2] + 1)},
+                                          method="avg", max_examples=sizes)
+    assert [r["partition"] for r in rec.clients_rejected] == [ATTACKER] and "exceeds partition 2" in \
+        rec.clients_rejected[0]["reason"]
+    assert rec.merge_info["weights"] == pytest.approx([sizes[0] / (sizes[0] + sizes[1]), sizes[1] / (sizes[0] + sizes[1])])
+
+
+def test_identity_is_the_servers_map_across_rounds(kit):
+    """A node's partition is fixed by its first reply; afterwards claiming another one is rejected."""
+    strategy, rec, _ = adv.run_round(kit, {})
+    nodes = sorted(strategy.partitions)
+    assert [strategy.partitions[n] for n in nodes] == [0, 1, 2]
+    with pytest.raises(ReplyRejected, match="is partition 0"):
+        strategy._identify(nodes[0], 1)
+    assert strategy._identify(nodes[0], None) == 0
+
+
+# --- end to end through the ServerApp's federation (real clients, fault kinds) ---------------------------------------
+E2E = [("bytes", "train", "declared shape"), ("count", "train", "num-examples"), ("scale", "train", "weight norm"),
+       ("nonpsd", "train", "positive semidefinite"), ("partition", "train", "belongs to node"),
+       ("stale-ref", "cross-statistics", "another reference")]
+
+
+@pytest.mark.parametrize("fault,phase,reason", E2E, ids=[e[0] for e in E2E])
+def test_fault_kind_end_to_end(tmp_path, fault, phase, reason):
+    from fedmerge.client.app import make_client_app
+    from fedmerge.server.app import run_federation
+    from fedmerge.server.inline import InlineGrid
+
+    cfg = adv.tiny(out=str(tmp_path), faults=f"{fault}:2", reference="0")
+    run_federation(InlineGrid(make_client_app(cfg.to_run_config()), 3), cfg)
+    saved = json.loads((tmp_path / "result.json").read_text())
+    rej = saved["clients_rejected"]
+    assert [(r["partition"], r["phase"]) for r in rej] == [(2, phase)] and reason in rej[0]["reason"]
+    assert saved["clients_merged"] == [0, 1] and saved["rounds_completed"] == 1 and saved["error"] is None
+    assert np.isfinite(saved["accuracy"]["merged"])
+    from fedmerge.common.checkpoint import load_state
+    merged = load_state(tmp_path / "global_model.safetensors")
+    assert weight_norm(merged) <= 10 * saved["rounds"][0]["merge_info"]["norm_anchor"]
+
+
+def test_reference_dropping_out_of_the_query_end_to_end(tmp_path):
+    from fedmerge.client.app import make_client_app
+    from fedmerge.server.app import run_federation
+    from fedmerge.server.inline import InlineGrid
+
+    cfg = adv.tiny(out=str(tmp_path), faults="drop-query:0", reference="0")
+    result = run_federation(InlineGrid(make_client_app(cfg.to_run_config()), 3), cfg)
+    assert [(r["partition"], r["phase"]) for r in result["clients_rejected"]] == [(0, "cross-statistics")]
+    assert result["clients_merged"] == [1, 2] and result["reference"] in (1, 2)
+
+
+def test_unknown_fault_kind_is_an_error():
+    with pytest.raises(ValueError, match="unknown fault kind 'nann'"):
+        adv.tiny(faults="nann:1")
+    with pytest.raises(ValueError, match="KIND"):
+        adv.tiny(faults="nan:one")
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("round", "2", "field 'round' must be a int"), ("round", 99, "outside"),
+    ("model", "../../etc/passwd", "field 'model'"), ("model_sha256", "0" * 64, "checksum"),
+    ("partitions", {"5": 0, "6": 0}, "distinct partitions"), ("history", [{"round": 7, "ok": True}], "history"),
+])
+def test_resume_trusts_nothing(tmp_path, field, value, match):
+    from fedmerge.client.app import make_client_app
+    from fedmerge.server.app import run_federation
+    from fedmerge.server.inline import InlineGrid
+
+    cfg = adv.tiny(out=str(tmp_path), num_clients=2, num_server_rounds=1, method="avg")
+    run_federation(InlineGrid(make_client_app(cfg.to_run_config()), 2), cfg)
+    path = tmp_path / "state.json"
+    st = json.loads(path.read_text())
+    assert {int(k) for k in st["partitions"]} and sorted(st["partitions"].values()) == [0, 1]
+    st[field] = value
+    path.write_text(json.dumps(st))
+    more = adv.tiny(out=str(tmp_path), num_clients=2, num_server_rounds=2, method="avg", resume=True)
+    with pytest.raises(ValueError, match=match):
+        run_federation(InlineGrid(make_client_app(more.to_run_config()), 2), more)
+
+
+def test_resume_checks_the_checkpoint_and_restores_identity(tmp_path):
+    from fedmerge.client.app import make_client_app
+    from fedmerge.common.checkpoint import save_state
+    from fedmerge.server.app import run_federation
+    from fedmerge.server.inline import InlineGrid
+
+    cfg = adv.tiny(out=str(tmp_path), num_clients=2, num_server_rounds=1, method="avg", common_init=True)
+    run_federation(InlineGrid(make_client_app(cfg.to_run_config()), 2), cfg)
+    st = json.loads((tmp_path / "state.json").read_text())
+    more = adv.tiny(out=str(tmp_path), num_clients=2, num_server_rounds=2, method="avg", common_init=True, resume=True)
+    grid = InlineGrid(make_client_app(more.to_run_config()), 2)
+    result = run_federation(grid, more)
+    assert result["rounds_completed"] == 2
+    assert {str(k): v for k, v in json.loads((tmp_path / "state.json").read_text())["partitions"].items()} == \
+        st["partitions"]
+    # a checkpoint rewritten with a NaN (and a matching checksum) is refused by name
+    st = json.loads((tmp_path / "state.json").read_text())
+    ck = tmp_path / "checkpoints" / st["model"]
+    from fedmerge.common.checkpoint import load_state
+    state = load_state(ck)
+    key = next(k for k, v in state.items() if v.is_floating_point())
+    state[key] = state[key].clone()
+    state[key].view(-1)[0] = float("nan")
+    save_state(state, ck)
+    import hashlib
+    st["model_sha256"] = hashlib.sha256(ck.read_bytes()).hexdigest()
+    (tmp_path / "state.json").write_text(json.dumps(st))
+    again = adv.tiny(out=str(tmp_path), num_clients=2, num_server_rounds=3, method="avg", common_init=True, resume=True)
+    with pytest.raises(ValueError, match=f"'{key}' has non-finite values"):
+        run_federation(InlineGrid(make_client_app(again.to_run_config()), 2), again)
+
+
+def test_result_json_is_written_when_the_federation_stops(tmp_path, monkeypatch):
+    """Even an unexpected server error leaves result.json (with the error) and the finished rounds."""
+    from fedmerge.client.app import make_client_app
+    from fedmerge.server import app as server_app
+    from fedmerge.server.inline import InlineGrid
+    from fedmerge.server.strategy import CCAMerge
+
+    calls = {"n": 0}
+    original = CCAMerge.aggregate_train
+
+    def flaky(self, server_round, replies):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("disk on fire")
+        return original(self, server_round, replies)
+
+    monkeypatch.setattr(CCAMerge, "aggregate_train", flaky)
+    cfg = adv.tiny(out=str(tmp_path), num_clients=2, num_server_rounds=2, method="avg", common_init=True)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        server_app.run_federation(InlineGrid(make_client_app(cfg.to_run_config()), 2), cfg)
+    saved = json.loads((tmp_path / "result.json").read_text())
+    assert "disk on fire" in saved["error"] and saved["rounds_completed"] == 1 and saved["partial"] is True
+
+
+@pytest.mark.slow
+def test_ray_backend_names_clients_by_the_servers_map(tmp_path):
+    """Under Flower's Ray simulation the nodes have partitions of their own: the rejected NaN client is named by
+    its partition (1), and drop-query hits client 2 even when it is the reference."""
+    import subprocess
+    import sys
+    out = tmp_path / "sim"
+    cmd = [sys.executable, "-m", "fedmerge.cli", "simulate", "--backend", "ray", "--clients", "4", "--split", "iid",
+           "--arch", "cnn", "--width", "0.25", "--epochs", "1", "--max-train", "128", "--probe-size", "100",
+           "--max-test", "100", "--rounds", "1", "--method", "cca", "--inject-fault", "nan:1", "--inject-fault",
+           "drop-query:2", "--reference", "2", "--out", str(out)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    result = json.loads((out / "result.json").read_text())
+    rej = sorted((r["partition"], r["phase"]) for r in result["clients_rejected"])
+    assert rej == [(1, "train"), (2, "cross-statistics")]
+    reasons = {r["partition"]: r["reason"] for r in result["clients_rejected"]}
+    assert "NaN" in reasons[1] and reasons[2].startswith("as reference: client error")
+    assert "drops out of the statistics query" in reasons[2] and "\n" not in reasons[2]
+    assert result["clients_merged"] == [0, 3] and result["reference"] in (0, 3)
