@@ -5,7 +5,9 @@ float64. A merged layer is ``sum_i w_i T_i,out W_i T_i,in^-1`` (:mod:`fedmerge.c
 all-to-one method gives ``T`` mapping model i's units onto the reference's and ``T_inv`` what the layers
 consuming the group apply on their input side; the reference gets the identity.
 
-* :func:`match_ot` -- optimal-transport fusion (Singh & Jaggi, NeurIPS 2020), activation-based cost.
+* :func:`match_ot` -- optimal-transport fusion (Singh & Jaggi, NeurIPS 2020), activation-based cost (the
+  Euclidean distance of raw activations by default; the correlation cost, which gives Permute's assignment,
+  as an option).
 * :func:`match_zipit` -- ZipIt! (Stoica et al., ICLR 2024): greedy zipping of all N models' features.
 * :func:`match_weights` -- Git Re-Basin weight matching (Ainsworth et al., ICLR 2023).
 * :func:`match_merge_many` -- MergeMany (Ainsworth et al., ICLR 2023, the many-models algorithm).
@@ -25,10 +27,11 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from .graph import FIXED, LayerSpec, MergeSpec
-from .matching import Alignment, _unit_scales
+from .matching import Alignment, _unit_scales, correlation
 from .stats import Statistics
 
-__all__ = ["match_ot", "match_zipit", "match_weights", "match_merge_many", "ot_pair", "zipit_group"]
+__all__ = ["match_ot", "match_zipit", "match_weights", "match_merge_many", "ot_cost", "ot_pair", "zipit_group",
+           "OT_COSTS"]
 
 DTYPE = torch.float64
 _IGNORED_KW = ("gamma", "reference")  # passed by generic callers; meaningless for some methods
@@ -64,22 +67,32 @@ def _check_stats(stats: Statistics, spec: MergeSpec) -> int:
 
 
 # === optimal transport (Singh & Jaggi 2020) =================================================================
-def _ot_cost(s_aa, s_bb, s_ab, mean_a=None, mean_b=None, standardize: bool = True) -> torch.Tensor:
-    """Expected squared distance between unit j of A and unit k of B, ``E (a_j - b_k)^2``, from second moments:
-    ``S_aa[j, j] + S_bb[k, k] - 2 S_ab[j, k]`` (+ ``(mu_a_j - mu_b_k)^2`` when means are given). With
-    ``standardize`` every unit is first divided by its standard deviation (the cost becomes ``2 - 2 corr``
-    when centred), so the cost compares activation *profiles* and not their scales."""
-    va, vb = torch.diagonal(s_aa).clamp(min=0), torch.diagonal(s_bb).clamp(min=0)
-    if standardize:
-        sd_a, sd_b = _unit_scales(s_aa)[0], _unit_scales(s_bb)[0]
-        s_ab = s_ab / torch.outer(sd_a, sd_b)
-        va, vb = va / sd_a ** 2, vb / sd_b ** 2
-        if mean_a is not None:
-            mean_a, mean_b = mean_a / sd_a, mean_b / sd_b
-    cost = va[:, None] + vb[None, :] - 2 * s_ab
-    if mean_a is not None:
-        cost = cost + (mean_a[:, None] - mean_b[None, :]) ** 2
-    return torch.clamp(cost, min=0)
+#: Ground costs of :func:`match_ot` (see :func:`ot_cost`); the first is the default.
+OT_COSTS = ("euclidean", "correlation")
+
+
+def ot_cost(s_aa: torch.Tensor, s_bb: torch.Tensor, s_ab: torch.Tensor, mean_a: torch.Tensor,
+            mean_b: torch.Tensor, cost: str = "euclidean") -> torch.Tensor:
+    """OT fusion's ground cost between unit j of A (rows) and unit k of B (columns), from probe statistics.
+
+    ``"euclidean"`` (default): the expected squared distance of the raw (un-standardised, un-centred)
+    activations, ``E (a_j - b_k)^2 = var(a_j) + var(b_k) - 2 cov(a_j, b_k) + (mu_a_j - mu_b_k)^2``, i.e. the
+    squared Euclidean distance of the two units' activation vectors over the probe divided by the number of
+    samples: the activation-based ground metric of Singh & Jaggi (2020), as align-n-merge computes it. Units
+    are matched by the values they take, scale and offset included.
+
+    ``"correlation"``: the same distance between standardised, centred activations, ``2 - 2 corr(a_j, b_k)``
+    (correlations as :func:`fedmerge.common.matching.correlation` computes them for Permute). Minimising its
+    sum over a permutation maximises the summed correlation, so exact EMD then solves Permute's assignment.
+    """
+    if cost == "euclidean":
+        va, vb = torch.diagonal(s_aa).clamp(min=0), torch.diagonal(s_bb).clamp(min=0)
+        out = va[:, None] + vb[None, :] - 2 * s_ab + (mean_a[:, None] - mean_b[None, :]) ** 2
+    elif cost == "correlation":
+        out = 2 - 2 * correlation(s_aa, s_bb, s_ab)
+    else:
+        raise ValueError(f"unknown OT cost {cost!r}; choose one of {', '.join(OT_COSTS)}")
+    return torch.clamp(out, min=0)
 
 
 def ot_pair(cost: torch.Tensor, reg: float | None = None, inverse: str = "transpose",
@@ -130,15 +143,18 @@ def ot_pair(cost: torch.Tensor, reg: float | None = None, inverse: str = "transp
 
 
 def match_ot(stats: Statistics, spec: MergeSpec, reference: int = 0, reg: float | None = None,
-             standardize: bool = True, centered: bool = True, inverse: str = "transpose", **kw) -> Alignment:
+             cost: str = "euclidean", inverse: str = "transpose", **kw) -> Alignment:
     """OT fusion all-to-one: each model's units transported onto the reference's by an activation cost.
 
-    Cost between reference unit j and model unit k: expected squared distance of their (standardised,
-    centred unless ``centered=False``) activations from the covariance statistics, see :func:`_ot_cost`.
-    Uniform marginals; exact EMD by default, entropic Sinkhorn with ``reg`` (relative to the cost's
+    Cost between reference unit j and model unit k (:func:`ot_cost`): ``cost="euclidean"`` (default) the
+    expected squared distance of their raw activations, as in OT fusion (Singh & Jaggi 2020); ``"correlation"``
+    the distance of standardised, centred activations (``2 - 2 corr``), with which exact EMD gives Permute's
+    assignment. Uniform marginals; exact EMD by default, entropic Sinkhorn with ``reg`` (relative to the cost's
     maximum). See :func:`ot_pair` for ``T``/``T_inv`` (``inverse="transpose"`` or ``"pinv"``).
     """
     _check_kw("match_ot", kw)
+    if cost not in OT_COSTS:
+        raise ValueError(f"unknown OT cost {cost!r}; choose one of {', '.join(OT_COSTS)}")
     n = _check_stats(stats, spec)
     reference = _check_reference(reference, n)
     out: Alignment = {}
@@ -152,10 +168,9 @@ def match_ot(stats: Statistics, spec: MergeSpec, reference: int = 0, reg: float 
             if not stats.has_pair(reference, i):
                 raise ValueError(f"ot needs cross statistics between the reference {reference} and model {i}")
             s_aa, s_bb, s_ab = stats.pair(reference, i, g)
-            means = (None, None) if centered else (stats.own[reference][g].mean.to(DTYPE),
-                                                   stats.own[i][g].mean.to(DTYPE))
-            cost = _ot_cost(s_aa.to(DTYPE), s_bb.to(DTYPE), s_ab.to(DTYPE), *means, standardize=standardize)
-            row.append(ot_pair(cost, reg=reg, inverse=inverse))
+            c = ot_cost(s_aa.to(DTYPE), s_bb.to(DTYPE), s_ab.to(DTYPE), stats.own[reference][g].mean.to(DTYPE),
+                        stats.own[i][g].mean.to(DTYPE), cost=cost)
+            row.append(ot_pair(c, reg=reg, inverse=inverse))
         out[g] = row
     return out
 

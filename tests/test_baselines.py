@@ -8,10 +8,12 @@ import torch.nn.functional as F
 
 from fedmerge import collect_statistics, merge_models
 from fedmerge.common.align import align_state
-from fedmerge.common.baselines import (match_merge_many, match_ot, match_weights, match_zipit, ot_pair,
+from fedmerge.common.baselines import (match_merge_many, match_ot, match_weights, match_zipit, ot_cost, ot_pair,
                                        zipit_group)
 from fedmerge.common.graph import derive_spec
+from fedmerge.common.matching import correlation, permute_pair
 from fedmerge.common.merge import compute_alignment
+from fedmerge.common.stats import CrossMoments, Moments
 from toy_models import TinyMLP, TinyResNet, TinyVGG, randomize_bn
 
 METHODS = ["ot", "zipit", "weight_matching", "merge_many"]
@@ -156,6 +158,70 @@ def test_ot_exact_and_entropic():
     models = [ARCHS["vgg"](seed) for seed in range(2)]
     with torch.no_grad():
         assert torch.isfinite(merge_models(models, X, method="ot", reg=0.1)(X)).all()
+
+
+def _pair_stats(a, b):
+    """(S_aa, S_bb, S_ab, mean_a, mean_b) of paired activations a (n, d_a), b (n, d_b), as the probe gives them."""
+    ma, mb, cab = Moments.of(a), Moments.of(b), CrossMoments.of(a, b)
+    return ma.cov, mb.cov, cab.cov, ma.mean, mb.mean
+
+
+def test_ot_cost_choice_is_honoured():
+    # unit 0 of A and unit 0 of B vary together (corr 1) but B's is offset by 10; likewise A's unit 1 and B's
+    # unit 1 with the offset on A's side. Correlation pairs 0-0 and 1-1; the Euclidean distance of the raw
+    # activations pairs the units that take similar values: E(a0 - b1)^2 = E(x - y)^2 ~ 2 against
+    # E(a0 - b0)^2 = 100 for the correlated pair, so it swaps them.
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2, 4000, generator=g, dtype=torch.float64)
+    a = torch.stack([x, y + 10], 1)
+    b = torch.stack([x + 10, y], 1)
+    s_aa, s_bb, s_ab, mu_a, mu_b = _pair_stats(a, b)
+    eye, swap = torch.eye(2, dtype=torch.float64), torch.eye(2, dtype=torch.float64).flip(0)
+    euc = ot_cost(s_aa, s_bb, s_ab, mu_a, mu_b)                       # the default
+    assert torch.allclose(euc, ot_cost(s_aa, s_bb, s_ab, mu_a, mu_b, cost="euclidean"))
+    # the covariance identity equals the sample mean of the squared differences (n-1 vs n normalisation)
+    direct = ((a[:, :, None] - b[:, None, :]) ** 2).mean(0)
+    assert torch.allclose(euc * (1 - 1 / 4000) + (mu_a[:, None] - mu_b[None]) ** 2 / 4000, direct, rtol=1e-9)
+    assert torch.equal(ot_pair(euc)[0], swap)
+    corr = ot_cost(s_aa, s_bb, s_ab, mu_a, mu_b, cost="correlation")
+    assert torch.allclose(corr.diagonal(), torch.zeros(2, dtype=torch.float64), atol=1e-12)  # 2 - 2 * 1
+    assert torch.equal(ot_pair(corr)[0], eye)
+    assert torch.equal(permute_pair(s_aa, s_bb, s_ab)[0], eye)
+    with pytest.raises(ValueError, match=r"unknown OT cost 'cosine'.*euclidean, correlation"):
+        ot_cost(s_aa, s_bb, s_ab, mu_a, mu_b, cost="cosine")
+
+
+def test_ot_correlation_cost_is_permute_and_euclidean_is_the_default():
+    # on real networks: with the correlation cost exact EMD solves Permute's assignment problem in every group:
+    # the same summed correlation (the optimum), and the same permutation where the optimum is unique (units
+    # dead on the probe have correlation 0 with everything, so their pairing is a tie either method may break)
+    models = [ARCHS["vgg"](seed) for seed in range(2)]
+    spec = derive_spec(models[0], X)
+    stats = collect_statistics(models, X, spec=spec)
+    states = [m.state_dict() for m in models]
+    perm = compute_alignment("permute", spec, stats, states, reference=0)
+    ot_corr = compute_alignment("ot", spec, stats, states, reference=0, cost="correlation")
+    ot_euc = compute_alignment("ot", spec, stats, states, reference=0, cost="euclidean")
+    ot_default = compute_alignment("ot", spec, stats, states, reference=0)
+    unique = 0
+    for gid in spec.groups:
+        s_aa, s_bb, s_ab = stats.pair(0, 1, gid)
+        corr = correlation(s_aa, s_bb, s_ab)
+        best = float((perm[gid][1][0] * corr).sum())
+        assert abs(float((ot_corr[gid][1][0] * corr).sum()) - best) <= 1e-12 * spec.groups[gid].dim, gid
+        if all(bool((v > 1e-12 * v.mean()).all()) for v in (s_aa.diagonal(), s_bb.diagonal())):
+            unique += 1
+            assert torch.equal(ot_corr[gid][1][0], perm[gid][1][0]), gid
+        assert torch.equal(ot_default[gid][1][0], ot_euc[gid][1][0]), gid
+    assert unique >= 2  # here the last group has units dead on X; the first two are all live
+    # each group's Euclidean plan is the EMD optimum of the raw-activation cost, computed here from the statistics
+    for gid in spec.groups:
+        s_aa, s_bb, s_ab = stats.pair(0, 1, gid)
+        c = ot_cost(s_aa, s_bb, s_ab, stats.own[0][gid].mean, stats.own[1][gid].mean)
+        assert torch.equal(ot_euc[gid][1][0], ot_pair(c)[0]), gid
+    # the option travels through merge_models like the method's other options; an unknown cost is an error
+    with pytest.raises(ValueError, match="unknown OT cost"):
+        merge_models(models, X, method="ot", cost="l1")
 
 
 def test_bad_inputs():
