@@ -213,7 +213,7 @@ class MergeCache:
     statistics collected once.
 
     The probe is split into a fitting and a held-out part exactly as :func:`merge_models` splits it (only when
-    gamma is chosen, ``gamma="auto"``); the statistics of all N models on the part a merge uses are collected
+    something is chosen on it: gamma with ``gamma="auto"``, ZipIt!'s alpha and beta); the statistics of all N models on the part a merge uses are collected
     the first time they are needed (reference pairs (0, i), or all pairs for ZipIt!), and those of the first n
     models are a prefix of them (per-model and per-pair blocks do not depend on the other models). So the result
     is the one ``merge_models`` gives, without recollecting statistics for every (n, method, post-processing).
@@ -265,7 +265,7 @@ class MergeCache:
     def merge(self, n: int, method: str, *, gamma="auto", bn_reset: bool = False, repair: bool = False,
               gamma_grid=None):
         """(merged model, MergeInfo, seconds without statistics collection) for the first ``n`` models."""
-        from fedmerge.common.merge import GAMMA_GRID, METHODS, merge_from_statistics, merge_models
+        from fedmerge.common.merge import GAMMA_GRID, METHODS, merge_from_statistics, merge_models, selection_candidates
 
         grid = GAMMA_GRID if gamma_grid is None else gamma_grid
         models = self.models[:n]
@@ -276,7 +276,7 @@ class MergeCache:
                                         held_out=self.held_out, seed=self.seed, gamma_grid=grid, return_info=True)
             return merged, info, time.perf_counter() - t
         m = METHODS[method]
-        select = gamma == "auto" and m.tunable_gamma
+        select = bool(selection_candidates(method, gamma, gamma_grid=grid))  # as merge_models decides it
         fit, held = self._parts(select)
         s0 = self.statistics_s
         stats = None

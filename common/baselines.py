@@ -228,23 +228,30 @@ def _feasible_size_pairs(alive_sizes: np.ndarray, n: int, d: int) -> np.ndarray:
     return table
 
 
-def zipit_group(corr: np.ndarray, n: int, d: int, alpha: float = 0.0, beta: float = 0.5
+def zipit_group(corr: np.ndarray, n: int, d: int, alpha: float = 0.3, beta: float = 0.125
                 ) -> list[list[tuple[int, int]]]:
     """Greedy zipping of n*d features into d merged features; returns the clusters as (model, unit) lists.
 
     Our reading of ZipIt!'s matching, generalised to n models by agglomeration: every feature starts as its
     own cluster; repeatedly the two clusters with the highest score are merged, the score being the average
     correlation between their members (for single features: their correlation). Same-model merges are
-    allowed (ZipIt!'s main point), limited by the *same-model budget* ``beta``: each model may take part in at
-    most ``floor(beta * d)`` merges that put two of its own features together. ``alpha`` controls repeated
-    matching: a merge creating a cluster of more than n features has its score (the correlation shifted to
-    [0, 2]) multiplied by ``alpha ** (size - n)``; ``alpha = 0`` forbids it, so for two models every feature
-    is zipped exactly once (the paper's pairwise procedure); ``alpha = 1`` is unconstrained average-linkage
-    agglomeration. With ``alpha = 0`` and n > 2, merges after which the clusters could no longer be packed
-    exactly into d merged features of n members are skipped (a best-fit-decreasing test, exact for n <= 3).
-    If the constraints leave no admissible merge before d clusters remain (never for n = 2; rare otherwise,
-    e.g. same-model budgets spent), they are dropped for the remaining merges (smallest resulting cluster
-    first, then the highest correlation).
+    allowed (ZipIt!'s main point), limited by the *same-model budget* ``beta``, in upstream ZipIt!'s convention
+    (its ``b``; ``match_tensors_zipit``): zipping n*d features into d takes (n-1)*d merges, and each model
+    may take part in at most ``floor(beta * floor((n-1) * d / n))`` merges that put two of its own features
+    together -- ``floor(beta * d / 2)`` for two models. (Before issue 16 the budget here was
+    ``floor(beta * d)``, with ``beta = 0.5`` by default: upstream's ``b = 1``, 8x upstream's default 0.125.)
+    ``alpha`` controls repeated matching: a merge creating a cluster of more than n features has its score
+    (the correlation shifted to [0, 2]) multiplied by ``alpha ** (size - n)``; ``alpha = 0`` forbids it, so
+    for two models every feature is zipped exactly once (the paper's pairwise procedure); ``alpha = 1`` is
+    unconstrained average-linkage agglomeration. Upstream's ``a`` plays the same role (0 forbids re-merging,
+    1 does not penalise it) but multiplies a cluster's similarities by ``a`` at each merge, under
+    minimum linkage. The defaults are upstream's (a = 0.3, b = 0.125); ``merge_models`` chooses both on the
+    held-out probe slice (``fedmerge.common.merge.ZIPIT_GRID``). With
+    ``alpha = 0`` and n > 2, merges after which the clusters could no longer be packed exactly into d merged
+    features of n members are skipped (a best-fit-decreasing test, exact for n <= 3). If the constraints
+    leave no admissible merge before d clusters remain (never for n = 2; rare otherwise, e.g. same-model
+    budgets spent), they are dropped for the remaining merges (smallest resulting cluster first, then the
+    highest correlation).
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
@@ -258,7 +265,7 @@ def zipit_group(corr: np.ndarray, n: int, d: int, alpha: float = 0.0, beta: floa
     np.fill_diagonal(sums, 0.0)
     sizes = np.ones(total)
     alive = np.ones(total, dtype=bool)
-    budget = np.full(n, math.floor(beta * d), dtype=np.int64)
+    budget = np.full(n, math.floor(beta * ((n - 1) * d // n) + 1e-9), dtype=np.int64)
     used = np.zeros(n, dtype=np.int64)
 
     def scores(constrained: bool) -> np.ndarray:
@@ -311,8 +318,10 @@ def zipit_group(corr: np.ndarray, n: int, d: int, alpha: float = 0.0, beta: floa
     return out
 
 
-def match_zipit(stats: Statistics, spec: MergeSpec, alpha: float = 0.0, beta: float = 0.5, **kw) -> Alignment:
-    """ZipIt!: zip all N models' features jointly into d merged features per group (see :func:`zipit_group`).
+def match_zipit(stats: Statistics, spec: MergeSpec, alpha: float = 0.3, beta: float = 0.125, **kw) -> Alignment:
+    """ZipIt!: zip all N models' features jointly into d merged features per group (see :func:`zipit_group`;
+    ``alpha``/``beta`` default to upstream's a = 0.3, b = 0.125; ``merge_models`` chooses them on the held-out
+    probe slice unless given).
 
     Needs cross statistics of every pair (``collect_statistics(..., pairs="all")``). Each merged feature c
     averages its members: merge matrices ``M_i[c, k] = 1/|c|`` for each member (i, k), unmerge matrices

@@ -12,7 +12,9 @@ from fedmerge.common.baselines import (match_merge_many, match_ot, match_weights
                                        zipit_group)
 from fedmerge.common.graph import derive_spec
 from fedmerge.common.matching import correlation, permute_pair
-from fedmerge.common.merge import compute_alignment
+from fedmerge.common.merge import (ZIPIT_GRID, compute_alignment, merge_from_statistics, probe_logits, probe_score,
+                                   selection_candidates)
+from fedmerge.common.probe import as_batches
 from fedmerge.common.stats import CrossMoments, Moments
 from toy_models import TinyMLP, TinyResNet, TinyVGG, randomize_bn
 
@@ -47,8 +49,9 @@ def permuted_copy(model, x, seed=1):
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 @pytest.mark.parametrize("method", METHODS)
 def test_permuted_copy_is_recovered_exactly(arch, method):
-    # ZipIt! with alpha=0 (default): a unit and its permuted twin are perfectly correlated, so the greedy
-    # zips every cross-model twin pair before any (less correlated) same-model pair -- exact as well.
+    # ZipIt! (alpha, beta chosen on the held-out probe slice): a unit and its permuted twin are perfectly
+    # correlated, so for every (alpha, beta) the greedy zips every cross-model twin pair before any (less
+    # correlated) same-model pair -- exact as well.
     a = ARCHS[arch]()
     b = permuted_copy(a, X)
     merged = merge_models([a, b], X, method=method, bn_reset=False)
@@ -139,6 +142,85 @@ def test_zipit_allows_same_model_merges_and_options():
         zipit_group(corr, 2, d, alpha=2.0)
     with pytest.raises(ValueError, match="beta"):
         zipit_group(corr, 2, d, beta=-0.1)
+
+
+def test_zipit_budget_follows_upstreams_b():
+    # upstream ZipIt!: (n-1)*d merges in all, each model at most floor(b * floor((n-1)*d/n)) same-model merges:
+    # floor(b*d/2) for two models. Two models whose units are pairwise duplicates within each model
+    # (corr 1) and unrelated across: the greedy zips same-model pairs while the budget lasts.
+    g = torch.Generator().manual_seed(0)
+    d = 8
+    base = torch.randn(2000, d, generator=g, dtype=torch.float64)
+    za = base[:, [0, 0, 1, 1, 2, 2, 3, 3]]
+    zb = torch.randn(2000, d // 2, generator=g, dtype=torch.float64)[:, [0, 0, 1, 1, 2, 2, 3, 3]]
+    corr = torch.corrcoef(torch.cat([za, zb], 1).T).numpy()
+    for beta, budget in ((0.0, 0), (0.125, 0), (0.25, 1), (0.5, 2), (1.0, 4)):  # floor(beta * 4)
+        clusters = zipit_group(corr, 2, d, alpha=0.0, beta=beta)
+        same_model = [c for c in clusters if len({i for i, _ in c}) == 1]
+        assert len(same_model) == 2 * budget, (beta, clusters)             # both models spend their budget
+
+
+def test_zipit_alpha_beta_chosen_on_the_held_out_slice_only():
+    """ZipIt!'s (alpha, beta) are chosen like CCA's gamma: every grid point is scored on the held-out probe
+    slice (the eval batches), the best is kept and recorded; the fitting slice's labels play no part and
+    no test set is an input at all. The held-out labels decide: labelled with one candidate's predictions,
+    that candidate's predictions win."""
+    models = [ARCHS["vgg"](seed) for seed in (3, 4)]
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(120, 3, 16, 16, generator=g)
+    y = torch.randint(0, 5, (120,), generator=g)
+    fit, held = as_batches((x, y), batch_size=40).split(0.25, seed=0)
+    spec = derive_spec(models[0], x)
+    stats = collect_statistics(models, fit, pairs="all", spec=spec)
+    states = [m.state_dict() for m in models]
+    grid = selection_candidates("zipit")
+    assert len(grid) == 16 and {tuple(c) for c in grid} == {("alpha", "beta")}
+    assert {(c["alpha"], c["beta"]) for c in grid} == {(a, b) for a in ZIPIT_GRID[0][1] for b in ZIPIT_GRID[1][1]}
+
+    def merge(eval_batches, fit_batches=fit, **kw):
+        return merge_from_statistics(models[0], states, spec, stats, method="zipit", reset_batches=fit_batches,
+                                     eval_batches=eval_batches, bn_reset=False, **kw)
+
+    held_x, _ = held.tensors()
+    preds = {}  # each candidate's held-out predictions, from a merge with (alpha, beta) fixed
+    for c in grid:
+        model, info = merge(None, **c)
+        assert info.params == {} and info.param_scores == []                # nothing chosen when both given
+        preds[(c["alpha"], c["beta"])] = probe_logits(model, held)
+    merged, info = merge(held)
+    # the scores are the eval batches' scores of each candidate's merge, in grid order; the best is kept
+    assert [p for p, _ in info.param_scores] == grid
+    for p, score in info.param_scores:
+        assert score == probe_score(preds[(p["alpha"], p["beta"])], held)
+    assert info.params == max(info.param_scores, key=lambda ps: ps[1])[0] and info.gamma is None
+    assert torch.equal(probe_logits(merged, held), preds[(info.params["alpha"], info.params["beta"])])
+    # fitting labels scrambled: the same choice and the same model
+    scrambled = as_batches((fit.tensors()[0], torch.randint(0, 5, (fit.num_samples,), generator=g)), 40)
+    same_model, same_info = merge(held, fit_batches=scrambled)
+    assert same_info.params == info.params and same_info.param_scores == info.param_scores
+    assert all(torch.equal(v, same_model.state_dict()[k]) for k, v in merged.state_dict().items())
+    # held-out labels = candidate X's predictions: a candidate predicting exactly like X is chosen, and
+    # another labelling (candidate Y's, which differ from X's) moves the choice
+    keys = list(preds)
+    kx = keys[0]
+    ky = next(k for k in keys if not torch.equal(preds[k].argmax(1), preds[kx].argmax(1)))
+    chosen = []
+    for k in (kx, ky):
+        relabelled = as_batches((held_x, preds[k].argmax(1)), 40)
+        _, inf = merge(relabelled)
+        pick = (inf.params["alpha"], inf.params["beta"])
+        assert torch.equal(preds[pick].argmax(1), preds[k].argmax(1)) and inf.param_scores
+        chosen.append(pick)
+    assert chosen[0] != chosen[1]
+    # only the options left out are tuned; merge_models records the choice
+    assert [c for c in selection_candidates("zipit", method_kwargs={"beta": 0.0})] == \
+        [{"alpha": a} for a in ZIPIT_GRID[0][1]]
+    _, minfo = merge_models(models, (x, y), method="zipit", return_info=True)
+    assert set(minfo.params) == {"alpha", "beta"} and len(minfo.param_scores) == 16
+    _, minfo = merge_models(models, (x, y), method="zipit", alpha=0.3, beta=0.125, return_info=True)
+    assert minfo.params == {} and minfo.param_scores == []
+    with pytest.raises(ValueError, match="held-out probe slice"):
+        merge(None)
 
 
 def test_ot_exact_and_entropic():

@@ -43,7 +43,7 @@ def test_merge_cache_matches_merge_models(arch):
         kw = {"bn_reset": post, "repair": False} if bn else {"bn_reset": False, "repair": post}
         a, ia = merge_models(models[:n], probe, method=method, reference=0, gamma="auto", return_info=True, **kw)
         b, ib, secs = cache.merge(n, method, gamma="auto", **kw)
-        assert ia.gamma == ib.gamma and secs >= 0
+        assert ia.gamma == ib.gamma and ia.params == ib.params and secs >= 0
         sa, sb = a.state_dict(), b.state_dict()
         for k in sa:
             torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=1e-6, msg=f"{method} n={n} {k}")
