@@ -9,7 +9,8 @@ consuming the group apply on their input side; the reference gets the identity.
   Euclidean distance of raw activations by default; the correlation cost, which gives Permute's assignment,
   as an option).
 * :func:`match_zipit` -- ZipIt! (Stoica et al., ICLR 2024): greedy zipping of all N models' features.
-* :func:`match_weights` -- Git Re-Basin weight matching (Ainsworth et al., ICLR 2023).
+* :func:`match_weights` -- Git Re-Basin weight matching (Ainsworth et al., ICLR 2023); the published
+  objective (no BatchNorm running statistics, no conv/linear biases) unless asked otherwise.
 * :func:`match_merge_many` -- MergeMany (Ainsworth et al., ICLR 2023, the many-models algorithm).
 
 The weight-based methods read the layer layout from the :class:`~fedmerge.common.graph.MergeSpec` only
@@ -361,13 +362,19 @@ Perms = dict[int, np.ndarray]  # group -> perm with aligned[a] = original[perm[a
 @dataclass
 class _Layer:
     spec: LayerSpec
-    keys: list[str]  # parameter names: "weight" (+ "bias") for conv/linear; the vectors for BN
+    keys: list[str]  # the parameters in the objective: conv/linear "weight" (+ "bias"), BN's vectors
 
 
-def _layers(spec: MergeSpec, state: Mapping[str, torch.Tensor]) -> list[_Layer]:
+def _layers(spec: MergeSpec, state: Mapping[str, torch.Tensor], biases: bool = False,
+            running_stats: bool = False) -> list[_Layer]:
+    """The parameters weight matching's objective reads, per layer: conv/linear weights (and their biases
+    with ``biases``), BatchNorm weight and bias (and running mean / variance with ``running_stats``)."""
     out = []
     for l in spec.layers.values():
-        names = ("weight", "bias") if l.kind != "bn" else ("weight", "bias", "running_mean", "running_var")
+        if l.kind != "bn":
+            names = ("weight", "bias") if biases else ("weight",)
+        else:
+            names = ("weight", "bias") + (("running_mean", "running_var") if running_stats else ())
         keys = [f"{l.name}.{k}" for k in names if state.get(f"{l.name}.{k}") is not None]
         if l.kind != "bn" and f"{l.name}.weight" not in state:
             raise ValueError(f"state dict has no '{l.name}.weight' for merge layer '{l.name}'")
@@ -490,12 +497,15 @@ def _to_alignment(spec: MergeSpec, all_perms: Sequence[Perms]) -> Alignment:
     return out
 
 
-def _check_states(states, spec: MergeSpec, max_iter) -> list[_Layer]:
+def _check_states(states, spec: MergeSpec, max_iter, biases: bool, running_stats: bool) -> list[_Layer]:
     if not isinstance(states, (list, tuple)) or len(states) < 2:
         raise ValueError("weight matching needs a list of at least 2 state dicts")
     if not (isinstance(max_iter, (int, np.integer)) and max_iter >= 1):
         raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
-    layers = _layers(spec, states[0])
+    for name, flag in (("wm_biases", biases), ("wm_running_stats", running_stats)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"{name} must be True or False, got {flag!r}")
+    layers = _layers(spec, states[0], biases, running_stats)
     for i, sd in enumerate(states):
         for lay in layers:
             for k in lay.keys:
@@ -516,12 +526,18 @@ def _check_states(states, spec: MergeSpec, max_iter) -> list[_Layer]:
 
 
 def match_weights(states: Sequence[Mapping[str, torch.Tensor]], spec: MergeSpec, reference: int = 0,
-                  max_iter: int = 100, seed: int = 0, **kw) -> Alignment:
+                  max_iter: int = 100, seed: int = 0, wm_biases: bool = False, wm_running_stats: bool = False,
+                  **kw) -> Alignment:
     """Git Re-Basin weight matching, all-to-one: each model permuted to maximise ``sum_layers <W_ref, P W_i>``
-    (inner products of all parameters: conv/linear weights on both axes, biases, BatchNorm vectors) against
-    the reference, by coordinate descent over groups. ``T`` is the permutation matrix, ``T_inv = T^T``."""
+    against the reference, by coordinate descent over groups. ``T`` is the permutation matrix, ``T_inv = T^T``.
+
+    The objective is the published one by default: conv/linear weights on both axes and BatchNorm's weight
+    and bias. BatchNorm running statistics are left out, as in Git Re-Basin's code (they are buffers, not
+    parameters, there), and so are conv/linear biases, as in align-n-merge's VGG variant (nets whose hidden
+    layers have no bias -- ResNets -- are unaffected; Git Re-Basin's MLP objective includes biases).
+    ``wm_biases=True`` / ``wm_running_stats=True`` put them back (the objective before issue 16 had both)."""
     _check_kw("match_weights", kw, ("gamma",))
-    layers = _check_states(states, spec, max_iter)
+    layers = _check_states(states, spec, max_iter, wm_biases, wm_running_stats)
     reference = _check_reference(reference, len(states))
     f64 = [_f64(sd, layers) for sd in states]
     ident = {g: np.arange(grp.dim) for g, grp in spec.groups.items()}
@@ -537,14 +553,16 @@ def match_weights(states: Sequence[Mapping[str, torch.Tensor]], spec: MergeSpec,
 
 
 def match_merge_many(states: Sequence[Mapping[str, torch.Tensor]], spec: MergeSpec, reference: int = 0,
-                     max_iter: int = 20, seed: int = 0, inner_iter: int = 100, **kw) -> Alignment:
+                     max_iter: int = 20, seed: int = 0, inner_iter: int = 100, wm_biases: bool = False,
+                     wm_running_stats: bool = False, **kw) -> Alignment:
     """MergeMany (Ainsworth et al. 2023): start from all-to-one weight matching to ``reference``; then, in
     rounds over the models in random order, weight-match model i to the average of all the other (currently
     aligned) models, until a round changes no permutation (or ``max_iter`` rounds). The shared basis is only
     defined up to one common permutation; it is fixed by giving ``reference`` the identity (which changes
-    nothing in the merged model)."""
+    nothing in the merged model). The objective is :func:`match_weights`' (``wm_biases``,
+    ``wm_running_stats``)."""
     _check_kw("match_merge_many", kw, ("gamma",))
-    layers = _check_states(states, spec, max_iter)
+    layers = _check_states(states, spec, max_iter, wm_biases, wm_running_stats)
     if not (isinstance(inner_iter, (int, np.integer)) and inner_iter >= 1):
         raise ValueError(f"inner_iter must be a positive integer, got {inner_iter!r}")
     n = len(states)

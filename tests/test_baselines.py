@@ -306,6 +306,45 @@ def test_ot_correlation_cost_is_permute_and_euclidean_is_the_default():
         merge_models(models, X, method="ot", cost="l1")
 
 
+def _perturbed(state, suffixes, seed, scale=1e4):
+    """``state`` with every tensor whose name ends in one of ``suffixes`` replaced by large positive noise."""
+    g = torch.Generator().manual_seed(seed)
+    return {k: (scale * (1 + torch.rand(v.shape, generator=g, dtype=v.dtype)) if k.endswith(suffixes) else v)
+            for k, v in state.items()}
+
+
+def _same_alignment(x, y) -> bool:
+    return all(torch.equal(x[g][i][0], y[g][i][0]) for g in x for i in range(len(x[g])))
+
+
+@pytest.mark.parametrize("method", ["weight_matching", "merge_many"])
+@pytest.mark.parametrize("case", ["running_stats", "biases"])
+def test_weight_matching_objective_is_the_published_one(method, case):
+    """By default the objective has no BatchNorm running statistics (Git Re-Basin's code) and no conv/linear
+    biases (align-n-merge's VGG variant): replacing them in model B by huge noise leaves the matching as it is.
+    The ablation options (the former objective) put them back, and the same noise then moves the matching."""
+    if case == "running_stats":  # BatchNorm VGG (convs without bias), non-trivial BN vectors
+        a = randomize_bn((torch.manual_seed(0), TinyVGG(bn=True))[1], seed=0)
+        suffixes, option = ("running_mean", "running_var"), "wm_running_stats"
+    else:  # VGG without BatchNorm: every conv has a bias
+        a = ARCHS["vgg"](0)
+        suffixes, option = (".bias",), "wm_biases"
+    b = permuted_copy(a, X)
+    spec = derive_spec(a, X)
+    sa, sb = a.state_dict(), b.state_dict()
+    noisy = _perturbed(sb, suffixes, seed=1)
+    assert any(not torch.equal(noisy[k], sb[k]) for k in sb if k.endswith(suffixes))
+    clean = compute_alignment(method, spec, None, [sa, sb], reference=0)
+    assert _same_alignment(compute_alignment(method, spec, None, [sa, noisy], reference=0), clean)
+    # the exact copy is still recovered with the ablation objective ...
+    assert _same_alignment(compute_alignment(method, spec, None, [sa, sb], reference=0, **{option: True}), clean)
+    # ... whose matching the noise in the re-included parameters now moves
+    moved = compute_alignment(method, spec, None, [sa, noisy], reference=0, **{option: True})
+    assert not _same_alignment(moved, clean)
+    with pytest.raises(ValueError, match=option):
+        compute_alignment(method, spec, None, [sa, sb], reference=0, **{option: "yes"})
+
+
 def test_bad_inputs():
     models = [ARCHS["vgg"](seed) for seed in range(2)]
     spec = derive_spec(models[0], X)
