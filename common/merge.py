@@ -6,8 +6,9 @@
 Steps: derive the merge spec from ``torch.fx``; split the probe into a fitting part and a held-out part
 when something must be selected (``gamma="auto"``, ZipIt!'s ``alpha``/``beta`` when not given,
 ``reference="best"``); collect statistics; compute the alignment with the chosen method; align and average;
-reset BatchNorm statistics (default for nets with BN) or apply REPAIR (nets without BN). :func:`merge_from_statistics` does the same from statistics computed
-elsewhere (the Flower server, with statistics uploaded by clients).
+reset BatchNorm statistics (default for nets with BN) or apply REPAIR (nets without BN).
+:func:`merge_from_statistics` does the same from statistics computed elsewhere (the Flower server, with
+statistics uploaded by clients).
 """
 from __future__ import annotations
 
