@@ -21,8 +21,9 @@ from fedmerge.client.train import ensemble_evaluate
 from fedmerge.common.merge import has_batchnorm, merge_models
 from fedmerge.common.probe import as_batches
 
-from .common import (Setup, add_split_arg, base_parser, checkpoint_tag, client_seed, command_line, environment,
-                     forward_pass, md_table, pct, resolve, sync, train_clients, training_record, write_results)
+from .common import (Setup, add_split_arg, base_parser, checkpoint_tag, client_seed, command_line, data_note,
+                     environment, forward_pass, md_table, pct, resolve, sync, train_clients, training_record,
+                     write_results)
 from .plots import bar_chart
 
 METHODS = ["avg", "permute", "weight_matching", "ot", "zipit", "cca"]
@@ -74,7 +75,7 @@ def main(argv=None):
                          rec["statistics_s"], rec["transforms_s"], total])
             print(f"[{time.perf_counter() - t0:.0f} s]", rows[-1], flush=True)
     header = (f"# Two models, {args.split} split — {args.arch} x{sc['width']} on {setup.train.name}\n\n"
-              f"Data: {setup.train.source}; {len(setup.train)} train / {len(setup.test)} test images; clients of "
+              f"Data: {data_note(setup.train)}; {len(setup.train)} train / {len(setup.test)} test images; clients of "
               f"{', '.join(str(len(q)) for q in setup.parts)} images; probe {sc['probe_size']} images held out "
               f"from client data (20% of it held out again to choose CCA's gamma and ZipIt!'s alpha, beta); "
               f"{sc['epochs']} epochs per model, lr {sc['lr']:g}, batch {sc['batch_size']}; seed {args.seed} "
