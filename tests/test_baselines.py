@@ -150,7 +150,7 @@ def test_zipit_budget_follows_upstreams_b():
     # (corr 1) and unrelated across: the greedy zips same-model pairs while the budget lasts.
     g = torch.Generator().manual_seed(0)
     d = 8
-    base = torch.randn(2000, d, generator=g, dtype=torch.float64)
+    base = torch.randn(2000, d // 2, generator=g, dtype=torch.float64)
     za = base[:, [0, 0, 1, 1, 2, 2, 3, 3]]
     zb = torch.randn(2000, d // 2, generator=g, dtype=torch.float64)[:, [0, 0, 1, 1, 2, 2, 3, 3]]
     corr = torch.corrcoef(torch.cat([za, zb], 1).T).numpy()
@@ -242,6 +242,13 @@ def test_ot_exact_and_entropic():
         assert torch.isfinite(merge_models(models, X, method="ot", reg=0.1)(X)).all()
 
 
+def _two_vggs():
+    """Two independently initialised toy VGGs, their merge spec, reference statistics on X and state dicts."""
+    models = [ARCHS["vgg"](seed) for seed in range(2)]
+    spec = derive_spec(models[0], X)
+    return models, spec, collect_statistics(models, X, spec=spec), [m.state_dict() for m in models]
+
+
 def _pair_stats(a, b):
     """(S_aa, S_bb, S_ab, mean_a, mean_b) of paired activations a (n, d_a), b (n, d_b), as the probe gives them."""
     ma, mb, cab = Moments.of(a), Moments.of(b), CrossMoments.of(a, b)
@@ -277,10 +284,7 @@ def test_ot_correlation_cost_is_permute_and_euclidean_is_the_default():
     # on real networks: with the correlation cost exact EMD solves Permute's assignment problem in every group:
     # the same summed correlation (the optimum), and the same permutation where the optimum is unique (units
     # dead on the probe have correlation 0 with everything, so their pairing is a tie either method may break)
-    models = [ARCHS["vgg"](seed) for seed in range(2)]
-    spec = derive_spec(models[0], X)
-    stats = collect_statistics(models, X, spec=spec)
-    states = [m.state_dict() for m in models]
+    models, spec, stats, states = _two_vggs()
     perm = compute_alignment("permute", spec, stats, states, reference=0)
     ot_corr = compute_alignment("ot", spec, stats, states, reference=0, cost="correlation")
     ot_euc = compute_alignment("ot", spec, stats, states, reference=0, cost="euclidean")
@@ -346,10 +350,7 @@ def test_weight_matching_objective_is_the_published_one(method, case):
 
 
 def test_bad_inputs():
-    models = [ARCHS["vgg"](seed) for seed in range(2)]
-    spec = derive_spec(models[0], X)
-    stats = collect_statistics(models, X, spec=spec)
-    states = [m.state_dict() for m in models]
+    models, spec, stats, states = _two_vggs()
     with pytest.raises(ValueError, match="reference"):
         match_ot(stats, spec, reference=5)
     with pytest.raises(ValueError, match="at least 2"):
