@@ -25,6 +25,10 @@ SCALES = {
 # Peak learning rate per architecture where it differs from the scale's (the REPAIR/CCA Merge recipes train
 # VGG without BatchNorm at 0.08: at batch 500 and lr 0.4 VGG11 x1 diverged within 11 epochs on an H100).
 ARCH_LR = {("vgg11", "paper"): 0.08, ("vgg16", "paper"): 0.08}
+# The data regime of the paper's Table 1 and Fig. 4: every client trains on all non-probe training images, from
+# its own seed. The default of two_models and many_models and of the studies reusing their models; the Table 3
+# analogues (80/20, Dirichlet, disjoint) are benchmarks.splits'.
+SAME_DATA = "same"
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:
@@ -82,6 +86,34 @@ class Setup:
                 "client_sizes": [int(len(p)) for p in self.parts], "split": self.split}
 
 
+def client_seed(args, i: int) -> int:
+    """Client ``i``'s own seed: its initialisation, data order and augmentation (as the ClientApp derives
+    ``seed * 1000 + partition id``)."""
+    return args.seed * 1000 + i
+
+
+def checkpoint_tag(args, sc: dict, split: str, clients: int | None = None, extra: str = "") -> str:
+    """Name stem of an experiment's client checkpoints: architecture, width, epochs, (number of clients),
+    split, ``extra`` and seed. Studies that reuse another experiment's models rebuild its tag with this."""
+    n = f"_n{clients}" if clients is not None else ""
+    return f"{args.arch}_w{sc['width']}_e{sc['epochs']}{n}_{split.replace('/', '-')}{extra}_s{args.seed}"
+
+
+def training_record(args, sc: dict, num_clients: int) -> dict:
+    """How the clients were trained, for every result JSON: seeds, learning rate, epochs, batch size, width."""
+    return {"seed": args.seed, "client_seeds": [client_seed(args, i) for i in range(num_clients)], "lr": sc["lr"],
+            "epochs": sc["epochs"], "batch_size": sc["batch_size"], "width": sc["width"],
+            "probe_size": sc["probe_size"], "max_train": args.max_train, "max_test": args.max_test}
+
+
+def add_split_arg(p: argparse.ArgumentParser, source: str = "") -> None:
+    """``--split`` of the experiments in the paper's same-data regime (default :data:`SAME_DATA`)."""
+    reuse = f"; must be {source}'s split to reuse its checkpoints" if source else ""
+    p.add_argument("--split", default=SAME_DATA,
+                   help=f"client data split (default {SAME_DATA}: every client trains on all non-probe images, the "
+                        f"paper's Table 1 / Fig. 4 regime; 80/20, iid, dirichlet, disjoint{reuse})")
+
+
 def train_clients(args, sc: dict, setup: Setup, num_clients: int, tag: str, head=None,
                   ckpt_dir=None) -> list[torch.nn.Module]:
     """Train (or load cached) client models, each from its own seed (different inits, as in the paper).
@@ -97,16 +129,16 @@ def train_clients(args, sc: dict, setup: Setup, num_clients: int, tag: str, head
             model, cfg = load_checkpoint(path)
             models.append(model)
             continue
-        set_seed(args.seed * 1000 + i)
+        seed = client_seed(args, i)
+        set_seed(seed)
         model = build_model(**cfg_model, head=head)
-        loader = make_loader(setup.train, setup.parts[i], batch_size=sc["batch_size"], train=True,
-                             seed=args.seed * 1000 + i)
+        loader = make_loader(setup.train, setup.parts[i], batch_size=sc["batch_size"], train=True, seed=seed)
         t = time.perf_counter()
         train(model, loader, TrainConfig(epochs=sc["epochs"], lr=sc["lr"], batch_size=sc["batch_size"],
-                                         device=args.device, seed=args.seed * 1000 + i, progress=True))
+                                         device=args.device, seed=seed, progress=True))
         model.cpu().eval()
-        save_checkpoint(model, path, {**cfg_model, "epochs": sc["epochs"], "seconds": time.perf_counter() - t,
-                                      "client": i, "tag": tag})
+        save_checkpoint(model, path, {**cfg_model, "epochs": sc["epochs"], "lr": sc["lr"], "seed": seed,
+                                      "seconds": time.perf_counter() - t, "client": i, "tag": tag})
         models.append(model)
     return models
 
@@ -213,9 +245,9 @@ class MergeCache:
     statistics collected once.
 
     The probe is split into a fitting and a held-out part exactly as :func:`merge_models` splits it (only when
-    gamma is chosen, ``gamma="auto"``); the statistics of all N models on the part a merge uses are collected
-    the first time they are needed (reference pairs (0, i), or all pairs for ZipIt!), and those of the first n
-    models are a prefix of them (per-model and per-pair blocks do not depend on the other models). So the result
+    something is chosen on it: gamma with ``gamma="auto"``, ZipIt!'s alpha and beta); the statistics of all N
+    models on the part a merge uses are collected the first time they are needed (reference pairs (0, i), or
+    all pairs for ZipIt!), and those of the first n models are a prefix of them (per-model and per-pair blocks do not depend on the other models). So the result
     is the one ``merge_models`` gives, without recollecting statistics for every (n, method, post-processing).
     Methods outside :data:`CACHEABLE_METHODS`, or a probe without labels, go through ``merge_models``.
     """
@@ -265,7 +297,7 @@ class MergeCache:
     def merge(self, n: int, method: str, *, gamma="auto", bn_reset: bool = False, repair: bool = False,
               gamma_grid=None):
         """(merged model, MergeInfo, seconds without statistics collection) for the first ``n`` models."""
-        from fedmerge.common.merge import GAMMA_GRID, METHODS, merge_from_statistics, merge_models
+        from fedmerge.common.merge import GAMMA_GRID, METHODS, merge_from_statistics, merge_models, selection_candidates
 
         grid = GAMMA_GRID if gamma_grid is None else gamma_grid
         models = self.models[:n]
@@ -276,7 +308,7 @@ class MergeCache:
                                         held_out=self.held_out, seed=self.seed, gamma_grid=grid, return_info=True)
             return merged, info, time.perf_counter() - t
         m = METHODS[method]
-        select = gamma == "auto" and m.tunable_gamma
+        select = bool(selection_candidates(method, gamma, gamma_grid=grid))  # as merge_models decides it
         fit, held = self._parts(select)
         s0 = self.statistics_s
         stats = None

@@ -3,7 +3,8 @@
     python -m benchmarks.compression --scale cpu --data-root ../shared/data --epochs 16   # reuse two_models' pair
     python -m benchmarks.compression --max-train 600 --max-test 500 --epochs 1 --probe-size 300 --out results/smoke/compression
 
-The two client models are those of ``benchmarks.two_models`` (80/20 split, same seeds and checkpoint tag,
+The two client models are those of ``benchmarks.two_models`` (same ``--split``, default ``same``, seeds and
+checkpoint tag,
 ``results/<scale>/two_models/checkpoints`` unless ``--checkpoints`` names another folder; trained there when
 missing; smoke runs (``--max-train``) and other data sets keep theirs under ``<out>/checkpoints``).
 
@@ -36,8 +37,9 @@ from fedmerge.common.probe import as_batches
 from fedmerge.common.records import arrays_to_record
 from fedmerge.common.stats import Statistics, collect_statistics
 
-from .common import (Setup, add_checkpoints_arg, base_parser, command_line, data_note, environment, md_table, pct,
-                     resolve, shared_checkpoints, train_clients, write_results)
+from .common import (Setup, add_checkpoints_arg, add_split_arg, base_parser, checkpoint_tag, command_line, data_note,
+                     environment, md_table, pct, resolve, shared_checkpoints, train_clients, training_record,
+                     write_results)
 
 GOAL_UPLOAD = 1.5   # x model size per client and round, weights included
 GOAL_LOSS = 0.5     # accuracy points
@@ -79,7 +81,7 @@ def encode_round(st: Statistics, spec, dtype: str, rank: int, basis: str) -> tup
 
 def main(argv=None):
     p = base_parser(__doc__)
-    p.add_argument("--split", default="80/20")
+    add_split_arg(p, "two_models")
     add_checkpoints_arg(p, "two_models")
     p.add_argument("--dtypes", default=",".join(DTYPES), help="full-rank settings")
     p.add_argument("--ranks", default="8,16,32", help="low-rank settings (0 = none)")
@@ -96,7 +98,7 @@ def main(argv=None):
     setup = Setup(args, sc, args.split, 2)  # as benchmarks.two_models, so the checkpoints match
     print(f"data: {setup.describe()}", flush=True)
     ckpt = shared_checkpoints(args, sc, "two_models")
-    tag = f"{args.arch}_w{sc['width']}_e{sc['epochs']}_s{args.seed}"  # benchmarks.two_models' tag
+    tag = checkpoint_tag(args, sc, args.split)  # benchmarks.two_models' tag
     cached = all(Path(f"{ckpt / tag}_client{i}.json").exists() for i in range(2))
     models = train_clients(args, sc, setup, 2, tag, ckpt_dir=ckpt)
     bases_acc = [pct(m, setup.test_loader, args.device) for m in models]
@@ -172,7 +174,8 @@ def main(argv=None):
                   {"results": raw, "bases": bases_acc, "model_bytes": model_bytes, "weights_record_bytes":
                    weights_record, "group_dims": dims, "statistics_s": stats_s, "checkpoints": str(ckpt),
                    "checkpoints_cached": cached, "data": setup.describe(),
-                   "config": {k: str(v) for k, v in sc.items()}, "args": vars(args), "goal": {
+                   "config": {k: str(v) for k, v in sc.items()}, "args": vars(args),
+                   "training": training_record(args, sc, 2), "goal": {
                        "upload_over_model": GOAL_UPLOAD, "loss_points": GOAL_LOSS},
                    "environment": environment(), "command": command_line("compression", argv)},
                   header + table + footer)

@@ -590,7 +590,8 @@ def main(argv=None):
                           "ns": args.ns, "methods": args.methods, "probe_size": int(probe.shape[0]),
                           "transform_probe": args.transform_probe, "transform_budget": args.transform_budget,
                           "gamma": args.gamma, "repeats": args.repeats, "threads": threads, "seed": args.seed,
-                          "device": str(dev), "epochs": 0, "target_ratio": TARGET},
+                          "device": str(dev), "epochs": 0, "lr": None,  # untrained seeded models: no training
+                          "target_ratio": TARGET},
                "data_note": note, "data_source": train.source, "points": points,
                "round_bytes": {f"{p['arch']}_x{p['width']:g}": [round_bytes(p["bytes"], n) for n in args.ns]
                                for p in points},

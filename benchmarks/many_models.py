@@ -4,10 +4,13 @@
     python -m benchmarks.many_models --scale cpu --data-root ../shared/data --arch resnet20  # ResNet20 x0.5, 10
     python -m benchmarks.many_models --scale paper --arch resnet20                          # ResNet20 x8, 20 (GPU)
 
-The N clients split the non-probe training data (IID by default, so each has 1/N of it) and each trains from
-its own seed; the first n of them are merged, all-to-one onto client 0, with and without the post-processing
-(REPAIR for nets without BatchNorm, BatchNorm reset for nets with it), gamma chosen on a held-out slice of the
-probe. Defaults per architecture and scale (each overridable with --clients/--width/--epochs):
+By default every client trains on all non-probe training images (``--split same``, the regime of the paper's
+Fig. 4: models trained on the same data from different seeds), each from its own seed, init and data order;
+``--split iid`` (each client 1/N of the data) or another split of common/splits.py instead. With ``same`` the
+training costs N times the IID split's. The first n clients are merged, all-to-one onto client 0, with and
+without the post-processing (REPAIR for nets without BatchNorm, BatchNorm reset for nets with it), gamma (and
+ZipIt!'s alpha, beta) chosen on a held-out slice of the probe. Defaults per architecture and scale (each
+overridable with --clients/--width/--epochs):
 
     vgg11    cpu: 5 clients, width 0.25, 12 epochs     paper: 5 clients, width 1, 200 epochs
     resnet20 cpu: 10 clients, width 0.5, 5 epochs      paper: 20 clients, width 8, 200 epochs
@@ -22,8 +25,9 @@ import time
 
 from fedmerge.common.merge import METHODS, has_batchnorm
 
-from .common import (MergeCache, Setup, acc_pct, apply_arch_defaults, base_parser, command_line, data_note,
-                     environment, md_table, pct, resolve, test_logits, train_clients, write_results)
+from .common import (MergeCache, Setup, acc_pct, add_split_arg, apply_arch_defaults, base_parser, checkpoint_tag,
+                     client_seed, command_line, data_note, environment, md_table, pct, resolve, test_logits,
+                     train_clients, training_record, write_results)
 from .plots import line_plot
 
 ARCH_DEFAULTS = {
@@ -37,7 +41,7 @@ def main(argv=None):
     p = base_parser(__doc__)
     p.add_argument("--clients", type=int, default=None,
                    help=f"number of client models N (default {DEFAULT_CLIENTS}; resnet20: 10 cpu, 20 paper)")
-    p.add_argument("--split", default="iid")
+    add_split_arg(p)
     p.add_argument("--methods", default="avg,permute,cca",
                    help="comma-separated merge_models methods (also zipit, merge_many, gcca, ...)")
     args = p.parse_args(argv)
@@ -54,9 +58,7 @@ def main(argv=None):
     t0 = time.perf_counter()
     setup = Setup(args, sc, args.split, args.clients)
     print(f"data: {setup.describe()}", flush=True)
-    split_tag = args.split.replace("/", "-")
-    models = train_clients(args, sc, setup, args.clients,
-                           f"{args.arch}_w{sc['width']}_e{sc['epochs']}_n{args.clients}_{split_tag}_s{args.seed}")
+    models = train_clients(args, sc, setup, args.clients, checkpoint_tag(args, sc, args.split, args.clients))
     print(f"[{time.perf_counter() - t0:.0f} s] {len(models)} client models ready", flush=True)
     logits, y = test_logits(models, setup.test_loader, args.device)
     bases = [acc_pct(lg, y) for lg in logits]
@@ -74,7 +76,7 @@ def main(argv=None):
                 merged, info, secs = cache.merge(n, method, gamma="auto", **kw)
                 acc = pct(merged, setup.test_loader, args.device)
                 raw.append({"n": n, "method": method, "post": post if use_post else "none", "accuracy": acc,
-                            "gamma": info.gamma, "seconds": secs})
+                            "gamma": info.gamma, "params": info.params, "seconds": secs})
                 row.append(acc)
                 print(f"[{time.perf_counter() - t0:.0f} s, statistics {cache.statistics_s:.1f} s]", raw[-1], flush=True)
         rows.append(row)
@@ -82,8 +84,9 @@ def main(argv=None):
                                                          for m in methods for u in (False, True)]
     gammas = sorted({r["gamma"] for r in raw if r["gamma"] is not None})
     header = (f"# Many models — {args.arch} x{sc['width']} on {setup.train.name}, {args.split} split over "
-              f"{args.clients} clients, {sc['epochs']} epochs, probe {sc['probe_size']}, gamma auto, "
-              f"reference client 0; seed {args.seed}\n\n"
+              f"{args.clients} clients, {sc['epochs']} epochs (lr {sc['lr']:g}, batch {sc['batch_size']}), probe "
+              f"{sc['probe_size']}, gamma auto, reference client 0; seed {args.seed} (client i: seed "
+              f"{client_seed(args, 0)} + i)\n\n"
               f"Data: {data_note(setup.train)}; {len(setup.train)} train / {len(setup.test)} test images; "
               f"clients of {min(len(q) for q in setup.parts)}–{max(len(q) for q in setup.parts)} images; "
               f"probe {sc['probe_size']} images held out from client data (20% of it held out again to choose "
@@ -92,6 +95,7 @@ def main(argv=None):
               f"(once for all N models): {cache.statistics_s:.1f} s.\n\nBase accuracies: "
               + ", ".join(f"{b:.2f}" for b in bases) + "\n\n")
     write_results(sc["out"], "many_models", {"bases": bases, "ensembles": ensembles, "results": raw,
+                                             "training": training_record(args, sc, args.clients),
                                              "data": setup.describe(), "statistics_s": cache.statistics_s,
                                              "config": {k: str(v) for k, v in sc.items()}, "args": vars(args),
                                              "environment": environment(), "command": command_line(

@@ -2,8 +2,8 @@
 
     python -m benchmarks.np_merge --scale cpu --data-root ../shared/data --epochs 16   # reuse two_models' pair
 
-The two client models of ``benchmarks.two_models`` (80/20 split; same tag and checkpoint folder, trained when
-missing). For each alignment (``--methods``, default permute and CCA; gamma auto) the plain weighted average
+The two client models of ``benchmarks.two_models`` (same ``--split``, default ``same``; same tag and checkpoint
+folder, trained when missing). For each alignment (``--methods``, default permute and CCA; gamma auto) the plain weighted average
 and NP Merge (coefficients learned with Adam on the fitting 80% of the labelled probe, early stopping on the
 held-out 20%, the slice that also chooses gamma), each evaluated on the test set. REPAIR rows (nets without
 BatchNorm) are given for comparison: REPAIR and NP Merge are alternatives in ``merge_models``.
@@ -15,14 +15,15 @@ import time
 from fedmerge.common.merge import has_batchnorm, merge_models
 from fedmerge.common.probe import as_batches
 
-from .common import (Setup, add_checkpoints_arg, base_parser, command_line, data_note, environment, md_table, pct,
-                     resolve, shared_checkpoints, train_clients, write_results)
+from .common import (Setup, add_checkpoints_arg, add_split_arg, base_parser, checkpoint_tag, command_line, data_note,
+                     environment, md_table, pct, resolve, shared_checkpoints, train_clients, training_record,
+                     write_results)
 from .plots import bar_chart
 
 
 def main(argv=None):
     p = base_parser(__doc__)
-    p.add_argument("--split", default="80/20")
+    add_split_arg(p, "two_models")
     add_checkpoints_arg(p, "two_models")
     p.add_argument("--methods", default="permute,cca")
     p.add_argument("--steps", type=int, default=200, help="NP Merge optimiser steps (at most)")
@@ -31,7 +32,7 @@ def main(argv=None):
     sc = resolve(args, "np_merge")
     setup = Setup(args, sc, args.split, 2)  # as benchmarks.two_models, so the checkpoints match
     ckpt = shared_checkpoints(args, sc, "two_models")
-    tag = f"{args.arch}_w{sc['width']}_e{sc['epochs']}_s{args.seed}"
+    tag = checkpoint_tag(args, sc, args.split)  # benchmarks.two_models' tag
     models = train_clients(args, sc, setup, 2, tag, ckpt_dir=ckpt)
     bases = [pct(m, setup.test_loader, args.device) for m in models]
     probe = as_batches(setup.probe_loader)
@@ -59,8 +60,9 @@ def main(argv=None):
               f"NP Merge: Adam, at most {args.steps} steps, lr {args.np_lr}; seed {args.seed}; device "
               f"{environment()['device']}. Base A {bases[0]:.2f}%, base B {bases[1]:.2f}%.\n\n")
     write_results(sc["out"], "np_merge", {"bases": bases, "results": raw, "data": setup.describe(),
+                                          "training": training_record(args, sc, 2), "args": vars(args),
                                           "environment": environment(),
-                                          "command": command_line("benchmarks.np_merge", argv)},
+                                          "command": command_line("np_merge", argv)},
                   header + md_table(["alignment", "merge", "test acc %", "gamma", "NP steps", "seconds"], rows))
     plot(sc["out"] / "np_merge.png", raw, bases, title=f"NP Merge vs averaging: {args.arch} x{sc['width']}, "
                                                        f"{args.split}, {sc['epochs']} epochs")

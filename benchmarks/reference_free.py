@@ -24,14 +24,15 @@ from fedmerge.common.merge import GAMMA_GRID, has_batchnorm, merge_from_statisti
 from fedmerge.common.probe import as_batches
 from fedmerge.common.stats import collect_statistics
 
-from .common import (Setup, add_checkpoints_arg, base_parser, environment, first_models, md_table, pct, resolve,
-                     shared_checkpoints, train_clients, write_results)
+from .common import (Setup, add_checkpoints_arg, add_split_arg, base_parser, checkpoint_tag, environment,
+                     first_models, md_table, pct, resolve, shared_checkpoints, train_clients, training_record,
+                     write_results)
 
 
 def main(argv=None):
     p = base_parser(__doc__)
     p.add_argument("--clients", type=int, default=5)
-    p.add_argument("--split", default="iid")
+    add_split_arg(p, "many_models")
     add_checkpoints_arg(p, "many_models")
     p.add_argument("--post", default="none,post", help="comma list of none | post (BN reset or REPAIR)")
     p.add_argument("--sumcor", action="store_true", help="also gcca variant='sumcor' (basis mean)")
@@ -46,8 +47,7 @@ def main(argv=None):
     ckpt = shared_checkpoints(args, sc, "many_models")
     setup = Setup(args, sc, args.split, args.clients)
     print(f"data: {setup.describe()}", flush=True)
-    split_tag = args.split.replace("/", "-")  # as benchmarks.many_models names its checkpoints
-    tag = f"{args.arch}_w{sc['width']}_e{sc['epochs']}_n{args.clients}_{split_tag}_s{args.seed}"
+    tag = checkpoint_tag(args, sc, args.split, args.clients)  # as benchmarks.many_models names its checkpoints
     models = train_clients(args, sc, setup, args.clients, tag, ckpt_dir=ckpt)
     bases = [pct(m, setup.test_loader, args.device) for m in models]
     fit, held = as_batches(setup.probe_loader).split(args.held_out, args.seed)
@@ -113,6 +113,7 @@ def main(argv=None):
     write_results(sc["out"], "reference_free",
                   {"bases": bases, "ensembles": ensembles, "results": raw, "statistics_seconds": stats_seconds,
                    "data": setup.describe(), "checkpoints": str(ckpt), "tag": tag,
+                   "training": training_record(args, sc, args.clients), "args": vars(args),
                    "config": {k: str(v) for k, v in sc.items()}, "environment": environment()}, md)
 
 

@@ -1,10 +1,11 @@
-"""Sensitivity of CCA Merge to its regularisation gamma and to the probe size (two models, 80/20 split).
+"""Sensitivity of CCA Merge to its regularisation gamma and to the probe size (the two models of two_models).
 
     python -m benchmarks.sensitivity --scale cpu --data-root ../shared/data               # VGG11 x0.25, 12 epochs
     python -m benchmarks.sensitivity --scale cpu --data-root ../shared/data --epochs 16   # reuse 16-epoch models
     python -m benchmarks.sensitivity --scale paper                                        # VGG11 x1 (GPU)
 
-The two client models are the ones of ``benchmarks.two_models`` (same split, seeds, tag and checkpoint folder,
+The two client models are the ones of ``benchmarks.two_models`` (same ``--split``, default ``same``, seeds, tag
+and checkpoint folder,
 ``results/<scale>/two_models/checkpoints`` unless ``--checkpoints`` says otherwise; trained there, exactly as
 two_models trains them, when missing). Smoke runs (``--max-train``) and other data sets keep their checkpoints
 under ``<out>/checkpoints`` so they never mix with the real ones.
@@ -37,8 +38,9 @@ from fedmerge.common.merge import GAMMA_GRID, has_batchnorm, merge_from_statisti
 from fedmerge.common.probe import as_batches
 from fedmerge.common.stats import collect_statistics
 
-from .common import (Setup, acc_pct, add_checkpoints_arg, base_parser, command_line, data_note, environment, md_table,
-                     pct, resolve, shared_checkpoints, test_logits, train_clients, write_results)
+from .common import (Setup, acc_pct, add_checkpoints_arg, add_split_arg, base_parser, checkpoint_tag, command_line,
+                     data_note, environment, md_table, pct, resolve, shared_checkpoints, test_logits, train_clients,
+                     training_record, write_results)
 from .plots import line_plot
 
 GAMMAS = (1e-4, 1e-3, 1e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
@@ -58,6 +60,7 @@ def held_score(model, held, device=None) -> tuple[float, float]:
 def main(argv=None):
     p = base_parser(__doc__)
     add_checkpoints_arg(p, "two_models")
+    add_split_arg(p, "two_models")
     p.add_argument("--gammas", default=",".join(f"{g:g}" for g in GAMMAS), help="gamma grid of part (a)")
     p.add_argument("--probe-sizes", default=",".join(str(k) for k in PROBE_SIZES), help="probe sizes of part (b)")
     p.add_argument("--parts", default="gamma,probe", help="which parts to run: gamma, probe or both")
@@ -70,10 +73,10 @@ def main(argv=None):
     if any(g < 0 for g in gammas) or any(k < 10 for k in sizes):
         p.error("gammas must be >= 0 and probe sizes >= 10")
     sc = resolve(args, "sensitivity")
-    setup = Setup(args, sc, "80/20", 2)  # as benchmarks.two_models (default split), so the checkpoints match
+    setup = Setup(args, sc, args.split, 2)  # as benchmarks.two_models, so the checkpoints match
     print(f"data: {setup.describe()}", flush=True)
     ckpt = shared_checkpoints(args, sc, "two_models")
-    tag = f"{args.arch}_w{sc['width']}_e{sc['epochs']}_s{args.seed}"  # benchmarks.two_models' tag
+    tag = checkpoint_tag(args, sc, args.split)  # benchmarks.two_models' tag
     cached = all(Path(f"{ckpt / tag}_client{i}.json").exists() for i in range(2))
     models = train_clients(args, sc, setup, 2, tag, ckpt_dir=ckpt)
     logits, y = test_logits(models, setup.test_loader, args.device)
@@ -84,8 +87,10 @@ def main(argv=None):
     refs = {"base A": bases[0], "base B": bases[1], "ensemble": ens}
     payload = {"bases": bases, "ensemble": ens, "data": setup.describe(), "checkpoints": str(ckpt),
                "checkpoints_cached": cached, "config": {k: str(v) for k, v in sc.items()}, "args": vars(args),
+               "training": training_record(args, sc, 2),
                "environment": environment(), "command": command_line("sensitivity", argv)}
-    md = [f"# Sensitivity of CCA Merge — {args.arch} x{sc['width']}, 2 clients, 80/20 split, {sc['epochs']} epochs, "
+    md = [f"# Sensitivity of CCA Merge — {args.arch} x{sc['width']}, 2 clients, {args.split} split, "
+          f"{sc['epochs']} epochs, "
           f"probe {sc['probe_size']}\n\n"
           f"Data: {data_note(setup.train)}; {len(setup.train)} train / {len(setup.test)} test images; client "
           f"models of benchmarks.two_models ({'loaded from' if cached else 'trained into'} {ckpt}); seed "
@@ -186,7 +191,7 @@ def main(argv=None):
                                xticks=gammas, hlines=refs, vlines={f"auto grid max {max(GAMMA_GRID):g}":
                                                                    max(GAMMA_GRID)},
                                points=points, ylim=(0, 100), xlabel="gamma",
-                               title=f"CCA Merge vs gamma: {args.arch} x{sc['width']}, 80/20, {sc['epochs']} "
+                               title=f"CCA Merge vs gamma: {args.arch} x{sc['width']}, {args.split}, {sc['epochs']} "
                                      f"epochs, probe {sc['probe_size']}"))
 
     if "probe" in parts:
@@ -233,7 +238,7 @@ def main(argv=None):
         plots.append(line_plot(sc["out"] / "sensitivity_probe.png", done, series, logx=True, xticks=done,
                                hlines=refs, vlines={f"held-out pool ({sc['probe_size']})": sc["probe_size"]},
                                ylim=(0, 100), xlabel="probe images",
-                               title=f"Merging vs probe size: {args.arch} x{sc['width']}, 80/20, "
+                               title=f"Merging vs probe size: {args.arch} x{sc['width']}, {args.split}, "
                                      f"{sc['epochs']} epochs"))
     payload["plots"] = [str(q) for q in plots]
     write_results(sc["out"], "sensitivity", payload, "\n".join(md))

@@ -1,5 +1,9 @@
 """Data splits (paper Table 3): 8 clients under three non-IID splits, base models, ensemble and merges.
 
+These are the Table 3 analogues (the paper: ResNet20 x8 on CIFAR-100, 8 clients). The paper's Table 1 and Fig. 4
+train every model on the same full training set (``--split same`` of benchmarks.two_models / many_models), a
+different regime: 80/20 results are not like-for-like with Table 1.
+
     python -m benchmarks.splits --scale cpu --data-root ../shared/data     # ResNet20 x0.5, 3 epochs, CPU
     python -m benchmarks.splits --scale paper                              # ResNet20 x8, 200 epochs (GPU)
 
@@ -30,8 +34,9 @@ from fedmerge.common.merge import METHODS, has_batchnorm
 from fedmerge.common.models import ClassEmbeddingHead
 from fedmerge.common.splits import split_summary
 
-from .common import (MergeCache, Setup, acc_pct, apply_arch_defaults, base_parser, command_line, data_note,
-                     environment, md_table, pct, resolve, test_logits, train_clients, write_results)
+from .common import (MergeCache, Setup, acc_pct, apply_arch_defaults, base_parser, checkpoint_tag, command_line,
+                     data_note, environment, md_table, pct, resolve, test_logits, train_clients, training_record,
+                     write_results)
 from .plots import bar_chart
 
 ARCH_DEFAULTS = {
@@ -73,14 +78,14 @@ def main(argv=None):
     for split in splits:
         setup = Setup(args, sc, split, n, alpha=args.alpha)
         print(f"data ({split}): {setup.describe()}", flush=True)
-        head, tag = None, f"{args.arch}_w{sc['width']}_e{sc['epochs']}_n{n}_{split.replace('/', '-')}"
+        head, extra = None, ""
         if split == "dirichlet":
-            tag += f"_a{args.alpha:g}"
+            extra = f"_a{args.alpha:g}"
         if split == "disjoint":
             head = ClassEmbeddingHead.orthonormal(setup.info["num_classes"], args.embedding_dim or None,
                                                   seed=args.seed)
-            tag += f"_emb{head.dim}"
-        models = train_clients(args, sc, setup, n, f"{tag}_s{args.seed}", head=head)
+            extra = f"_emb{head.dim}"
+        models = train_clients(args, sc, setup, n, checkpoint_tag(args, sc, split, n, extra), head=head)
         logits, y = test_logits(models, setup.test_loader, args.device)
         bases = [acc_pct(lg, y) for lg in logits]
         summary = split_summary(setup.parts, setup.train.y, setup.info["num_classes"])
@@ -99,7 +104,7 @@ def main(argv=None):
             merged_acc[method] = pct(merged, setup.test_loader, args.device)
             gammas[method] = info.gamma
             raw.append({"split": split, "method": method, "post": post, "accuracy": merged_acc[method],
-                        "gamma": info.gamma, "seconds": secs})
+                        "gamma": info.gamma, "params": info.params, "seconds": secs})
             print(raw[-1], flush=True)
         per_split[split] = {"bases": bases, "base_own_classes": own, "ensemble": ens, "merged": merged_acc,
                             "gamma": gammas, "statistics_s": cache.statistics_s, "data": setup.describe(),
@@ -129,7 +134,7 @@ def main(argv=None):
               f"head shared by all clients (accuracy = nearest class embedding). 'Own classes only': each client on "
               f"the test images of the classes it holds (trivially 100% for a one-class client). Test accuracy %, seed "
               f"{args.seed}, device {environment()['device']}.\n\n")
-    write_results(sc["out"], "splits", {"splits": per_split, "results": raw,
+    write_results(sc["out"], "splits", {"splits": per_split, "results": raw, "training": training_record(args, sc, n),
                                         "config": {k: str(v) for k, v in sc.items()}, "args": vars(args),
                                         "environment": environment(), "command": command_line("splits", argv)},
                   header + md_table(["", *cols], rows))

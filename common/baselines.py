@@ -5,9 +5,12 @@ float64. A merged layer is ``sum_i w_i T_i,out W_i T_i,in^-1`` (:mod:`fedmerge.c
 all-to-one method gives ``T`` mapping model i's units onto the reference's and ``T_inv`` what the layers
 consuming the group apply on their input side; the reference gets the identity.
 
-* :func:`match_ot` -- optimal-transport fusion (Singh & Jaggi, NeurIPS 2020), activation-based cost.
+* :func:`match_ot` -- optimal-transport fusion (Singh & Jaggi, NeurIPS 2020), activation-based cost (the
+  Euclidean distance of raw activations by default; the correlation cost, which gives Permute's assignment,
+  as an option).
 * :func:`match_zipit` -- ZipIt! (Stoica et al., ICLR 2024): greedy zipping of all N models' features.
-* :func:`match_weights` -- Git Re-Basin weight matching (Ainsworth et al., ICLR 2023).
+* :func:`match_weights` -- Git Re-Basin weight matching (Ainsworth et al., ICLR 2023); the published
+  objective (no BatchNorm running statistics, no conv/linear biases) unless asked otherwise.
 * :func:`match_merge_many` -- MergeMany (Ainsworth et al., ICLR 2023, the many-models algorithm).
 
 The weight-based methods read the layer layout from the :class:`~fedmerge.common.graph.MergeSpec` only
@@ -25,10 +28,11 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from .graph import FIXED, LayerSpec, MergeSpec
-from .matching import Alignment, _unit_scales
+from .matching import Alignment, _unit_scales, correlation
 from .stats import Statistics
 
-__all__ = ["match_ot", "match_zipit", "match_weights", "match_merge_many", "ot_pair", "zipit_group"]
+__all__ = ["match_ot", "match_zipit", "match_weights", "match_merge_many", "ot_cost", "ot_pair", "zipit_group",
+           "OT_COSTS"]
 
 DTYPE = torch.float64
 _IGNORED_KW = ("gamma", "reference")  # passed by generic callers; meaningless for some methods
@@ -64,22 +68,32 @@ def _check_stats(stats: Statistics, spec: MergeSpec) -> int:
 
 
 # === optimal transport (Singh & Jaggi 2020) =================================================================
-def _ot_cost(s_aa, s_bb, s_ab, mean_a=None, mean_b=None, standardize: bool = True) -> torch.Tensor:
-    """Expected squared distance between unit j of A and unit k of B, ``E (a_j - b_k)^2``, from second moments:
-    ``S_aa[j, j] + S_bb[k, k] - 2 S_ab[j, k]`` (+ ``(mu_a_j - mu_b_k)^2`` when means are given). With
-    ``standardize`` every unit is first divided by its standard deviation (the cost becomes ``2 - 2 corr``
-    when centred), so the cost compares activation *profiles* and not their scales."""
-    va, vb = torch.diagonal(s_aa).clamp(min=0), torch.diagonal(s_bb).clamp(min=0)
-    if standardize:
-        sd_a, sd_b = _unit_scales(s_aa)[0], _unit_scales(s_bb)[0]
-        s_ab = s_ab / torch.outer(sd_a, sd_b)
-        va, vb = va / sd_a ** 2, vb / sd_b ** 2
-        if mean_a is not None:
-            mean_a, mean_b = mean_a / sd_a, mean_b / sd_b
-    cost = va[:, None] + vb[None, :] - 2 * s_ab
-    if mean_a is not None:
-        cost = cost + (mean_a[:, None] - mean_b[None, :]) ** 2
-    return torch.clamp(cost, min=0)
+#: Ground costs of :func:`match_ot` (see :func:`ot_cost`); the first is the default.
+OT_COSTS = ("euclidean", "correlation")
+
+
+def ot_cost(s_aa: torch.Tensor, s_bb: torch.Tensor, s_ab: torch.Tensor, mean_a: torch.Tensor,
+            mean_b: torch.Tensor, cost: str = "euclidean") -> torch.Tensor:
+    """OT fusion's ground cost between unit j of A (rows) and unit k of B (columns), from probe statistics.
+
+    ``"euclidean"`` (default): the expected squared distance of the raw (un-standardised, un-centred)
+    activations, ``E (a_j - b_k)^2 = var(a_j) + var(b_k) - 2 cov(a_j, b_k) + (mu_a_j - mu_b_k)^2``, i.e. the
+    squared Euclidean distance of the two units' activation vectors over the probe divided by the number of
+    samples: the activation-based ground metric of Singh & Jaggi (2020), as align-n-merge computes it. Units
+    are matched by the values they take, scale and offset included.
+
+    ``"correlation"``: the same distance between standardised, centred activations, ``2 - 2 corr(a_j, b_k)``
+    (correlations as :func:`fedmerge.common.matching.correlation` computes them for Permute). Minimising its
+    sum over a permutation maximises the summed correlation, so exact EMD then solves Permute's assignment.
+    """
+    if cost == "euclidean":
+        va, vb = torch.diagonal(s_aa).clamp(min=0), torch.diagonal(s_bb).clamp(min=0)
+        out = va[:, None] + vb[None, :] - 2 * s_ab + (mean_a[:, None] - mean_b[None, :]) ** 2
+    elif cost == "correlation":
+        out = 2 - 2 * correlation(s_aa, s_bb, s_ab)
+    else:
+        raise ValueError(f"unknown OT cost {cost!r}; choose one of {', '.join(OT_COSTS)}")
+    return torch.clamp(out, min=0)
 
 
 def ot_pair(cost: torch.Tensor, reg: float | None = None, inverse: str = "transpose",
@@ -130,15 +144,18 @@ def ot_pair(cost: torch.Tensor, reg: float | None = None, inverse: str = "transp
 
 
 def match_ot(stats: Statistics, spec: MergeSpec, reference: int = 0, reg: float | None = None,
-             standardize: bool = True, centered: bool = True, inverse: str = "transpose", **kw) -> Alignment:
+             cost: str = "euclidean", inverse: str = "transpose", **kw) -> Alignment:
     """OT fusion all-to-one: each model's units transported onto the reference's by an activation cost.
 
-    Cost between reference unit j and model unit k: expected squared distance of their (standardised,
-    centred unless ``centered=False``) activations from the covariance statistics, see :func:`_ot_cost`.
-    Uniform marginals; exact EMD by default, entropic Sinkhorn with ``reg`` (relative to the cost's
+    Cost between reference unit j and model unit k (:func:`ot_cost`): ``cost="euclidean"`` (default) the
+    expected squared distance of their raw activations, as in OT fusion (Singh & Jaggi 2020); ``"correlation"``
+    the distance of standardised, centred activations (``2 - 2 corr``), with which exact EMD gives Permute's
+    assignment. Uniform marginals; exact EMD by default, entropic Sinkhorn with ``reg`` (relative to the cost's
     maximum). See :func:`ot_pair` for ``T``/``T_inv`` (``inverse="transpose"`` or ``"pinv"``).
     """
     _check_kw("match_ot", kw)
+    if cost not in OT_COSTS:
+        raise ValueError(f"unknown OT cost {cost!r}; choose one of {', '.join(OT_COSTS)}")
     n = _check_stats(stats, spec)
     reference = _check_reference(reference, n)
     out: Alignment = {}
@@ -152,10 +169,9 @@ def match_ot(stats: Statistics, spec: MergeSpec, reference: int = 0, reg: float 
             if not stats.has_pair(reference, i):
                 raise ValueError(f"ot needs cross statistics between the reference {reference} and model {i}")
             s_aa, s_bb, s_ab = stats.pair(reference, i, g)
-            means = (None, None) if centered else (stats.own[reference][g].mean.to(DTYPE),
-                                                   stats.own[i][g].mean.to(DTYPE))
-            cost = _ot_cost(s_aa.to(DTYPE), s_bb.to(DTYPE), s_ab.to(DTYPE), *means, standardize=standardize)
-            row.append(ot_pair(cost, reg=reg, inverse=inverse))
+            c = ot_cost(s_aa.to(DTYPE), s_bb.to(DTYPE), s_ab.to(DTYPE), stats.own[reference][g].mean.to(DTYPE),
+                        stats.own[i][g].mean.to(DTYPE), cost=cost)
+            row.append(ot_pair(c, reg=reg, inverse=inverse))
         out[g] = row
     return out
 
@@ -213,23 +229,30 @@ def _feasible_size_pairs(alive_sizes: np.ndarray, n: int, d: int) -> np.ndarray:
     return table
 
 
-def zipit_group(corr: np.ndarray, n: int, d: int, alpha: float = 0.0, beta: float = 0.5
+def zipit_group(corr: np.ndarray, n: int, d: int, alpha: float = 0.3, beta: float = 0.125
                 ) -> list[list[tuple[int, int]]]:
     """Greedy zipping of n*d features into d merged features; returns the clusters as (model, unit) lists.
 
     Our reading of ZipIt!'s matching, generalised to n models by agglomeration: every feature starts as its
     own cluster; repeatedly the two clusters with the highest score are merged, the score being the average
     correlation between their members (for single features: their correlation). Same-model merges are
-    allowed (ZipIt!'s main point), limited by the *same-model budget* ``beta``: each model may take part in at
-    most ``floor(beta * d)`` merges that put two of its own features together. ``alpha`` controls repeated
-    matching: a merge creating a cluster of more than n features has its score (the correlation shifted to
-    [0, 2]) multiplied by ``alpha ** (size - n)``; ``alpha = 0`` forbids it, so for two models every feature
-    is zipped exactly once (the paper's pairwise procedure); ``alpha = 1`` is unconstrained average-linkage
-    agglomeration. With ``alpha = 0`` and n > 2, merges after which the clusters could no longer be packed
-    exactly into d merged features of n members are skipped (a best-fit-decreasing test, exact for n <= 3).
-    If the constraints leave no admissible merge before d clusters remain (never for n = 2; rare otherwise,
-    e.g. same-model budgets spent), they are dropped for the remaining merges (smallest resulting cluster
-    first, then the highest correlation).
+    allowed (ZipIt!'s main point), limited by the *same-model budget* ``beta``, in upstream ZipIt!'s convention
+    (its ``b``; ``match_tensors_zipit``): zipping n*d features into d takes (n-1)*d merges, and each model
+    may take part in at most ``floor(beta * floor((n-1) * d / n))`` merges that put two of its own features
+    together -- ``floor(beta * d / 2)`` for two models. (Before issue 16 the budget here was
+    ``floor(beta * d)``, with ``beta = 0.5`` by default: upstream's ``b = 1``, 8x upstream's default 0.125.)
+    ``alpha`` controls repeated matching: a merge creating a cluster of more than n features has its score
+    (the correlation shifted to [0, 2]) multiplied by ``alpha ** (size - n)``; ``alpha = 0`` forbids it, so
+    for two models every feature is zipped exactly once (the paper's pairwise procedure); ``alpha = 1`` is
+    unconstrained average-linkage agglomeration. Upstream's ``a`` plays the same role (0 forbids re-merging,
+    1 does not penalise it) but multiplies a cluster's similarities by ``a`` at each merge, under
+    minimum linkage. The defaults are upstream's (a = 0.3, b = 0.125); ``merge_models`` chooses both on the
+    held-out probe slice (``fedmerge.common.merge.ZIPIT_GRID``). With
+    ``alpha = 0`` and n > 2, merges after which the clusters could no longer be packed exactly into d merged
+    features of n members are skipped (a best-fit-decreasing test, exact for n <= 3). If the constraints
+    leave no admissible merge before d clusters remain (never for n = 2; rare otherwise, e.g. same-model
+    budgets spent), they are dropped for the remaining merges (smallest resulting cluster first, then the
+    highest correlation).
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
@@ -243,7 +266,7 @@ def zipit_group(corr: np.ndarray, n: int, d: int, alpha: float = 0.0, beta: floa
     np.fill_diagonal(sums, 0.0)
     sizes = np.ones(total)
     alive = np.ones(total, dtype=bool)
-    budget = np.full(n, math.floor(beta * d), dtype=np.int64)
+    budget = np.full(n, math.floor(beta * ((n - 1) * d // n) + 1e-9), dtype=np.int64)
     used = np.zeros(n, dtype=np.int64)
 
     def scores(constrained: bool) -> np.ndarray:
@@ -296,8 +319,10 @@ def zipit_group(corr: np.ndarray, n: int, d: int, alpha: float = 0.0, beta: floa
     return out
 
 
-def match_zipit(stats: Statistics, spec: MergeSpec, alpha: float = 0.0, beta: float = 0.5, **kw) -> Alignment:
-    """ZipIt!: zip all N models' features jointly into d merged features per group (see :func:`zipit_group`).
+def match_zipit(stats: Statistics, spec: MergeSpec, alpha: float = 0.3, beta: float = 0.125, **kw) -> Alignment:
+    """ZipIt!: zip all N models' features jointly into d merged features per group (see :func:`zipit_group`;
+    ``alpha``/``beta`` default to upstream's a = 0.3, b = 0.125; ``merge_models`` chooses them on the held-out
+    probe slice unless given).
 
     Needs cross statistics of every pair (``collect_statistics(..., pairs="all")``). Each merged feature c
     averages its members: merge matrices ``M_i[c, k] = 1/|c|`` for each member (i, k), unmerge matrices
@@ -337,13 +362,19 @@ Perms = dict[int, np.ndarray]  # group -> perm with aligned[a] = original[perm[a
 @dataclass
 class _Layer:
     spec: LayerSpec
-    keys: list[str]  # parameter names: "weight" (+ "bias") for conv/linear; the vectors for BN
+    keys: list[str]  # the parameters in the objective: conv/linear "weight" (+ "bias"), BN's vectors
 
 
-def _layers(spec: MergeSpec, state: Mapping[str, torch.Tensor]) -> list[_Layer]:
+def _layers(spec: MergeSpec, state: Mapping[str, torch.Tensor], biases: bool = False,
+            running_stats: bool = False) -> list[_Layer]:
+    """The parameters weight matching's objective reads, per layer: conv/linear weights (and their biases
+    with ``biases``), BatchNorm weight and bias (and running mean / variance with ``running_stats``)."""
     out = []
     for l in spec.layers.values():
-        names = ("weight", "bias") if l.kind != "bn" else ("weight", "bias", "running_mean", "running_var")
+        if l.kind != "bn":
+            names = ("weight", "bias") if biases else ("weight",)
+        else:
+            names = ("weight", "bias") + (("running_mean", "running_var") if running_stats else ())
         keys = [f"{l.name}.{k}" for k in names if state.get(f"{l.name}.{k}") is not None]
         if l.kind != "bn" and f"{l.name}.weight" not in state:
             raise ValueError(f"state dict has no '{l.name}.weight' for merge layer '{l.name}'")
@@ -466,12 +497,15 @@ def _to_alignment(spec: MergeSpec, all_perms: Sequence[Perms]) -> Alignment:
     return out
 
 
-def _check_states(states, spec: MergeSpec, max_iter) -> list[_Layer]:
+def _check_states(states, spec: MergeSpec, max_iter, biases: bool, running_stats: bool) -> list[_Layer]:
     if not isinstance(states, (list, tuple)) or len(states) < 2:
         raise ValueError("weight matching needs a list of at least 2 state dicts")
     if not (isinstance(max_iter, (int, np.integer)) and max_iter >= 1):
         raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
-    layers = _layers(spec, states[0])
+    for name, flag in (("wm_biases", biases), ("wm_running_stats", running_stats)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"{name} must be True or False, got {flag!r}")
+    layers = _layers(spec, states[0], biases, running_stats)
     for i, sd in enumerate(states):
         for lay in layers:
             for k in lay.keys:
@@ -492,12 +526,18 @@ def _check_states(states, spec: MergeSpec, max_iter) -> list[_Layer]:
 
 
 def match_weights(states: Sequence[Mapping[str, torch.Tensor]], spec: MergeSpec, reference: int = 0,
-                  max_iter: int = 100, seed: int = 0, **kw) -> Alignment:
+                  max_iter: int = 100, seed: int = 0, wm_biases: bool = False, wm_running_stats: bool = False,
+                  **kw) -> Alignment:
     """Git Re-Basin weight matching, all-to-one: each model permuted to maximise ``sum_layers <W_ref, P W_i>``
-    (inner products of all parameters: conv/linear weights on both axes, biases, BatchNorm vectors) against
-    the reference, by coordinate descent over groups. ``T`` is the permutation matrix, ``T_inv = T^T``."""
+    against the reference, by coordinate descent over groups. ``T`` is the permutation matrix, ``T_inv = T^T``.
+
+    The objective is the published one by default: conv/linear weights on both axes and BatchNorm's weight
+    and bias. BatchNorm running statistics are left out, as in Git Re-Basin's code (they are buffers, not
+    parameters, there), and so are conv/linear biases, as in align-n-merge's VGG variant (nets whose hidden
+    layers have no bias -- ResNets -- are unaffected; Git Re-Basin's MLP objective includes biases).
+    ``wm_biases=True`` / ``wm_running_stats=True`` put them back (the objective before issue 16 had both)."""
     _check_kw("match_weights", kw, ("gamma",))
-    layers = _check_states(states, spec, max_iter)
+    layers = _check_states(states, spec, max_iter, wm_biases, wm_running_stats)
     reference = _check_reference(reference, len(states))
     f64 = [_f64(sd, layers) for sd in states]
     ident = {g: np.arange(grp.dim) for g, grp in spec.groups.items()}
@@ -513,14 +553,16 @@ def match_weights(states: Sequence[Mapping[str, torch.Tensor]], spec: MergeSpec,
 
 
 def match_merge_many(states: Sequence[Mapping[str, torch.Tensor]], spec: MergeSpec, reference: int = 0,
-                     max_iter: int = 20, seed: int = 0, inner_iter: int = 100, **kw) -> Alignment:
+                     max_iter: int = 20, seed: int = 0, inner_iter: int = 100, wm_biases: bool = False,
+                     wm_running_stats: bool = False, **kw) -> Alignment:
     """MergeMany (Ainsworth et al. 2023): start from all-to-one weight matching to ``reference``; then, in
     rounds over the models in random order, weight-match model i to the average of all the other (currently
     aligned) models, until a round changes no permutation (or ``max_iter`` rounds). The shared basis is only
     defined up to one common permutation; it is fixed by giving ``reference`` the identity (which changes
-    nothing in the merged model)."""
+    nothing in the merged model). The objective is :func:`match_weights`' (``wm_biases``,
+    ``wm_running_stats``)."""
     _check_kw("match_merge_many", kw, ("gamma",))
-    layers = _check_states(states, spec, max_iter)
+    layers = _check_states(states, spec, max_iter, wm_biases, wm_running_stats)
     if not (isinstance(inner_iter, (int, np.integer)) and inner_iter >= 1):
         raise ValueError(f"inner_iter must be a positive integer, got {inner_iter!r}")
     n = len(states)

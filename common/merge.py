@@ -4,15 +4,17 @@
                           bn_reset=None, repair=False, weights=None)
 
 Steps: derive the merge spec from ``torch.fx``; split the probe into a fitting part and a held-out part
-when something must be selected (``gamma="auto"``, ``reference="best"``); collect statistics; compute the
-alignment with the chosen method; align and average; reset BatchNorm statistics (default for nets with BN)
-or apply REPAIR (nets without BN). :func:`merge_from_statistics` does the same from statistics computed
-elsewhere (the Flower server, with statistics uploaded by clients).
+when something must be selected (``gamma="auto"``, ZipIt!'s ``alpha``/``beta`` when not given,
+``reference="best"``); collect statistics; compute the alignment with the chosen method; align and average;
+reset BatchNorm statistics (default for nets with BN) or apply REPAIR (nets without BN).
+:func:`merge_from_statistics` does the same from statistics computed elsewhere (the Flower server, with
+statistics uploaded by clients).
 """
 from __future__ import annotations
 
 import copy
 import importlib
+import itertools
 import math
 import time
 from dataclasses import dataclass, field
@@ -29,9 +31,15 @@ from .probe import Batches, as_batches
 from .stats import Moments, Statistics, collect_statistics
 
 __all__ = ["merge_models", "collect_statistics", "merge_from_statistics", "reset_bn_stats", "METHODS",
-           "MergeInfo", "GAMMA_GRID", "probe_logits", "probe_score"]
+           "MergeInfo", "GAMMA_GRID", "ZIPIT_GRID", "probe_logits", "probe_score", "selection_candidates"]
 
 GAMMA_GRID = (1e-3, 1e-2, 0.1, 0.3, 1.0, 3.0)
+#: ZipIt!'s (alpha, beta) candidates, chosen on the held-out probe slice as gamma is for CCA. A 4 x 4 subset of
+#: upstream's search grid (ZipIt! ``hyperparameter_testing.py``: a in {1e-4, .01, .1, .3, .5, 1}, b in {0, .0375,
+#: .075, .125, .25, 1}; our alpha = 0 stands for their 1e-4), so that the tuning costs at most ~3x CCA's six
+#: gammas. It holds upstream's default (0.3, 0.125), a pure cross-model matching (0, 0) and this project's
+#: former fixed setting (0, 1). ``beta`` is upstream's b (see :func:`fedmerge.common.baselines.zipit_group`).
+ZIPIT_GRID = (("alpha", (0.0, 0.1, 0.3, 1.0)), ("beta", (0.0, 0.125, 0.25, 1.0)))
 
 
 @dataclass(frozen=True)
@@ -39,6 +47,8 @@ class Method:
     needs: str  # "none" | "stats" (reference pairs) | "stats_all" (all pairs) | "weights"
     target: str  # "module:function"
     tunable_gamma: bool = False
+    # method options chosen on the held-out probe slice when the caller leaves them out: (name, candidates)
+    tuned: tuple[tuple[str, tuple[float, ...]], ...] = ()
 
     def fn(self) -> Callable:
         mod, name = self.target.split(":")
@@ -50,7 +60,7 @@ METHODS: dict[str, Method] = {
     "permute": Method("stats", ".matching:match_permute"),
     "cca": Method("stats", ".matching:match_cca", tunable_gamma=True),
     "ot": Method("stats", ".baselines:match_ot"),
-    "zipit": Method("stats_all", ".baselines:match_zipit"),
+    "zipit": Method("stats_all", ".baselines:match_zipit", tuned=ZIPIT_GRID),
     "gcca": Method("stats_all", ".gcca:match_gcca", tunable_gamma=True),
     "weight_matching": Method("weights", ".baselines:match_weights"),
     "merge_many": Method("weights", ".baselines:match_merge_many"),
@@ -63,6 +73,10 @@ class MergeInfo:
     reference: int
     gamma: float | None = None
     gamma_scores: dict[float, tuple[float, float]] = field(default_factory=dict)
+    # what was chosen on the held-out probe slice ({"gamma": g}, or ZipIt!'s {"alpha": a, "beta": b}; empty when
+    # nothing was), and every candidate tried with its (primary, secondary) held-out score
+    params: dict[str, float] = field(default_factory=dict)
+    param_scores: list[tuple[dict[str, float], tuple[float, float]]] = field(default_factory=list)
     reference_scores: list[float] = field(default_factory=list)
     bn_reset: bool = False
     repair: bool = False
@@ -150,6 +164,23 @@ def probe_score(logits: torch.Tensor, batches: Batches, target_logits: torch.Ten
             -float(F.kl_div(F.log_softmax(logits, 1), p, reduction="batchmean")))
 
 
+def selection_candidates(method: str, gamma: float | str | None = "auto", method_kwargs: dict | None = None,
+                         gamma_grid: Sequence[float] = GAMMA_GRID) -> list[dict[str, float]]:
+    """The settings a merge chooses among on the held-out probe slice, each a dict of keyword arguments for
+    the method; ``[]`` when nothing is chosen. Methods with a tunable gamma: ``{"gamma": g}`` over
+    ``gamma_grid`` when ``gamma="auto"``. Methods with tuned options (:attr:`Method.tuned`: ZipIt!'s ``alpha``
+    and ``beta``): every combination of the grid values of the options absent from ``method_kwargs`` (an
+    option the caller sets is used as given)."""
+    m = METHODS[method]
+    if m.tunable_gamma:
+        return [{"gamma": float(g)} for g in gamma_grid] if gamma == "auto" else []
+    free = [(k, values) for k, values in m.tuned if k not in (method_kwargs or {})]
+    if not free:
+        return []
+    names = [k for k, _ in free]
+    return [dict(zip(names, map(float, combo))) for combo in itertools.product(*(v for _, v in free))]
+
+
 def _resolve_probe(probe, need_held: bool, held_out: float, seed: int) -> tuple[Batches, Batches | None]:
     batches = as_batches(probe)
     if not need_held:
@@ -167,6 +198,9 @@ def merge_models(models: Sequence[nn.Module], probe: Any, method: str = "cca", r
     method: ``avg``, ``permute``, ``weight_matching``, ``ot``, ``zipit``, ``merge_many``, ``cca``, ``gcca``.
     reference: index of the model all others are aligned to, or ``"best"`` (best on a held-out probe slice).
     gamma: CCA regularisation relative to the unit scale, or ``"auto"`` (chosen on a held-out probe slice).
+    Method options go in ``method_kwargs`` (e.g. OT's ``cost``/``reg``, ZipIt!'s ``alpha``/``beta``); ZipIt!'s
+    ``alpha`` and ``beta`` left out are chosen on the held-out probe slice over :data:`ZIPIT_GRID`, as gamma is
+    (see :func:`selection_candidates`; the choice is in ``MergeInfo.params``).
     bn_reset: re-estimate BatchNorm statistics on the probe (default: when the model has BatchNorm).
     repair: REPAIR (rescale each merged unit to the average aligned statistics; for nets without BN).
     weights: per-model averaging weights (e.g. client sample counts), normalised.
@@ -186,7 +220,8 @@ def merge_models(models: Sequence[nn.Module], probe: Any, method: str = "cca", r
         raise ValueError(f"gamma must be a number >= 0 or 'auto', got {gamma!r}")
     dev = _device(device)
     t0 = time.perf_counter()
-    fit, held = _resolve_probe(probe, auto_gamma or reference == "best" or bool(np_merge), held_out, seed)
+    select = bool(selection_candidates(method, gamma, method_kwargs, gamma_grid))
+    fit, held = _resolve_probe(probe, select or reference == "best" or bool(np_merge), held_out, seed)
     spec = derive_spec(models[0], fit.example())
     timings = {"spec": time.perf_counter() - t0}
 
@@ -253,9 +288,9 @@ def merge_from_statistics(template: nn.Module, states, spec: MergeSpec, stats: S
     info = MergeInfo(method=method, reference=reference, bn_reset=bn, repair=repair)
     timings = {"transforms": 0.0, "apply": 0.0, "bn_reset": 0.0, "repair": 0.0}
 
-    def build(g):
+    def build(params: dict):
         t = time.perf_counter()
-        alignment = compute_alignment(method, spec, stats, states, reference, gamma=g, **method_kwargs)
+        alignment = compute_alignment(method, spec, stats, states, reference, **method_kwargs, **params)
         timings["transforms"] += time.perf_counter() - t
         t = time.perf_counter()
         merged_sd = merge_states(states, spec, alignment, w, reference, bn_eps)
@@ -274,23 +309,30 @@ def merge_from_statistics(template: nn.Module, states, spec: MergeSpec, stats: S
             timings["bn_reset"] += time.perf_counter() - t
         return model
 
-    if gamma == "auto":
+    candidates = selection_candidates(method, gamma, method_kwargs, gamma_grid)
+    if candidates:
         if eval_batches is None:
-            raise ValueError("gamma='auto' needs a held-out probe slice")
+            raise ValueError(f"choosing {' and '.join(candidates[0])} (gamma='auto', or ZipIt!'s alpha/beta left "
+                             "out) needs a held-out probe slice; pass the values to fix them")
         t = time.perf_counter()
         best = None
-        for g in gamma_grid:
-            model = build(float(g))
+        for params in candidates:
+            model = build(params)
             score = probe_score(probe_logits(model, eval_batches, dev), eval_batches, eval_target)
-            info.gamma_scores[float(g)] = score
+            info.param_scores.append((params, score))
             if best is None or score > best[0]:
-                best = (score, float(g), model)
-        info.gamma = best[1]
-        timings["select_gamma"] = time.perf_counter() - t
+                best = (score, params, model)
+        info.params = best[1]
+        if METHODS[method].tunable_gamma:
+            info.gamma = best[1]["gamma"]
+            info.gamma_scores = {p["gamma"]: sc for p, sc in info.param_scores}
+        timings["select_gamma" if METHODS[method].tunable_gamma else "select_params"] = time.perf_counter() - t
         merged = best[2]
+        used = best[1]
     else:
         info.gamma = float(gamma) if METHODS[method].tunable_gamma else None
-        merged = build(info.gamma)
+        used = {"gamma": info.gamma} if METHODS[method].tunable_gamma else {}
+        merged = build(used)
     if np_merge:
         if repair:
             raise ValueError("np_merge and repair are alternatives: choose one")
@@ -300,7 +342,7 @@ def merge_from_statistics(template: nn.Module, states, spec: MergeSpec, stats: S
         from .npmerge import np_merge as _np_merge
 
         t = time.perf_counter()
-        alignment = compute_alignment(method, spec, stats, states, reference, gamma=info.gamma, **method_kwargs)
+        alignment = compute_alignment(method, spec, stats, states, reference, **method_kwargs, **used)
         aligned = aligned_states(states, spec, alignment, bn_eps)
         opts = np_merge if isinstance(np_merge, dict) else {}
         merged, info.np_merge = _np_merge(template, aligned, w, reset_batches, eval_batches, device=dev, **opts)

@@ -2,9 +2,10 @@
 
 Every split is a pure function of a label array (1-D integer ``np.ndarray`` of length ``n``), a number of
 clients and a seed. It returns a list with one index array per client: ``np.int64``, sorted ascending, indices
-into the label array. Clients never share an index, and for every split here the union of the clients'
-indices is ``0 .. n-1`` (every image goes to exactly one client). The same arguments always give the same
-split; nothing global is touched (each call builds its own ``np.random.default_rng(seed)``).
+into the label array. For every split except ``same`` clients never share an index and the union of the
+clients' indices is ``0 .. n-1`` (every image goes to exactly one client); ``same`` is the one split where
+clients share indices: every client gets all of ``0 .. n-1``. The same arguments always give the same split;
+nothing global is touched (each call builds its own ``np.random.default_rng(seed)``).
 
 Splits (names for :func:`make_split`, listed in :data:`SPLITS`):
 
@@ -16,6 +17,10 @@ Splits (names for :func:`make_split`, listed in :data:`SPLITS`):
     Per-class Dirichlet(alpha) proportions over clients (label skew); see :func:`dirichlet`.
 ``disjoint``
     Every client gets a disjoint set of whole classes; see :func:`disjoint`.
+``same``
+    Every client gets every image (the CCA-Merge paper's Table 1 and Fig. 4 regime: models trained on the
+    same full training set); see :func:`same`. Clients then differ only in what they derive from their
+    partition id: their seed, initialisation and data order.
 
 The ``iid`` and ``dirichlet`` splits follow the semantics of flwr-datasets' ``IidPartitioner`` and
 ``DirichletPartitioner`` (per-class proportions drawn from ``Dir(alpha)``, redrawn until every partition has
@@ -33,11 +38,11 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["SPLITS", "ALIASES", "iid", "eighty_twenty", "dirichlet", "disjoint", "make_split",
+__all__ = ["SPLITS", "ALIASES", "iid", "eighty_twenty", "dirichlet", "disjoint", "same", "make_split",
            "split_summary"]
 
 #: Canonical split names accepted by :func:`make_split`.
-SPLITS: tuple[str, ...] = ("iid", "80/20", "dirichlet", "disjoint")
+SPLITS: tuple[str, ...] = ("iid", "80/20", "dirichlet", "disjoint", "same")
 #: Other spellings accepted by :func:`make_split`, mapped to their canonical name.
 ALIASES: dict[str, str] = {"eighty_twenty": "80/20"}
 
@@ -63,13 +68,17 @@ def _check_labels(labels) -> np.ndarray:
     return arr.astype(np.int64, copy=False)
 
 
-def _check_num_clients(num_clients, n: int) -> int:
+def _check_num_clients(num_clients, n: int, shared: bool = False) -> int:
+    """``shared``: every client gets every image (``same``), so only an empty label array empties a client."""
     if isinstance(num_clients, bool) or not isinstance(num_clients, numbers.Integral):
         raise ValueError(f"num_clients must be an integer, got {num_clients!r}")
     k = int(num_clients)
     if k < 1:
         raise ValueError(f"num_clients must be >= 1, got {k}")
-    if k > n:
+    if shared:
+        if n == 0:
+            raise ValueError("labels are empty: every client would be empty")
+    elif k > n:
         raise ValueError(f"num_clients ({k}) is larger than the number of images ({n}): some client would be empty")
     return k
 
@@ -80,9 +89,9 @@ def _check_seed(seed):
     return seed
 
 
-def _prepare(labels, num_clients, seed) -> tuple[np.ndarray, int, np.random.Generator]:
+def _prepare(labels, num_clients, seed, shared: bool = False) -> tuple[np.ndarray, int, np.random.Generator]:
     y = _check_labels(labels)
-    k = _check_num_clients(num_clients, len(y))
+    k = _check_num_clients(num_clients, len(y), shared)
     return y, k, np.random.default_rng(_check_seed(seed))
 
 
@@ -227,6 +236,18 @@ def disjoint(labels, num_clients: int, seed: int = 0) -> list[np.ndarray]:
     return _finish([np.flatnonzero(np.isin(y, g)) for g in groups])
 
 
+def same(labels, num_clients: int, seed: int = 0) -> list[np.ndarray]:
+    """Every client gets every image: ``num_clients`` copies of ``0 .. n-1``.
+
+    The regime of the CCA-Merge paper's Table 1 and Fig. 4 (models trained on the same full training set from
+    different seeds). The split itself draws nothing (``seed`` is validated and otherwise unused): clients
+    differ only in their own seed, initialisation and data order, which the client code derives from its
+    partition id. This is the one split where clients share indices.
+    """
+    y, k, _ = _prepare(labels, num_clients, seed, shared=True)
+    return _finish([np.arange(len(y))] * k)
+
+
 # ------------------------------------------------------------------------------------------------- front end
 
 def _canonical(kind) -> str:
@@ -248,6 +269,8 @@ def make_split(kind: str, labels, num_clients: int, seed: int = 0, alpha: float 
     ``min_size`` / ``max_tries`` for ``dirichlet``.
     """
     key = _canonical(kind)
+    if key == "same":
+        return same(labels, num_clients, seed=seed, **kw)
     if key == "iid":
         return iid(labels, num_clients, seed=seed, **kw)
     if key == "80/20":
@@ -260,10 +283,12 @@ def make_split(kind: str, labels, num_clients: int, seed: int = 0, alpha: float 
 def split_summary(parts: Sequence[np.ndarray], labels, num_classes: int | None = None) -> dict:
     """Per-client sizes and class histograms of a split, as plain Python ints (JSON-serialisable).
 
-    Returns ``{"num_clients", "num_images", "num_assigned", "num_classes", "sizes", "class_counts",
-    "classes_per_client"}``: ``class_counts[i][c]`` is the number of images of class ``c`` client ``i`` holds,
-    ``classes_per_client[i]`` the number of classes with at least one image there. ``num_classes`` defaults to
-    ``max(labels) + 1``.
+    Returns ``{"num_clients", "num_images", "num_assigned", "num_distinct", "shared", "num_classes", "sizes",
+    "class_counts", "classes_per_client"}``: ``class_counts[i][c]`` is the number of images of class ``c``
+    client ``i`` holds, ``classes_per_client[i]`` the number of classes with at least one image there.
+    ``num_assigned`` counts an image once per client holding it, ``num_distinct`` once; ``shared`` says
+    whether some image is held by more than one client (only the ``same`` split does that, where
+    ``num_assigned = num_clients * num_distinct``). ``num_classes`` defaults to ``max(labels) + 1``.
     """
     y = _check_labels(labels)
     if num_classes is None:
@@ -274,15 +299,19 @@ def split_summary(parts: Sequence[np.ndarray], labels, num_classes: int | None =
     if y.size and int(y.max()) >= num_classes:
         raise ValueError(f"labels go up to {int(y.max())} but num_classes is {num_classes}")
     hists = []
+    held = np.zeros(len(y), dtype=np.int64)  # how many clients hold each image
     for i, p in enumerate(parts):
         p = np.asarray(p)
         if p.size and (not np.issubdtype(p.dtype, np.integer) or p.min() < 0 or p.max() >= len(y)):
             raise ValueError(f"client {i}: indices must be integers in [0, {len(y)})")
         hists.append(np.bincount(y[p.astype(np.int64)], minlength=num_classes))
+        np.add.at(held, p.astype(np.int64), 1)
     return {
         "num_clients": len(hists),
         "num_images": int(len(y)),
         "num_assigned": int(sum(int(h.sum()) for h in hists)),
+        "num_distinct": int((held > 0).sum()),
+        "shared": bool((held > 1).any()),
         "num_classes": num_classes,
         "sizes": [int(h.sum()) for h in hists],
         "class_counts": [[int(v) for v in h] for h in hists],

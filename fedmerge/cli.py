@@ -9,11 +9,15 @@ __all__ = ["main"]
 
 
 def _add_federation_args(p: argparse.ArgumentParser, defaults: dict) -> None:
+    from fedmerge.common.splits import SPLITS  # numpy only: the CLI still starts without torch
+
     d = defaults.get
     p.add_argument("--dataset", default=d("dataset", "cifar10-mini"),
                    help="cifar10 | cifar10-mini (embedded) | mnist | fashion_mnist | cifar100")
     p.add_argument("--data-root", default="", help="folder with the data sets (or set FEDMERGE_DATA)")
-    p.add_argument("--split", default=d("split", "iid"), help="iid | 80/20 | dirichlet | disjoint")
+    p.add_argument("--split", default=d("split", "iid"),
+                   help=" | ".join(SPLITS) + " (same: every client trains on all non-probe images, with its own seed, "
+                        "init and data order)")
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration")
     p.add_argument("--clients", type=int, default=d("clients", 2))
     p.add_argument("--arch", default=d("arch", "cnn"))

@@ -4,10 +4,12 @@
 
 Times a few real training steps of the architecture at the scale's width and batch size (after warm-up),
 then runs ``python -m benchmarks.<experiment> --scale paper --epochs E ...`` with the largest E <= 200 (the
-paper's) whose training of all clients fits in ``--train-budget`` seconds. Every client split used here
-covers the non-probe training pool once, so one epoch over all clients is ``pool / batch`` steps. The
-chosen E, the measured step time and the GPU are printed and written to ``<out>/gpu_plan.json`` so the
-tables say how far from the paper's 200 epochs a run had to stay.
+paper's) whose training of all clients fits in ``--train-budget`` seconds. One epoch of all clients is
+``passes * pool / batch`` steps: with the ``same`` split (the default of two_models, many_models and the
+studies reusing their models: the paper's Table 1 / Fig. 4 regime) every client goes over the whole
+non-probe pool, so ``passes`` is the number of clients; a partitioning split covers the pool once (the splits
+experiment once per split). The chosen E, the measured step time and the GPU are printed and written to
+``<out>/gpu_plan.json`` so the tables say how far from the paper's 200 epochs a run had to stay.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import SCALES  # noqa: E402
+from benchmarks.common import SAME_DATA, SCALES  # noqa: E402
 from fedmerge.client.train import TrainConfig, train  # noqa: E402
 from fedmerge.common.data import TensorLoader  # noqa: E402
 from fedmerge.common.models import build_model  # noqa: E402
@@ -42,6 +44,26 @@ def step_seconds(arch: str, width: float, batch: int, steps: int = 30) -> float:
     return (time.perf_counter() - t) / steps
 
 
+def pool_passes(experiment: str, arch: str, rest: list[str]) -> int:
+    """How often one epoch of all the benchmark's clients goes over the non-probe pool (see the docstring)."""
+    def opt(name: str, default):
+        return rest[rest.index(name) + 1] if name in rest[:-1] else default
+
+    if experiment == "splits":
+        from benchmarks.splits import SPLITS
+
+        return len([s for s in str(opt("--splits", ",".join(SPLITS))).split(",") if s.strip()])
+    if opt("--split", SAME_DATA) != SAME_DATA:
+        return 1
+    if experiment == "many_models":
+        from benchmarks.many_models import ARCH_DEFAULTS, DEFAULT_CLIENTS
+
+        return int(opt("--clients", ARCH_DEFAULTS.get((arch, "paper"), {}).get("clients", DEFAULT_CLIENTS)))
+    if experiment == "reference_free":
+        return int(opt("--clients", 5))
+    return 2  # two_models and the studies reusing its pair
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--experiment", required=True, help="benchmarks module, e.g. two_models, many_models")
@@ -56,14 +78,16 @@ def main(argv=None) -> int:
         p.error("no CUDA device: this script sizes paper-scale runs for a GPU")
     width = args.width if args.width is not None else SCALES["paper"]["width"]
     batch = SCALES["paper"]["batch_size"]
-    t_step = step_seconds(args.arch, width, batch)
-    per_epoch = math.ceil(args.pool / batch) * t_step
-    epochs = max(1, min(args.max_epochs, int(args.train_budget // per_epoch)))
     rest = [a for a in args.rest if a != "--"]
+    passes = pool_passes(args.experiment, args.arch, rest)
+    t_step = step_seconds(args.arch, width, batch)
+    per_epoch = passes * math.ceil(args.pool / batch) * t_step
+    epochs = max(1, min(args.max_epochs, int(args.train_budget // per_epoch)))
     cmd = [sys.executable, "-m", f"benchmarks.{args.experiment}", "--scale", "paper", "--arch", args.arch,
            "--width", str(width), "--epochs", str(epochs)] + rest
     plan = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "arch": args.arch, "width": width,
-            "batch_size": batch, "step_seconds": t_step, "epoch_seconds_all_clients": per_epoch,
+            "batch_size": batch, "step_seconds": t_step, "pool_passes_per_epoch": passes,
+            "epoch_seconds_all_clients": per_epoch,
             "train_budget_s": args.train_budget, "epochs": epochs, "paper_epochs": args.max_epochs,
             "command": ["python"] + cmd[1:]}  # the interpreter's own path says nothing portable
     print(json.dumps(plan, indent=1), flush=True)

@@ -43,7 +43,7 @@ def test_merge_cache_matches_merge_models(arch):
         kw = {"bn_reset": post, "repair": False} if bn else {"bn_reset": False, "repair": post}
         a, ia = merge_models(models[:n], probe, method=method, reference=0, gamma="auto", return_info=True, **kw)
         b, ib, secs = cache.merge(n, method, gamma="auto", **kw)
-        assert ia.gamma == ib.gamma and secs >= 0
+        assert ia.gamma == ib.gamma and ia.params == ib.params and secs >= 0
         sa, sb = a.state_dict(), b.state_dict()
         for k in sa:
             torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=1e-6, msg=f"{method} n={n} {k}")
@@ -74,7 +74,14 @@ def test_arch_defaults_fill_only_unset_values():
 def test_two_models_plot(tmp_path):
     two_models.main(TINY + ["--probe-size", "60", "--methods", "avg,cca", "--out", str(tmp_path)])
     assert is_png(tmp_path / "two_models.png")
-    assert len(json.loads((tmp_path / "two_models.json").read_text())["results"]) == 4
+    res = json.loads((tmp_path / "two_models.json").read_text())
+    assert len(res["results"]) == 4
+    # the default regime is the paper's Table 1: both models on every non-probe image, from their own seeds
+    assert res["data"]["split"] == "same" and res["data"]["client_sizes"] == [240, 240]
+    # seeds, learning rate and epochs are recorded (the resolved values, not the unset command-line ones)
+    assert res["training"]["lr"] == 0.1 and res["training"]["epochs"] == 1 and res["config"]["lr"] == "0.1"
+    assert res["training"]["seed"] == 0 and res["training"]["client_seeds"] == [0, 1]
+    assert len(list((tmp_path / "checkpoints").glob("vgg11_w0.125_e1_same_s0_client*.json"))) == 2
 
 
 def test_many_models(tmp_path):
@@ -88,7 +95,8 @@ def test_many_models(tmp_path):
     md = (tmp_path / "many_models.md").read_text()
     assert "| 2 |" in md and "| 3 |" in md and "cca + REPAIR %" in md and "pixels near-exact" in md
     assert is_png(tmp_path / "many_models.png")
-    assert len(list((tmp_path / "checkpoints").glob("vgg11_w0.125_e1_n3_iid_s0_client*.json"))) == 3
+    assert len(list((tmp_path / "checkpoints").glob("vgg11_w0.125_e1_n3_same_s0_client*.json"))) == 3
+    assert res["data"]["client_sizes"] == [240] * 3 and res["training"]["client_seeds"] == [0, 1, 2]
 
 
 def test_splits(tmp_path):
@@ -96,6 +104,8 @@ def test_splits(tmp_path):
                         "--out", str(tmp_path)])
     res = json.loads((tmp_path / "splits.json").read_text())
     assert list(res["splits"]) == ["80/20", "dirichlet", "disjoint"]
+    assert res["training"]["epochs"] == 1 and res["training"]["lr"] == 0.1 and len(res["training"]["client_seeds"]) == 3
+    assert {tuple(r["params"]) for r in res["results"] if r["method"] == "zipit"} == {("alpha", "beta")}
     assert {(r["split"], r["method"], r["post"]) for r in res["results"]} == {
         (s, m, "BN reset") for s in ("80/20", "dirichlet", "disjoint") for m in ("permute", "zipit", "cca")}
     assert max(res["splits"]["disjoint"]["classes_per_client"]) <= 4  # 10 classes over 3 clients

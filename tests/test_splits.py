@@ -3,14 +3,15 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
-from fedmerge.common.splits import (ALIASES, SPLITS, dirichlet, disjoint, eighty_twenty, iid, make_split,
+from fedmerge.common.splits import (ALIASES, SPLITS, dirichlet, disjoint, eighty_twenty, iid, make_split, same,
                                     split_summary)
 
 NUM_CLASSES = 10
 BALANCED = np.repeat(np.arange(NUM_CLASSES), 500)              # 5000 images, 500 per class, sorted
 SHUFFLED = np.random.default_rng(123).permutation(BALANCED)     # same multiset, labels in random order
-KINDS = ["iid", "80/20", "dirichlet", "disjoint"]
+KINDS = ["iid", "80/20", "dirichlet", "disjoint"]                # the partitioning splits (no shared index)
 
 
 def class_counts(parts, labels, num_classes=NUM_CLASSES):
@@ -25,7 +26,7 @@ def mean_tv(parts, labels, num_classes=NUM_CLASSES):
 
 
 def test_splits_names():
-    assert set(SPLITS) == set(KINDS)
+    assert set(SPLITS) == set(KINDS) | {"same"}
     assert ALIASES["eighty_twenty"] == "80/20"
 
 
@@ -214,3 +215,53 @@ def test_alpha_ignored_by_other_kinds():
     # callers pass their configured alpha for every kind; only dirichlet validates/uses it
     a = make_split("iid", BALANCED, 2, seed=0, alpha=-1)
     assert all(np.array_equal(x, y) for x, y in zip(a, iid(BALANCED, 2, seed=0)))
+
+
+# --- same: every client trains on every non-probe image (the paper's Table 1 / Fig. 4 regime) -----------------
+
+@pytest.mark.parametrize("num_clients", [1, 2, 5])
+def test_same_gives_every_client_every_index(num_clients):
+    parts = make_split("same", SHUFFLED, num_clients, seed=3, alpha=-1)   # alpha ignored, as for the others
+    assert len(parts) == num_clients
+    for p in parts:
+        assert p.dtype == np.int64
+        np.testing.assert_array_equal(p, np.arange(len(SHUFFLED)))
+    assert parts[0] is not parts[-1] or num_clients == 1                 # independent arrays, not one aliased
+    # the split draws nothing: another seed gives the same split; more clients than images is fine
+    assert all(np.array_equal(a, b) for a, b in zip(parts, same(SHUFFLED, num_clients, seed=4)))
+    assert [len(p) for p in same(np.array([2, 0]), 3)] == [2, 2, 2]
+    s = split_summary(parts, SHUFFLED)
+    assert s["sizes"] == [5000] * num_clients and s["num_distinct"] == 5000
+    assert s["num_assigned"] == 5000 * num_clients and s["shared"] == (num_clients > 1)
+    assert split_summary(iid(SHUFFLED, 3), SHUFFLED)["shared"] is False
+    with pytest.raises(ValueError, match="labels are empty"):
+        same(np.array([], dtype=np.int64), 2)
+    with pytest.raises(ValueError, match="num_clients must be >= 1"):
+        same(SHUFFLED, 0)
+
+
+def test_same_split_clients_differ_only_in_seed_init_and_order():
+    """Through the federated task: each client's partition is every non-probe training image, and the seeds
+    the ClientApp derives from its partition id (client/app.py: init ``seed * 1000 + pid``, data order
+    ``seed * 1000 + pid + 7919 * round``) give different initialisations and different first batches."""
+    from fedmerge.common.data import split_probe_pool
+    from fedmerge.common.task import FedConfig, build_global_model, client_partition, train_loader
+
+    cfg = FedConfig(dataset="cifar10-mini", split="same", num_clients=2, probe_size=500, arch="cnn", width=0.25,
+                    batch_size=32, seed=5)
+    probe, pool = split_probe_pool(8000, cfg.probe_size, cfg.seed)
+    parts = [client_partition(cfg, pid, 2) for pid in range(2)]
+    for idx in parts:
+        np.testing.assert_array_equal(idx, pool)                           # all 7,500 non-probe images
+    assert len(np.intersect1d(parts[0], probe)) == 0
+    rnd = 1
+    first = [next(iter(train_loader(cfg, pid, 2, seed=cfg.seed * 1000 + pid + 7919 * rnd))) for pid in range(2)]
+    assert not torch.equal(first[0][0], first[1][0])
+    inits = [build_global_model(cfg, seed=cfg.seed * 1000 + pid).state_dict() for pid in range(2)]
+    assert inits[0].keys() == inits[1].keys()
+    assert any(not torch.equal(inits[0][k], inits[1][k]) for k in inits[0] if inits[0][k].is_floating_point())
+    # the same seed gives the same first batch and init (so the difference comes from the seed alone)
+    again = next(iter(train_loader(cfg, 0, 2, seed=cfg.seed * 1000 + 7919 * rnd)))
+    assert torch.equal(again[0], first[0][0]) and torch.equal(again[1], first[0][1])
+    assert all(torch.equal(v, build_global_model(cfg, seed=cfg.seed * 1000).state_dict()[k])
+               for k, v in inits[0].items())
