@@ -235,7 +235,8 @@ def client_partition(cfg: FedConfig, partition_id: int, num_partitions: int) -> 
     parts = make_split(cfg.split, train.y[pool], num_partitions, seed=cfg.seed, alpha=cfg.alpha)
     idx = pool[parts[partition_id]]
     if cfg.max_train and len(idx) > cfg.max_train:
-        rng = np.random.default_rng([cfg.seed, partition_id, 11])
+        # split=same: every client has the same images, so the same capped subset (they differ by seed only)
+        rng = np.random.default_rng([cfg.seed, 0 if cfg.split == "same" else partition_id, 11])
         idx = np.sort(rng.choice(idx, cfg.max_train, replace=False))
     return idx
 

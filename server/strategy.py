@@ -47,7 +47,8 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedmerge.common.compress import decode_cross, decode_moments
 from fedmerge.common.graph import MergeSpec, derive_spec
-from fedmerge.common.merge import GAMMA_GRID, METHODS, has_batchnorm, merge_from_statistics, probe_logits, probe_score
+from fedmerge.common.merge import (GAMMA_GRID, METHODS, has_batchnorm, merge_from_statistics, probe_logits, probe_score,
+                                   selection_candidates)
 from fedmerge.common.probe import Batches, as_batches, probe_digest
 from fedmerge.common.records import weights_digest
 from fedmerge.common.stats import CrossMoments, Statistics, collect_statistics, own_statistics, samples_per_input
@@ -562,6 +563,7 @@ class CCAMerge(FedAvg):
         rec.reference = ref_u.partition
         rec.gamma = info.gamma
         rec.merge_info.update({"gamma_scores": {str(k): v for k, v in info.gamma_scores.items()},
+                               "params": info.params,
                                "bn_reset": info.bn_reset, "repair": info.repair, "weights": weights})
         log(INFO, "round %d: merged %d clients with %s (reference client %d by %s, gamma %s)", server_round,
             len(accepted), self.method, rec.reference, rule, info.gamma)
@@ -573,7 +575,10 @@ class CCAMerge(FedAvg):
     def _blame(self, accepted: list[ClientUpdate], stats: Statistics | None) -> list[int]:
         """After a failed merge: the clients whose weights and statistics alone (merged with themselves) fail."""
         out = []
-        gamma = self.gamma if not isinstance(self.gamma, str) else self.gamma_grid[len(self.gamma_grid) // 2]
+        # one fixed setting (the middle of what would be chosen on the probe): a diagnosis, not a selection
+        cands = selection_candidates(self.method, self.gamma, self.method_kwargs, self.gamma_grid)
+        fixed = dict(cands[len(cands) // 2]) if cands else {}
+        gamma = fixed.pop("gamma", self.gamma if METHODS[self.method].tunable_gamma else None)
         for i, u in enumerate(accepted):
             try:
                 own = None
@@ -585,9 +590,8 @@ class CCAMerge(FedAvg):
                     own=[own, own], cross={(0, 1): {g: CrossMoments(m.n, m.mean, m.mean, m.m2) for g, m in own.items()}},
                     reference=0)
                 merge_from_statistics(self.template, [u.state, u.state], self.spec, self_stats, method=self.method,
-                                      reference=0, gamma=gamma if METHODS[self.method].tunable_gamma else None,
-                                      bn_reset=self.bn_reset, reset_batches=self.fit, device=self._dev(),
-                                      **self.method_kwargs)
+                                      reference=0, gamma=gamma, bn_reset=self.bn_reset, reset_batches=self.fit,
+                                      device=self._dev(), **{**self.method_kwargs, **fixed})
             except Exception:  # noqa: BLE001 - this is the diagnosis
                 out.append(u.partition)
         return out

@@ -265,3 +265,13 @@ def test_same_split_clients_differ_only_in_seed_init_and_order():
     assert torch.equal(again[0], first[0][0]) and torch.equal(again[1], first[0][1])
     assert all(torch.equal(v, build_global_model(cfg, seed=cfg.seed * 1000).state_dict()[k])
                for k, v in inits[0].items())
+
+
+def test_same_split_with_a_training_cap_gives_every_client_the_same_images():
+    from fedmerge.common.task import FedConfig, client_partition
+
+    cfg = FedConfig(dataset="cifar10-mini", split="same", num_clients=3, probe_size=500, max_train=300, seed=2)
+    parts = [client_partition(cfg, pid, 3) for pid in range(3)]
+    assert len(parts[0]) == 300 and all(np.array_equal(parts[0], p) for p in parts[1:])
+    other = FedConfig(dataset="cifar10-mini", split="iid", num_clients=3, probe_size=500, max_train=300, seed=2)
+    assert len({tuple(client_partition(other, pid, 3)) for pid in range(3)}) == 3  # disjoint splits still differ
