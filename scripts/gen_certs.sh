@@ -13,8 +13,8 @@
 # Idempotent: existing files are kept; a server certificate that no longer verifies against the CA (or lacks
 # a requested SAN) is re-issued. Needs bash + openssl; SuperNode keys use ssh-keygen, or, without it,
 # openssl + Python with the `cryptography` package (a Flower dependency; PYTHON=... selects the interpreter).
-# Private keys are mode 0600 except server.key (0640: `group_add` in compose.tls.yaml lets the container user
-# read it through your group, see docker/README.md). The output folder is git-ignored; never commit it.
+# ca.key is mode 0600; server.key and the SuperNode private keys are 0640 (`group_add` in compose.tls.yaml and
+# compose.auth.yaml lets the container user read them through your group, see docker/README.md). The output folder is git-ignored; never commit it.
 set -euo pipefail
 
 OUT="${1:-docker/certs}"
@@ -109,6 +109,6 @@ chmod 640 server.key
 chmod 644 ca.crt server.pem
 for f in supernode_*; do
   [[ -e "$f" ]] || continue
-  if [[ "$f" == *.pub ]]; then chmod 644 "$f"; else chmod 600 "$f"; fi
+  if [[ "$f" == *.pub ]]; then chmod 644 "$f"; else chmod 640 "$f"; fi  # read in containers via CERTS_GID
 done
 echo "certificates in $(pwd) (register SuperNode keys with: flwr supernode register <supernode_i.pub> <connection>)"

@@ -171,7 +171,27 @@ def test_native_deployment_tls_with_supernode_auth(tmp_path):
             topo.supernode(i, node_config=True)
         topo.supernode(2, node_config=True)  # a third SuperNode whose key was never registered
         result = _run_round(topo, tmp_path / "out")
+        listed = topo.flwr("supernode", "list", "test", "--format", "json", timeout=60)
     finally:
         topo.stop()
     assert result["clients_merged"] == [0, 1] and result["accuracy"]["merged"] is not None
     assert len(result["rounds"][0]["client_metrics"]) == 2  # the unregistered node never took part
+    # ... because the SuperLink refused it, not because it was slow: the refusal is in both logs
+    unregistered_key = (topo.certs["node2.pub"]).read_text().split()[1]
+    superlink_log = (tmp_path / "superlink.log").read_text()
+    assert "activate-node" in superlink_log and "No SuperNode found with the given public key" in superlink_log
+    assert "Failed to activate SuperNode" in (tmp_path / "supernode2.log").read_text()
+    # and the federation's node list holds the two registered nodes only
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    nodes = _node_entries(json.loads(listed.stdout))
+    assert len(nodes) == 2 and unregistered_key not in listed.stdout, listed.stdout
+
+
+def _node_entries(payload) -> list:
+    """The SuperNode entries of ``flwr supernode list --format json`` (a list under the first list-valued key)."""
+    if isinstance(payload, list):
+        return payload
+    for v in payload.values():
+        if isinstance(v, list):
+            return v
+    raise AssertionError(f"no node list in {payload}")

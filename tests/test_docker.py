@@ -33,7 +33,8 @@ BASE = ("compose.yaml",)
 TLS = ("compose.yaml", "compose.tls.yaml")
 GPU = ("compose.yaml", "compose.gpu.yaml")
 ALL = ("compose.yaml", "compose.gpu.yaml", "compose.tls.yaml")
-COMBOS = [BASE, TLS, GPU, ALL]
+AUTH = ("compose.yaml", "compose.tls.yaml", "compose.auth.yaml")
+COMBOS = [BASE, TLS, GPU, ALL, AUTH]
 SERVICES = {"superlink", "supernode", "submit"}
 
 
@@ -123,6 +124,8 @@ def test_compose_commands_parse_with_flowers_own_parsers(files):
     assert b.superlink == f"superlink:{port}"
     assert f'address = "superlink:{port}"' in svc["submit"]["command"][-1]
     assert [p.split(":")[-1] for p in svc["superlink"]["ports"]] == [str(port)]
+    # published on the host's loopback unless SUPERLINK_BIND says otherwise
+    assert [p.split(":")[0] for p in svc["superlink"]["ports"]] == ["127.0.0.1"]
     assert f"('127.0.0.1', {port})" in " ".join(svc["superlink"]["healthcheck"]["test"])
     tls = "compose.tls.yaml" in files
     assert (a.insecure, b.insecure) == (not tls, not tls)
@@ -155,8 +158,11 @@ def test_number_of_supernodes_is_one_variable():
     raw = _raw(*BASE)["services"]
     assert str(raw["supernode"]["deploy"]["replicas"]) == "${NUM_SUPERNODES:-2}"
     assert "num-clients=${NUM_SUPERNODES:-2}" in raw["submit"]["command"][-1]
-    for files in COMBOS:  # the overrides keep it
-        assert _services(*files, env={"NUM_SUPERNODES": "5"})["supernode"]["deploy"]["replicas"] == "5"
+    for files in COMBOS:  # the overrides keep it (authenticated nodes are services of their own: one per key)
+        if files != AUTH:
+            assert _services(*files, env={"NUM_SUPERNODES": "5"})["supernode"]["deploy"]["replicas"] == "5"
+    auth = _services(*AUTH)
+    assert len([n for n in auth if n.startswith("supernode-")]) == 2 and "num-clients=2" in auth["submit"]["command"][-1]
     assert _services(*BASE)["supernode"]["deploy"]["replicas"] == "2"
 
 
@@ -191,6 +197,36 @@ def test_tls_override_mounts_exactly_the_generated_files():
     assert not any("ca.key" in str(v) for v in every)  # the CA's key never enters a container
     assert svc["superlink"]["group_add"] == ["10001"]
     assert _services(*TLS, env={"CERTS_GID": "1234"})["superlink"]["group_add"] == ["1234"]
+
+
+def test_published_port_is_loopback_unless_asked():
+    svc = _services(*BASE, env={"SUPERLINK_BIND": "0.0.0.0", "SUPERLINK_PORT": "9001"})
+    assert svc["superlink"]["ports"] == ["0.0.0.0:9001:8000"]
+    assert "whoever reaches the SuperLink" in (DOCKER / "compose.yaml").read_text()
+
+
+def test_auth_override_admits_only_registered_supernodes():
+    svc = _services(*AUTH, env={"CERTS_GID": "1234"})
+    a = _superlink_parser().parse_args(svc["superlink"]["command"][1:])
+    assert a.enable_supernode_auth is True and a.ssl_certfile and not a.insecure
+    assert svc["supernode"]["deploy"]["replicas"] == 0  # anonymous replicas are off
+    nodes = sorted(n for n in svc if n.startswith("supernode-"))
+    assert nodes == ["supernode-0", "supernode-1"]
+    for i, name in enumerate(nodes):
+        b = _supernode_parser().parse_args(svc[name]["command"][1:])
+        assert b.auth_supernode_private_key == f"/keys/supernode_{i}" and b.root_certificates == "/certs/ca.crt"
+        mounts = {v["target"]: v for v in svc[name]["volumes"] if isinstance(v, dict)}
+        assert mounts[b.auth_supernode_private_key]["source"] == f"./certs/supernode_{i}"  # gen_certs.sh's names
+        assert all(m["read_only"] for m in mounts.values()) and svc[name]["group_add"] == ["1234"]
+        assert svc[name]["depends_on"]["register"]["condition"] == "service_completed_successfully"
+    reg = svc["register"]
+    script = reg["command"][-1]
+    assert "flwr supernode register" in script and "/keys/supernode_*.pub" in script
+    assert 'root-certificates = \\"/certs/ca.crt\\"' in script or 'root-certificates = "/certs/ca.crt"' in script
+    assert reg["depends_on"]["superlink"]["condition"] == "service_healthy" and reg["restart"] == "no"
+    assert set(svc["submit"]["depends_on"]) >= {"supernode-0", "supernode-1"}
+    every = [v for n in svc for v in svc[n].get("volumes", [])]
+    assert not any("ca.key" in str(v) for v in every)
 
 
 # --- the submit service, executed with a stand-in flwr --------------------------------------------------------
@@ -346,7 +382,7 @@ def test_gen_certs_script(tmp_path):
                          capture_output=True, text=True).stdout
     assert "DNS:superlink" in san and "DNS:localhost" in san and "IP Address:127.0.0.1" in san
     mode = {name: stat.S_IMODE((out / name).stat().st_mode) for name in again}
-    assert mode["ca.key"] == 0o600 and mode["server.key"] == 0o640 and mode["supernode_0"] == 0o600
+    assert mode["ca.key"] == 0o600 and mode["server.key"] == 0o640 and mode["supernode_0"] == 0o640
     for i in range(3):  # SuperNode keys load the way flower-supernode and `flwr supernode register` load them
         key = load_ssh_private_key((out / f"supernode_{i}").read_bytes(), None)
         assert key.curve.name == "secp384r1"
