@@ -68,6 +68,8 @@ class FedConfig:
     weighted: bool = True              # average weighted by client sample counts
     stats_dtype: str = "float64"       # statistics on the wire: float64 | float32 | float16 | bfloat16
     stats_rank: int = 0                # low-rank statistics blocks of rank k (0 = full blocks)
+    norm_bound: float = 10.0           # client weight norm within this factor of the median (0 = off)
+    norm_action: str = "reject"        # what happens to a client outside the norm bound: reject | clip
     # federation
     num_server_rounds: int = 1
     min_clients: int = 2
@@ -116,6 +118,10 @@ class FedConfig:
         from .compress import check_options
         check_options(self.stats_dtype, self.stats_rank)
         parse_faults(self.faults)
+        if not (self.norm_bound == 0 or (math.isfinite(self.norm_bound) and self.norm_bound > 1)):
+            raise ValueError(f"norm_bound must be 0 (off) or a factor > 1, got {self.norm_bound!r}")
+        if self.norm_action not in ("reject", "clip"):
+            raise ValueError(f"norm_action must be reject|clip, got {self.norm_action!r}")
 
     # --- conversions ------------------------------------------------------------------------------------
     @classmethod

@@ -40,6 +40,9 @@ def _add_federation_args(p: argparse.ArgumentParser, defaults: dict) -> None:
                    help="the server holds the probe and computes all statistics (one phase)")
     p.add_argument("--stats-dtype", default="float64", choices=["float64", "float32", "float16", "bfloat16"],
                    help="dtype the clients send their probe statistics in (accumulated in float64 anyway)")
+    p.add_argument("--norm-bound", type=float, default=10.0,
+                   help="reject (or clip) a client whose weight norm is beyond this factor of the median (0 = off)")
+    p.add_argument("--norm-action", default="reject", choices=["reject", "clip"])
     p.add_argument("--stats-rank", type=int, default=0,
                    help="send statistics blocks in low-rank form of this rank (0 = full blocks)")
     p.add_argument("--common-init", action="store_true", help="round 1 from one shared initialisation")
@@ -68,7 +71,8 @@ def _config(a: argparse.Namespace):
                      batch_size=a.batch_size, num_server_rounds=a.rounds, method=a.method, reference=a.reference,
                      gamma=a.gamma, bn_reset=a.bn_reset, repair=a.repair, np_merge=a.np_merge, probe_size=a.probe_size,
                      probe_from_union=a.probe_from_union, stats_on_server=a.stats_on_server,
-                     stats_dtype=a.stats_dtype, stats_rank=a.stats_rank,
+                     stats_dtype=a.stats_dtype, stats_rank=a.stats_rank, norm_bound=a.norm_bound,
+                     norm_action=a.norm_action,
                      common_init=a.common_init, min_clients=min(a.min_clients, a.clients), timeout=a.timeout,
                      max_train=a.max_train, max_test=a.max_test, seed=a.seed, device=a.device, out=a.out,
                      faults=",".join(a.inject_fault), resume=a.resume)
@@ -81,6 +85,11 @@ def cmd_simulate(a: argparse.Namespace) -> int:
     result = simulate(cfg, backend=a.backend, verbose=a.verbose)
     print(format_result(result))
     print(f"\nwrote {Path(cfg.out) / 'result.json'} and {Path(cfg.out) / 'accuracy.png'}")
+    last = result["rounds"][-1] if result.get("rounds") else None
+    if last is None or not last["ok"]:
+        why = last["error"] if last else "no round ran"
+        print(f"fedmerge: the last round failed: {why}", file=sys.stderr)
+        return 1
     return 0
 
 

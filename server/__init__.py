@@ -1,4 +1,4 @@
 """fedmerge.server: the CCAMerge Flower strategy and the ServerApp."""
-from .strategy import CCAMerge, RoundRecord
+from .strategy import CCAMerge, RoundFailedError, RoundRecord
 
-__all__ = ["CCAMerge", "RoundRecord"]
+__all__ = ["CCAMerge", "RoundRecord", "RoundFailedError"]

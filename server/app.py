@@ -58,6 +58,7 @@ def run_federation(grid: Grid, cfg: FedConfig) -> dict:
         weighted=cfg.weighted, num_clients=cfg.num_clients, min_clients=cfg.min_clients,
         stats_on_server=cfg.stats_on_server, query_timeout=cfg.timeout, held_out=cfg.held_out, seed=cfg.seed,
         device=cfg.device or None, max_examples=lambda part: _partition_size(cfg, part, strategy),
+        norm_bound=cfg.norm_bound or None, norm_action=cfg.norm_action,
         **({"np_merge": True} if cfg.np_merge else {}))
     test = test_loader(cfg)
     evals: dict[int, dict] = {}
@@ -109,9 +110,16 @@ def run_federation(grid: Grid, cfg: FedConfig) -> dict:
     return result
 
 
+_PARTITION_SIZES: dict[tuple, int] = {}
+
+
 def _partition_size(cfg: FedConfig, part: int, strategy: CCAMerge) -> int:
-    """The bound on a client's num-examples: the size of its partition, which the server can rebuild."""
-    return len(client_partition(cfg, part, strategy.num_partitions or cfg.num_clients))
+    """The bound on a client's num-examples: the size of its partition, which the server can rebuild
+    (computed once per configuration and partition count)."""
+    key = (json.dumps(cfg.to_dict(), sort_keys=True, default=str), part, strategy.num_partitions or cfg.num_clients)
+    if key not in _PARTITION_SIZES:
+        _PARTITION_SIZES[key] = len(client_partition(cfg, part, key[2]))
+    return _PARTITION_SIZES[key]
 
 
 _RESUME_IGNORED = {"num_server_rounds", "resume", "out", "faults", "timeout", "device", "min_clients"}

@@ -193,6 +193,8 @@ def decode_weights(record: ArrayRecord, keys: Mapping[str, tuple[tuple[int, ...]
             t = t.to(dtype)
             if not torch.isfinite(t).all():
                 raise ReplyRejected(f"weight '{k}' contains NaN or Inf (after conversion to {dtype})")
+            if k.endswith("running_var") and bool((t < 0).any()):
+                raise ReplyRejected(f"weight '{k}' (a BatchNorm variance) has negative values")
         else:
             if a.dtype.kind not in "biu":
                 raise ReplyRejected(f"weight '{k}' has dtype {a.dtype}, expected an integer ({dtype})")

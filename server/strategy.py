@@ -57,11 +57,12 @@ from .checks import (MAX_EXAMPLES, ClientMetrics, ReplyRejected, check_cross, ch
                      check_size, decode_statistics, decode_weights, norm_outliers, psd_tolerance, read_metrics,
                      record_bytes, weight_norm)
 
-__all__ = ["CCAMerge", "RoundRecord", "ReplyRejected", "ClientUpdate", "QUERY_CROSS"]
+__all__ = ["CCAMerge", "RoundRecord", "ReplyRejected", "RoundFailedError", "ClientUpdate", "QUERY_CROSS"]
 
 QUERY_CROSS = "query.cross_stats"
 REASON_CHARS = 500   # a client's error text is untrusted: it is cut to this length in logs and result.json
 NORM_ACTIONS = ("reject", "clip")
+ON_FAILED_ROUND = ("keep", "raise")
 
 
 @dataclass
@@ -115,8 +116,8 @@ class ClientUpdate:
     low_rank: frozenset[int] = frozenset()  # groups whose own block came in low rank
 
 
-class _RoundFailed(RuntimeError):
-    pass
+class RoundFailedError(RuntimeError):
+    """A round could not merge (too few valid clients, a failed merge); raised with ``on_failed_round='raise'``."""
 
 
 def _cut(text: str) -> str:
@@ -152,6 +153,8 @@ class CCAMerge(FedAvg):
     norm_bound: a client's weight norm must lie within this factor of the median over the round's clients and
         the server's global model (``None``: off). norm_action: ``"reject"`` the client or ``"clip"`` its update.
     node_partitions: a fixed ``{node id: partition}`` map (otherwise fixed by each node's first reply).
+    on_failed_round: ``"keep"`` the previous global model and go on (Flower's behaviour), or ``"raise"``
+        :class:`RoundFailedError` out of ``start`` (a script then fails loudly; the round is in ``history``).
     """
 
     def __init__(self, model_fn: Callable[[], nn.Module] | nn.Module, probe: Any = None, *, method: str = "cca",
@@ -164,13 +167,15 @@ class CCAMerge(FedAvg):
                  max_examples: int | Mapping[int, int] | Callable[[int], int] | None = None,
                  norm_bound: float | None = 10.0, norm_action: str = "reject",
                  node_partitions: Mapping[int, int] | None = None, max_reference_retries: int = 2,
-                 **method_kwargs) -> None:
+                 on_failed_round: str = "keep", **method_kwargs) -> None:
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
         if min_clients < 1:
             raise ValueError("min_clients must be >= 1")
         if norm_action not in NORM_ACTIONS:
             raise ValueError(f"norm_action must be one of {NORM_ACTIONS}, got {norm_action!r}")
+        if on_failed_round not in ON_FAILED_ROUND:
+            raise ValueError(f"on_failed_round must be one of {ON_FAILED_ROUND}, got {on_failed_round!r}")
         if norm_bound is not None and not norm_bound > 1:
             raise ValueError(f"norm_bound must be a factor > 1 or None, got {norm_bound!r}")
         super().__init__(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=min_clients,
@@ -184,7 +189,7 @@ class CCAMerge(FedAvg):
         self.wait_for_clients = wait_for_clients
         self.device, self.gamma_grid, self.seed = device, tuple(gamma_grid), seed
         self.max_examples, self.norm_bound, self.norm_action = max_examples, norm_bound, norm_action
-        self.max_reference_retries = max_reference_retries
+        self.max_reference_retries, self.on_failed_round = max_reference_retries, on_failed_round
         self.method_kwargs = method_kwargs
         self.train_config = dict(train_config or {})
         self.needs = METHODS[method].needs
@@ -411,9 +416,11 @@ class CCAMerge(FedAvg):
         rec.timings["phase1_wait"] = t_round - self._round_start
         try:
             return self._merge_round(server_round, rec, accepted)
-        except _RoundFailed as exc:
+        except RoundFailedError as exc:
             rec.ok, rec.error = False, str(exc)
             log(ERROR, "round %d failed: %s; keeping the previous global model", server_round, exc)
+            if self.on_failed_round == "raise":
+                raise
             return None, None
 
     def _account(self, rec: RoundRecord, part: int, rd: RecordDict, weights_key: str | None, stats_key: str) -> None:
@@ -517,7 +524,7 @@ class CCAMerge(FedAvg):
     # --- phase 2 and merge ------------------------------------------------------------------------------------
     def _merge_round(self, server_round: int, rec: RoundRecord, accepted: list[ClientUpdate]):
         if len(accepted) < self.min_clients:
-            raise _RoundFailed(f"only {len(accepted)} valid client replies, fewer than min_clients="
+            raise RoundFailedError(f"only {len(accepted)} valid client replies, fewer than min_clients="
                                f"{self.min_clients}")
         t = time.time()
         order, scores, rule = self._rank_references(accepted)
@@ -530,7 +537,7 @@ class CCAMerge(FedAvg):
         else:
             ref_u = ranking[0]
         if len(accepted) < self.min_clients:
-            raise _RoundFailed(f"only {len(accepted)} clients left after the statistics phase, fewer than "
+            raise RoundFailedError(f"only {len(accepted)} clients left after the statistics phase, fewer than "
                                f"min_clients={self.min_clients}")
         ref = accepted.index(ref_u)
         states = [u.state for u in accepted]
@@ -553,7 +560,7 @@ class CCAMerge(FedAvg):
         except Exception as exc:  # noqa: BLE001 - a merge that fails fails this round, not the federation
             rec.blamed = self._blame(accepted, stats)
             who = f"; the merge fails on the data of client(s) {rec.blamed} alone" if rec.blamed else ""
-            raise _RoundFailed(f"merge failed ({type(exc).__name__}: {_cut(exc)}){who}") from None
+            raise RoundFailedError(f"merge failed ({type(exc).__name__}: {_cut(exc)}){who}") from None
         rec.timings["merge"] = time.time() - t
         rec.timings.update({f"merge_{k}": v for k, v in info.timings.items()})
         for u in accepted:
@@ -602,7 +609,7 @@ class CCAMerge(FedAvg):
         statistics. A reference that fails, or whose own statistics every other client contradicts, is
         replaced by the next best client and the phase is redone."""
         if self._grid is None:
-            raise _RoundFailed("no grid: configure_train was not called")
+            raise RoundFailedError("no grid: configure_train was not called")
         kept = list(accepted)
         for attempt in range(self.max_reference_retries + 1):
             ref = next(u for u in ranking if u in kept)
@@ -617,10 +624,10 @@ class CCAMerge(FedAvg):
             self._reject(rec, ref.node, "cross-statistics", f"as reference: {ref_problem}")
             kept.remove(ref)
             if len(kept) < self.min_clients:
-                raise _RoundFailed(f"the reference failed and only {len(kept)} clients are left, fewer than "
+                raise RoundFailedError(f"the reference failed and only {len(kept)} clients are left, fewer than "
                                    f"min_clients={self.min_clients}")
             if attempt == self.max_reference_retries:
-                raise _RoundFailed(f"{attempt + 1} references failed in the statistics phase")
+                raise RoundFailedError(f"{attempt + 1} references failed in the statistics phase")
             log(WARNING, "round %d: reference client %d failed; redoing the statistics phase with another reference",
                 rec.round, ref.partition)
         for u in others:

@@ -4,6 +4,7 @@ statistics)."""
 from __future__ import annotations
 
 import copy
+import functools
 import io
 from dataclasses import dataclass, field
 from typing import Callable
@@ -76,10 +77,17 @@ def set_array(record: str, key_fn, make: Callable[[Array], Array]) -> Mutation:
     return m
 
 
+@functools.lru_cache(maxsize=1)
+def tiny_spec():
+    from fedmerge.common.graph import derive_spec
+    cfg = tiny()
+    return derive_spec(build_global_model(cfg), probe_batches(cfg)[0].example())
+
+
 def own_blocks(fn: Callable[[Moments], Moments], dtype: str = "float64") -> Mutation:
     """Rewrite the own statistics: decode, change every block with ``fn``, encode again."""
     def m(rd: RecordDict) -> None:
-        spec = KIT.strategy_spec
+        spec = tiny_spec()
         own = decode_moments(record_to_arrays(rd.array_records["own-stats"]), spec)
         rd.array_records["own-stats"] = arrays_to_record(encode_moments({g: fn(b) for g, b in own.items()}, dtype))
     return m
@@ -106,10 +114,6 @@ class Kit:
     cfg: FedConfig
     train: dict[int, RecordDict] = field(default_factory=dict)            # partition -> content
     cross: dict[tuple[int, int], RecordDict] = field(default_factory=dict)  # (reference, partition) -> content
-    strategy_spec: object = None
-
-
-KIT: Kit | None = None
 
 
 def make_strategy(cfg: FedConfig, **kw) -> CCAMerge:
@@ -122,7 +126,6 @@ def make_strategy(cfg: FedConfig, **kw) -> CCAMerge:
 def record_honest(cfg: FedConfig | None = None) -> Kit:
     """Train the three tiny clients once (the real ClientApp) and record their replies to every message of
     a round, for every possible reference."""
-    global KIT
     cfg = cfg or tiny()
     kit = Kit(cfg)
     app = make_client_app(cfg.to_run_config())
@@ -140,9 +143,18 @@ def record_honest(cfg: FedConfig | None = None) -> Kit:
     for ref in range(3):
         strategy = make_strategy(cfg, reference=ref)
         strategy.start(InlineGrid(recorder, 3), ArrayRecord(), num_rounds=1)
-    kit.strategy_spec = strategy.spec
-    KIT = kit
     return kit
+
+
+def mutating_app(app, mutations: dict[tuple[str, int], Mutation]):
+    """The real ClientApp, with the replies named in ``mutations`` changed before they leave the client."""
+    def client(msg: Message, ctx) -> Message:
+        reply = app(msg, ctx)
+        fn = mutations.get((msg.metadata.message_type, int(ctx.node_config["partition-id"])))
+        if fn is not None and not reply.has_error():
+            fn(reply.content)
+        return reply
+    return client
 
 
 def replay_app(kit: Kit, mutations: dict[tuple[str, int], Mutation]):
@@ -202,4 +214,4 @@ def finite_state(arrays: ArrayRecord) -> bool:
 
 __all__ = ["ATTACKER", "QUERY_CROSS", "Kit", "record_honest", "replay_app", "run_round", "tiny", "npy",
            "npy_with_header", "raw", "set_metric", "set_array", "set_weight", "own_blocks", "scales_near_limit",
-           "echo", "first_weight", "finite_state", "partition_sizes", "ExtraReplyGrid", "make_strategy"]
+           "echo", "first_weight", "finite_state", "partition_sizes", "mutating_app", "tiny_spec", "ExtraReplyGrid", "make_strategy"]

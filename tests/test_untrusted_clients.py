@@ -97,6 +97,7 @@ ROWS = [
     ("float16-scales-at-the-limit", TRAIN, adv.scales_near_limit, "activation scale"),
     ("weights-near-float32-max", TRAIN, lambda rd: adv.set_weight(rd, lambda a: np.sign(a) * 3.0e38), "weight norm"),
     # poisonings accepted before
+    ("probe-accuracy-1e9", TRAIN, adv.set_metric("probe-accuracy", 1e9), "probe-accuracy"),
     ("num-examples-1e12", TRAIN, adv.set_metric("num-examples", 10 ** 12), "num-examples"),
     ("num-examples-2^62", TRAIN, adv.set_metric("num-examples", 2 ** 62), "num-examples"),
     ("num-examples-1.5", TRAIN, adv.set_metric("num-examples", 1.5), "num-examples"),
@@ -127,6 +128,28 @@ def test_attack_is_rejected_and_the_round_goes_on(kit, name, phase, mutate, reas
     assert reason in rej[0]["reason"], rej[0]["reason"]
     assert rec.ok and rec.clients_merged == [0, 1] and adv.finite_state(arrays)
     assert weight_norm(arrays.to_torch_state_dict()) <= 10 * rec.merge_info["norm_anchor"]
+
+
+@pytest.mark.parametrize("name,phase,mutate,reason", ROWS, ids=[r[0] for r in ROWS])
+def test_attack_end_to_end_through_the_server_app(tmp_path, name, phase, mutate, reason):
+    """The same attack from the real ClientApp through the ServerApp's federation: the run finishes,
+    result.json names the client (by the server's map) and the reason, the merged model is finite and within
+    the norm bound."""
+    from fedmerge.client.app import make_client_app
+    from fedmerge.common.checkpoint import load_state
+    from fedmerge.server.app import run_federation
+    from fedmerge.server.inline import InlineGrid
+
+    cfg = adv.tiny(out=str(tmp_path), reference="0")
+    app = adv.mutating_app(make_client_app(cfg.to_run_config()), {(phase, ATTACKER): mutate})
+    run_federation(InlineGrid(app, 3), cfg)
+    saved = json.loads((tmp_path / "result.json").read_text())
+    rej = saved["clients_rejected"]
+    assert [(r["partition"], r["phase"]) for r in rej] == [(ATTACKER, "train" if phase == TRAIN else "cross-statistics")]
+    assert reason in rej[0]["reason"], rej[0]["reason"]
+    assert saved["clients_merged"] == [0, 1] and saved["error"] is None and np.isfinite(saved["accuracy"]["merged"])
+    merged = load_state(tmp_path / "global_model.safetensors")
+    assert weight_norm(merged) <= 10 * saved["rounds"][0]["merge_info"]["norm_anchor"]
 
 
 def test_every_client_claiming_1e308_examples_fails_the_round_cleanly(kit):
@@ -368,3 +391,77 @@ def test_ray_backend_names_clients_by_the_servers_map(tmp_path):
     assert "NaN" in reasons[1] and reasons[2].startswith("as reference: client error")
     assert "drops out of the statistics query" in reasons[2] and "\n" not in reasons[2]
     assert result["clients_merged"] == [0, 3] and result["reference"] in (0, 3)
+
+
+def test_negative_batchnorm_variance_is_rejected():
+    from flwr.app import ArrayRecord
+    from fedmerge.server.checks import decode_weights
+
+    keys = {"bn.running_var": ((3,), torch.float32), "bn.weight": ((3,), torch.float32)}
+    ok = ArrayRecord({"bn.running_var": Array(np.ones(3, np.float32)), "bn.weight": Array(np.ones(3, np.float32))})
+    assert decode_weights(ok, keys)["bn.running_var"].tolist() == [1, 1, 1]
+    bad = ArrayRecord({"bn.running_var": Array(np.array([1, -2, 1], np.float32)),
+                       "bn.weight": Array(np.ones(3, np.float64))})  # float64 converted to the model's float32
+    with pytest.raises(ReplyRejected, match="negative values"):
+        decode_weights(bad, keys)
+    # float64 beyond float32's range becomes inf on conversion: rejected, named
+    with pytest.raises(ReplyRejected, match="after conversion"):
+        decode_weights(ArrayRecord({"bn.running_var": Array(np.ones(3, np.float16)),
+                                    "bn.weight": Array(np.full(3, 1e39, np.float64))}), keys)
+
+
+def test_unlabelled_probe_chooses_gamma_and_reference_by_agreement_with_the_ensemble(kit):
+    """The README's snippet: an image-only probe with gamma='auto' (it crashed with AttributeError before)."""
+    from fedmerge.common.probe import Batches
+    from fedmerge.common.task import probe_batches
+
+    fit, held = probe_batches(kit.cfg)
+    strip = lambda b: Batches([(x, None) for x, _ in b])  # noqa: E731
+    strategy, rec, arrays = adv.run_round(kit, {}, probe=(strip(fit), strip(held)), gamma="auto")
+    assert rec.ok and rec.clients_merged == [0, 1, 2] and adv.finite_state(arrays)
+    assert "ensemble" in rec.merge_info["reference_rule"] and rec.gamma in strategy.gamma_grid
+
+
+def test_failed_round_can_be_loud(kit):
+    from fedmerge.server import RoundFailedError
+
+    muts = {(TRAIN, p): adv.set_metric("num-examples", 1e308) for p in range(3)}
+    with pytest.raises(RoundFailedError, match="min_clients"):
+        adv.run_round(kit, muts, on_failed_round="raise")
+    with pytest.raises(ValueError, match="on_failed_round"):
+        adv.make_strategy(kit.cfg, on_failed_round="explode")
+
+
+def test_simulate_exits_non_zero_when_the_last_round_failed(tmp_path):
+    import subprocess
+    import sys
+    cmd = [sys.executable, "-m", "fedmerge.cli", "simulate", "--backend", "inline", "--clients", "2", "--arch", "mlp",
+           "--width", "0.25", "--epochs", "1", "--max-train", "64", "--probe-size", "60", "--max-test", "100",
+           "--gamma", "0.1", "--inject-fault", "nan:0", "--inject-fault", "nan:1", "--out", str(tmp_path / "o")]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1, p.stderr[-2000:]
+    assert "the last round failed" in p.stderr and "min_clients" in p.stderr
+    assert json.loads((tmp_path / "o" / "result.json").read_text())["rounds"][0]["ok"] is False
+
+
+def test_duplicates_strangers_and_overflow_end_to_end(tmp_path):
+    from fedmerge.client.app import make_client_app
+    from fedmerge.server.app import run_federation
+
+    for i, kw in enumerate(({"duplicate_of": 1}, {"stranger": 4242})):
+        cfg = adv.tiny(out=str(tmp_path / str(i)), reference="0")
+        result = run_federation(adv.ExtraReplyGrid(make_client_app(cfg.to_run_config()), 3, **kw), cfg)
+        rej = result["clients_rejected"]
+        assert len(rej) == 1 and ("second reply" in rej[0]["reason"] or "not sampled" in rej[0]["reason"])
+        assert result["clients_merged"] == [0, 1, 2]
+    # with the norm bound off, weights at float32's maximum make the merge fail: the round fails, is recorded
+    # with the client it fails on, and result.json is written
+    cfg = adv.tiny(out=str(tmp_path / "2"), reference="0", norm_bound=0.0)
+    app = adv.mutating_app(make_client_app(cfg.to_run_config()),
+                           {(TRAIN, ATTACKER): lambda rd: adv.set_weight(rd, lambda a: np.sign(a) * 3.0e38)})
+    result = run_federation(adv.InlineGrid(app, 3), cfg)
+    rnd = result["rounds"][0]
+    assert not rnd["ok"] and "merge failed" in rnd["error"] and rnd["blamed"] == [ATTACKER]
+    assert result["rounds_completed"] == 0 and result["accuracy"]["merged"] is None
+    with pytest.raises(ValueError, match="norm_bound"):
+        adv.tiny(norm_bound=0.5)

@@ -17,7 +17,11 @@ from fedmerge.server.inline import InlineGrid
 
 @pytest.fixture(scope="module")
 def kit():
-    return adv.record_honest()
+    # tiny matrices: one thread is faster, and two processes' threads do not fight over a loaded machine's cores
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield adv.record_honest()
+    torch.set_num_threads(threads)
 
 
 RECORDS = {"train": ["arrays", "own-stats"], QUERY_CROSS: ["cross-stats"]}
