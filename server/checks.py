@@ -37,7 +37,7 @@ from fedmerge.common.records import WireError, decode_array, record_to_arrays
 
 __all__ = ["ReplyRejected", "ClientMetrics", "record_bytes", "check_size", "read_int", "read_metrics",
            "read_echo", "check_echo", "decode_statistics", "decode_weights", "weight_norm", "norm_outliers", "psd_tolerance", "check_moments",
-           "check_cross", "MAX_VARIANCE", "MAX_EXAMPLES", "CROSS_CORR_TOL", "MEAN_TOL"]
+           "check_cross", "transport", "MAX_VARIANCE", "MAX_EXAMPLES", "CROSS_CORR_TOL", "MEAN_TOL"]
 
 MAX_VARIANCE = 1e24          # per-unit variance / squared mean of an activation
 MAX_EXAMPLES = 10 ** 9        # num-examples cap when the server knows neither partition sizes nor a cap
@@ -279,17 +279,32 @@ def _mean_gap(mean_x: torch.Tensor, mean_own: torch.Tensor, m2_own: torch.Tensor
     return float(torch.sqrt((z * z).mean()))
 
 
+def transport(encodings: Sequence[Mapping[int, Mapping]]) -> dict[int, tuple[bool, float]]:
+    """Per group, over the blocks that meet in a cross check: (any sent in low rank, the largest unit
+    round-off of their wire dtypes)."""
+    groups = set().union(*(e.keys() for e in encodings))
+    return {g: (any(e[g]["form"] != "dense" for e in encodings if g in e),
+                max(WIRE_UNIT.get(e[g]["dtype"], WIRE_UNIT["bfloat16"]) for e in encodings if g in e))
+            for g in groups}
+
+
 def check_cross(cross: Mapping[int, Any], own_ref: Mapping[int, Any], own_b: Mapping[int, Any],
                 counts: Mapping[int, int] | None, what: str = "cross statistics",
-                low_rank: set[int] | frozenset[int] = frozenset()) -> None:
+                wire: Mapping[int, tuple[bool, float]] | None = None) -> None:
     """Cross blocks against the reference's and the client's own blocks (see the module docstring).
 
     Raises ``ReplyRejected`` whose message starts with ``"reference mismatch"`` when the means disagree with
     the reference's own statistics (so the strategy can tell a stale or false reference from a bad client).
-    ``low_rank``: groups where any of the three blocks was sent in low rank (a looser correlation bound)."""
+    ``wire``: per group (low rank?, unit round-off) of the three blocks (:func:`transport`; default: dense
+    float64). Low rank: the correlation bound is :data:`LOW_RANK_CORR_TOL`. Half precision: the transport
+    error of a dense d x d block is |e_ij| <= u r_i q_j (row and column scales), random in sign, so the
+    whitened error's spectral norm is about u sqrt(d): the bound grows by 4 u sqrt(d), and the elementwise
+    Cauchy-Schwarz test, which that error can cross for near-dead units, is left to float32/float64 blocks."""
     for g, c in cross.items():
         name = f"{what}, group {g}"
-        tol = LOW_RANK_CORR_TOL if g in low_rank else CROSS_CORR_TOL
+        low_rank, unit = (wire or {}).get(g, (False, WIRE_UNIT["float64"]))
+        d = max(c.c.shape)
+        tol = LOW_RANK_CORR_TOL if low_rank else CROSS_CORR_TOL + 4 * unit * math.sqrt(d)
         a, b = own_ref[g], own_b[g]
         expected = counts[g] if counts is not None else a.n
         if c.n != expected:
@@ -309,7 +324,7 @@ def check_cross(cross: Mapping[int, Any], own_ref: Mapping[int, Any], own_b: Map
         va = _ridged_diagonal(a.m2) * (c.n - 1) / max(a.n - 1, 1)
         vb = _ridged_diagonal(b.m2) * (c.n - 1) / max(b.n - 1, 1)
         bound = torch.sqrt(torch.outer(va, vb))
-        if bool((c.c.abs() > (1 + tol) * bound + 1e-300).any()):
+        if unit <= WIRE_UNIT["float32"] and bool((c.c.abs() > (1 + tol) * bound + 1e-300).any()):
             raise ReplyRejected(f"{name}: cross covariance exceeds the Cauchy-Schwarz bound of the own blocks")
         w = _whitener(a.m2, WHITEN_GAMMA) @ c.c @ _whitener(b.m2, WHITEN_GAMMA) * math.sqrt(
             max(a.n - 1, 1) * max(b.n - 1, 1)) / max(c.n - 1, 1)

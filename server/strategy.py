@@ -55,7 +55,7 @@ from fedmerge.common.stats import CrossMoments, Statistics, collect_statistics, 
 
 from .checks import (MAX_EXAMPLES, ClientMetrics, ReplyRejected, check_cross, check_echo, check_moments,
                      check_size, decode_statistics, decode_weights, norm_outliers, psd_tolerance, read_metrics,
-                     record_bytes, weight_norm)
+                     record_bytes, transport, weight_norm)
 
 __all__ = ["CCAMerge", "RoundRecord", "ReplyRejected", "RoundFailedError", "ClientUpdate", "QUERY_CROSS"]
 
@@ -113,7 +113,7 @@ class ClientUpdate:
     state: dict[str, torch.Tensor]
     metrics: ClientMetrics
     own: dict | None = None   # decoded own statistics (two-phase protocol)
-    low_rank: frozenset[int] = frozenset()  # groups whose own block came in low rank
+    own_encoding: dict = field(default_factory=dict)  # group -> how the own block was sent (dtype, form)
 
 
 class RoundFailedError(RuntimeError):
@@ -362,8 +362,7 @@ class CCAMerge(FedAvg):
                            "statistics computed on a different probe (probe digest differs)")
             own, enc = decode_statistics(rd, "own-stats", decode_moments, self.spec, "own", "own statistics")
             check_moments(own, self.expected_counts, {g: psd_tolerance(e["dtype"]) for g, e in enc.items()})
-            low_rank = frozenset(g for g, e in enc.items() if e["form"] != "dense")
-            return ClientUpdate(node, part, state, metrics, own, low_rank)
+            return ClientUpdate(node, part, state, metrics, own, enc)
         return ClientUpdate(node, part, state, metrics, own)
 
     def _agree_on_counts(self, rec: RoundRecord, accepted: list[ClientUpdate]) -> list[ClientUpdate]:
@@ -690,8 +689,8 @@ class CCAMerge(FedAvg):
         check_echo(rd, "reference-digest", digest,
                    "cross statistics computed against another reference (reference digest differs)")
         c, enc = decode_statistics(rd, "cross-stats", decode_cross, self.spec, "cross", "cross statistics")
-        low_rank = {g for g, e in enc.items() if e["form"] != "dense"}
-        check_cross(c, ref.own, u.own, self.expected_counts, low_rank=low_rank | ref.low_rank | u.low_rank)
+        check_cross(c, ref.own, u.own, self.expected_counts,
+                    wire=transport([enc, ref.own_encoding, u.own_encoding]))
         if "seconds-cross-stats" in metrics.values and u.partition in rec.client_metrics:
             rec.client_metrics[u.partition]["seconds-cross-stats"] = metrics.values["seconds-cross-stats"]
         return c

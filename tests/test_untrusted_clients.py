@@ -465,3 +465,37 @@ def test_duplicates_strangers_and_overflow_end_to_end(tmp_path):
     assert result["rounds_completed"] == 0 and result["accuracy"]["merged"] is None
     with pytest.raises(ValueError, match="norm_bound"):
         adv.tiny(norm_bound=0.5)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32", "float16", "bfloat16"])
+def test_honest_statistics_in_every_wire_dtype_pass_the_bounds(dtype):
+    """Wide layers (d = 256), units with very different scales, and the reference's cross block with itself
+    (canonical correlations ~1, the hardest case for the bounds): honest statistics pass in every wire dtype,
+    the same cross block inflated 3x does not."""
+    from fedmerge.common.compress import block_encoding, decode_cross, decode_moments, encode_cross, encode_moments
+    from fedmerge.common.stats import CrossMoments
+    from fedmerge.server.checks import check_cross, check_moments, psd_tolerance, transport
+
+    g = torch.Generator().manual_seed(0)
+    d, n = 256, 4096
+    z = torch.randn(n, 48, generator=g, dtype=torch.float64)
+    a = torch.relu(z @ torch.randn(48, d, generator=g, dtype=torch.float64)) * torch.logspace(-2, 2, d,
+                                                                                            dtype=torch.float64)
+    b = a + 0.01 * torch.randn(n, d, generator=g, dtype=torch.float64)   # a near copy of A
+    own_a, own_b = {0: Moments.of(a)}, {0: Moments.of(b)}
+    spec = type("Spec", (), {"groups": {0: type("G", (), {"dim": d})()}})()
+    decoded, enc = [], []
+    for own in (own_a, own_b):
+        arrays = encode_moments(own, dtype)
+        decoded.append(decode_moments(arrays, spec))
+        enc.append({0: block_encoding(arrays, "own.0")})
+        check_moments(decoded[-1], {0: n}, {0: psd_tolerance(dtype)})
+    for other, own_other in ((a, 0), (b, 1)):   # the reference with itself, and with the near copy
+        cross = {0: CrossMoments.of(a, other)}
+        arrays = encode_cross(cross, dtype)
+        c = decode_cross(arrays, spec)
+        wire = transport([{0: block_encoding(arrays, "cross.0")}, enc[0], enc[own_other]])
+        check_cross(c, decoded[0], decoded[own_other], {0: n}, wire=wire)
+        inflated = {0: CrossMoments(c[0].n, c[0].mean_a, c[0].mean_b, 3 * c[0].c)}
+        with pytest.raises(ReplyRejected, match="Cauchy-Schwarz|canonical correlation"):
+            check_cross(inflated, decoded[0], decoded[own_other], {0: n}, wire=wire)
