@@ -22,7 +22,7 @@
 
 The client app reads its epochs from its config on every message; the benchmark's grid sets it per round
 (``ScheduledGrid``), which is how round 1 and the later rounds get different local epochs. Server and client
-code are the project's own (``run_federation``, ``CCAMerge``, ``make_client_app``).
+code are the project's own (``run_federation``, ``CCAMerge``, ``task_client_app``).
 """
 from __future__ import annotations
 
@@ -64,12 +64,12 @@ class ScheduledGrid(InlineGrid):
     round's client weights and sample counts (train replies) and the global weights sent in each round."""
 
     def __init__(self, overrides: dict, epochs_of_round, num_nodes: int):
-        from fedmerge.client.app import make_client_app
+        from fedmerge.client.app import task_client_app
 
         self.overrides = overrides  # the dict the client app rebuilds its FedConfig from, on every message
         self.epochs_of_round = epochs_of_round
         self.rounds: dict[int, dict] = {}
-        super().__init__(make_client_app(overrides), num_nodes)
+        super().__init__(task_client_app(overrides), num_nodes)
 
     def send_and_receive(self, messages, *, timeout=None):
         messages = list(messages)

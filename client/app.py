@@ -27,27 +27,14 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from fedmerge.common.graph import derive_spec
-from fedmerge.common.probe import probe_digest
-from fedmerge.common.records import arrays_to_record, record_to_arrays, weights_digest
-from fedmerge.common.compress import decode_moments, encode_cross, encode_moments
-from fedmerge.common.stats import Moments, collect_statistics, cross_statistics, own_statistics
+from fedmerge.common.records import weights_digest
+from fedmerge.common.stats import Moments, own_statistics
 from fedmerge.common.task import FedConfig, build_global_model, probe_batches, test_loader, train_loader
 
+from .protocol import LOCAL_KEY, cross_stats_records, node_partition, own_stats_records
 from .train import TrainConfig, evaluate, train
 
-__all__ = ["make_client_app", "app", "LOCAL_KEY", "arrays_to_record", "record_to_arrays"]
-
-LOCAL_KEY = "fedmerge.local-model"
-
-
-def _partition(context: Context, config: ConfigRecord) -> tuple[int, int]:
-    nc = context.node_config
-    if "partition-id" in nc and "num-partitions" in nc:
-        return int(nc["partition-id"]), int(nc["num-partitions"])
-    if "partition-id" in config and "num-partitions" in config:
-        return int(config["partition-id"]), int(config["num-partitions"])
-    raise ValueError("this node has no partition: start the supernode with --node-config "
-                     "'partition-id=I num-partitions=N' or let the server assign one")
+__all__ = ["task_client_app", "app", "LOCAL_KEY"]
 
 
 def _faults(cfg: FedConfig, pid: int, config: ConfigRecord) -> list[str]:
@@ -62,8 +49,10 @@ def _faults(cfg: FedConfig, pid: int, config: ConfigRecord) -> list[str]:
     return out
 
 
-def make_client_app(overrides: dict | None = None) -> ClientApp:
-    """A ClientApp whose task config is the run config (``flwr run``) updated with ``overrides``."""
+def task_client_app(overrides: dict | None = None) -> ClientApp:
+    """The built-in task's ClientApp: model, data, probe and training from the run config (``flwr run``)
+    updated with ``overrides``, with fault injection. For your own model use
+    :func:`fedmerge.client.make_client_app`; both send the same records (:mod:`fedmerge.client.protocol`)."""
     app = ClientApp()
 
     def config_of(context: Context) -> FedConfig:
@@ -73,7 +62,7 @@ def make_client_app(overrides: dict | None = None) -> ClientApp:
     def train_handler(msg: Message, context: Context) -> Message:
         cfg = config_of(context)
         config = msg.content.config_records.get("config", ConfigRecord())
-        pid, nparts = _partition(context, config)
+        pid, nparts = node_partition(context, config)
         rnd = int(config.get("server-round", 1))
         faults = _faults(cfg, pid, config)
         if "drop-train" in faults:
@@ -101,12 +90,12 @@ def make_client_app(overrides: dict | None = None) -> ClientApp:
         t_stats = 0.0
         if bool(config.get("want-stats", True)):
             t = time.perf_counter()
-            spec = derive_spec(model, fit.example())
-            own = own_statistics(model, fit, spec, device=device)
+            own = own_statistics(model, fit, derive_spec(model, fit.example()), device=device)
             if "nonpsd" in faults:
                 own = {g: _not_psd(m) for g, m in own.items()}
-            content["own-stats"] = arrays_to_record(encode_moments(own, cfg.stats_dtype, cfg.stats_rank))
-            content["fedmerge"] = ConfigRecord({"probe-digest": probe_digest(fit)})
+            for name, rec in own_stats_records(model, fit, dtype=cfg.stats_dtype, rank=cfg.stats_rank,
+                                               own=own).items():
+                content[name] = rec
             t_stats = time.perf_counter() - t
         content["metrics"] = MetricRecord({
             "num-examples": int(loader.dataset_size), "partition-id": pid, "train-loss": hist["train_loss"],
@@ -120,7 +109,7 @@ def make_client_app(overrides: dict | None = None) -> ClientApp:
     def cross_handler(msg: Message, context: Context) -> Message:
         cfg = config_of(context)
         config = msg.content.config_records.get("config", ConfigRecord())
-        pid, _ = _partition(context, config)
+        pid, _ = node_partition(context, config)
         faults = _faults(cfg, pid, config)
         if "drop-query" in faults:
             raise RuntimeError(f"injected fault: client {pid} drops out of the statistics query")
@@ -135,21 +124,9 @@ def make_client_app(overrides: dict | None = None) -> ClientApp:
             ref_state = context.state.array_records[LOCAL_KEY].to_torch_state_dict()
         ref_model.load_state_dict(ref_state, strict=True)
         fit, _ = probe_batches(cfg)
-        spec = derive_spec(own_model, fit.example())
-        whiten = None
-        if cfg.stats_rank > 0:
-            # low rank: keep the most correlated canonical pairs, whitened with the own blocks as the server
-            # will decode them (the reference's recomputed here on the same probe); one pass for all three
-            st = collect_statistics([ref_model.eval(), own_model.eval()], fit, reference=0, spec=spec,
-                                    device=cfg.device or None)
-            cross = st.cross[(0, 1)]
-            whiten = tuple(decode_moments(encode_moments(o, cfg.stats_dtype, cfg.stats_rank), spec)
-                           for o in st.own)
-        else:
-            cross = cross_statistics(ref_model.eval(), own_model.eval(), fit, spec, device=cfg.device or None)
-        content = RecordDict({"cross-stats": arrays_to_record(
-            encode_cross(cross, cfg.stats_dtype, cfg.stats_rank, whiten=whiten)),
-            "fedmerge": ConfigRecord({"reference-digest": weights_digest(ref_state)})})
+        content = RecordDict(cross_stats_records(ref_model, own_model, fit, reference_digest=weights_digest(ref_state),
+                                                 dtype=cfg.stats_dtype, rank=cfg.stats_rank,
+                                                 device=cfg.device or None))
         if "nan-query" in faults:
             key = next(k for k in content["cross-stats"].keys() if k.endswith((".c", ".c.left")))
             bad = content["cross-stats"][key].numpy().copy()
@@ -213,4 +190,4 @@ def _inject(content: RecordDict, faults: list[str], cfg: FedConfig, pid: int, np
         time.sleep(float(cfg.timeout) + 5.0)
 
 
-app = make_client_app()
+app = task_client_app()

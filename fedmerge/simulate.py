@@ -28,17 +28,17 @@ def simulate(cfg: FedConfig, backend: str = "ray", verbose: bool = False) -> dic
         stale.unlink()
     overrides = cfg.to_run_config()
     if backend == "inline":
-        from fedmerge.client.app import make_client_app
+        from fedmerge.client.app import task_client_app
         from fedmerge.server.app import run_federation
         from fedmerge.server.inline import InlineGrid
 
-        grid = InlineGrid(make_client_app(overrides), cfg.num_clients)
+        grid = InlineGrid(task_client_app(overrides), cfg.num_clients)
         return run_federation(grid, cfg)
     if backend != "ray":
         raise ValueError(f"backend must be 'ray' or 'inline', got {backend!r}")
     from flwr.simulation import run_simulation
 
-    from fedmerge.client.app import make_client_app
+    from fedmerge.client.app import task_client_app
     from fedmerge.server.app import make_server_app
 
     gpus = 1.0 / cfg.num_clients if torch.cuda.is_available() and cfg.device != "cpu" else 0.0
@@ -49,7 +49,7 @@ def simulate(cfg: FedConfig, backend: str = "ray", verbose: bool = False) -> dic
                                     "logging_level": logging.WARNING if not verbose else logging.INFO}}
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     t0 = time.time()
-    run_simulation(make_server_app(overrides), make_client_app(overrides), num_supernodes=cfg.num_clients,
+    run_simulation(make_server_app(overrides), task_client_app(overrides), num_supernodes=cfg.num_clients,
                    backend_config=backend_config, verbose_logging=verbose)
     path = out / "result.json"
     if not path.exists():

@@ -203,11 +203,13 @@ class CCAMerge(FedAvg):
         self.template = self.model_fn().cpu().eval()
         self.fit: Batches | None = None
         self.held: Batches | None = None
+        self.probe_split: dict = {}   # how the server split the probe, sent to clients (statistics_probe)
         if isinstance(probe, tuple) and len(probe) == 2 and all(isinstance(b, Batches) for b in probe):
             self.fit, self.held = probe  # already split (the clients compute statistics on the same ``fit``)
         elif probe is not None:
             batches = as_batches(probe)
             self.fit, self.held = batches.split(held_out, seed)
+            self.probe_split = {"probe-held-out": float(held_out), "probe-seed": int(seed)}
         example = example_input if example_input is not None else (self.fit.example() if self.fit else None)
         if example is None:
             raise ValueError("CCAMerge needs a probe or an example_input to derive the merge spec")
@@ -332,8 +334,11 @@ class CCAMerge(FedAvg):
         self._global = {k: v.detach().cpu() for k, v in arrays.to_torch_state_dict().items()} if len(arrays) else None
         nodes = self._sample(grid)
         self._sampled = set(nodes)
+        if self.method == "avg" and self._global is None:
+            log(WARNING, "method='avg' on clients that start from their own initialisations: plain averaging of "
+                "independently initialised models is near chance; pass a common initial ArrayRecord")
         messages = []
-        extra = {"probe-digest": self.probe_digest} if self.probe_digest else {}
+        extra = {**self.probe_split, **({"probe-digest": self.probe_digest} if self.probe_digest else {})}
         for node in nodes:
             cfg = ConfigRecord({**dict(config), **self.train_config, **extra, "server-round": server_round,
                                 "partition-id": self._label(node), "num-partitions": self.num_partitions,

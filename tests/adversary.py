@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
-from fedmerge.client.app import make_client_app
+from fedmerge.client.app import task_client_app
 from fedmerge.common.compress import decode_moments, encode_moments
 from fedmerge.common.records import arrays_to_record, record_to_arrays
 from fedmerge.common.stats import Moments
@@ -128,7 +128,7 @@ def record_honest(cfg: FedConfig | None = None) -> Kit:
     a round, for every possible reference."""
     cfg = cfg or tiny()
     kit = Kit(cfg)
-    app = make_client_app(cfg.to_run_config())
+    app = task_client_app(cfg.to_run_config())
 
     def recorder(msg: Message, ctx):
         reply = app(msg, ctx)

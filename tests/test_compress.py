@@ -328,7 +328,7 @@ def _forward(template, sd, x):
 
 def test_low_rank_bfloat16_federation_rejects_a_corrupted_cross_upload(tmp_path):
     """Clients send rank-4 whitened cross blocks as bfloat16 bits; client 2's carries a NaN pattern."""
-    from fedmerge.client.app import make_client_app
+    from fedmerge.client.app import task_client_app
     from fedmerge.common.task import FedConfig
     from fedmerge.server.app import run_federation
     from fedmerge.server.inline import InlineGrid
@@ -336,7 +336,7 @@ def test_low_rank_bfloat16_federation_rejects_a_corrupted_cross_upload(tmp_path)
     cfg = FedConfig(dataset="cifar10-mini", arch="cnn", width=0.25, epochs=1, max_train=96, probe_size=100,
                     max_test=100, batch_size=48, num_clients=3, min_clients=2, gamma="0.1", reference="0",
                     stats_dtype="bfloat16", stats_rank=4, faults="nan-query:2", out=str(tmp_path))
-    result = run_federation(InlineGrid(make_client_app(cfg.to_run_config()), 3), cfg)
+    result = run_federation(InlineGrid(task_client_app(cfg.to_run_config()), 3), cfg)
     rej = result["clients_rejected"]
     assert len(rej) == 1 and rej[0]["partition"] == 2 and rej[0]["phase"] == "cross-statistics"
     assert "non-finite" in rej[0]["reason"] and "cross." in rej[0]["reason"]
@@ -344,7 +344,7 @@ def test_low_rank_bfloat16_federation_rejects_a_corrupted_cross_upload(tmp_path)
 
 
 def test_federation_with_float16_statistics(tmp_path):
-    from fedmerge.client.app import make_client_app
+    from fedmerge.client.app import task_client_app
     from fedmerge.common.task import FedConfig, build_global_model, probe_batches
     from fedmerge.server.app import run_federation
     from fedmerge.server.inline import InlineGrid
@@ -352,7 +352,7 @@ def test_federation_with_float16_statistics(tmp_path):
     cfg = FedConfig(dataset="cifar10-mini", arch="cnn", width=0.25, epochs=1, max_train=128, probe_size=120,
                     max_test=100, batch_size=64, num_clients=2, min_clients=2, gamma="0.1", reference="0",
                     stats_dtype="float16", out=str(tmp_path))
-    grid = InlineGrid(make_client_app(cfg.to_run_config()), 2)
+    grid = InlineGrid(task_client_app(cfg.to_run_config()), 2)
     result = run_federation(grid, cfg)
     assert result["rounds_completed"] == 1 and result["clients_rejected"] == []
     assert result["clients_merged"] == [0, 1] and np.isfinite(result["accuracy"]["merged"])

@@ -10,7 +10,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
-from fedmerge.client.app import LOCAL_KEY, make_client_app
+from fedmerge.client.app import LOCAL_KEY, task_client_app
 from fedmerge.common.merge import merge_models
 from fedmerge.common.task import FedConfig, build_global_model, probe_batches
 from fedmerge.server.app import run_federation
@@ -34,7 +34,7 @@ def _msg(content, mtype, node=1):
 
 def test_client_app_called_with_messages(tmp_path):
     cfg = tiny(out=str(tmp_path))
-    app = make_client_app(cfg.to_run_config())
+    app = task_client_app(cfg.to_run_config())
     ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 1, "num-partitions": 3}, state=RecordDict(),
                   run_config={})
     # a query before training is refused with a clear error
@@ -58,7 +58,7 @@ def test_client_app_called_with_messages(tmp_path):
 
 def test_server_assigns_partitions_when_nodes_have_none(tmp_path):
     cfg = tiny(out=str(tmp_path), num_clients=2, method="avg")
-    grid = InlineGrid(make_client_app(cfg.to_run_config()), 2, node_config=lambda i: {})
+    grid = InlineGrid(task_client_app(cfg.to_run_config()), 2, node_config=lambda i: {})
     result = run_federation(grid, cfg)
     assert sorted(result["accuracy"]["clients_by_partition"]) == ["0", "1"]
     assert result["clients_rejected"] == []
@@ -66,7 +66,7 @@ def test_server_assigns_partitions_when_nodes_have_none(tmp_path):
 
 def test_two_phases_match_the_offline_merge(tmp_path):
     cfg = tiny(out=str(tmp_path), gamma="0.1", reference="0")
-    grid = InlineGrid(make_client_app(cfg.to_run_config()), 3)
+    grid = InlineGrid(task_client_app(cfg.to_run_config()), 3)
     result = run_federation(grid, cfg)
     types = [m.metadata.message_type for m in grid.sent]
     # phase 1 to all; phase 2 to all, the reference included (it must still hold the model it uploaded)
@@ -104,7 +104,7 @@ def test_two_phases_match_the_offline_merge(tmp_path):
 ])
 def test_bad_client_is_rejected_and_round_goes_on(tmp_path, fault, phase, reason):
     cfg = tiny(out=str(tmp_path), faults=f"{fault}:2", reference="0", gamma="0.1")
-    result = run_federation(InlineGrid(make_client_app(cfg.to_run_config()), 3), cfg)
+    result = run_federation(InlineGrid(task_client_app(cfg.to_run_config()), 3), cfg)
     rej = result["clients_rejected"]
     assert len(rej) == 1 and rej[0]["partition"] == 2 and rej[0]["phase"] == phase and reason in rej[0]["reason"]
     assert result["clients_merged"] == [0, 1] and result["rounds_completed"] == 1
@@ -113,7 +113,7 @@ def test_bad_client_is_rejected_and_round_goes_on(tmp_path, fault, phase, reason
 
 def test_too_few_clients_keeps_previous_model(tmp_path):
     cfg = tiny(out=str(tmp_path), faults="nan:1,nan:2", min_clients=2, method="avg")
-    result = run_federation(InlineGrid(make_client_app(cfg.to_run_config()), 3), cfg)
+    result = run_federation(InlineGrid(task_client_app(cfg.to_run_config()), 3), cfg)
     assert result["rounds_completed"] == 0 and len(result["clients_rejected"]) == 2
     assert result["rounds"][0]["ok"] is False and "min_clients" in result["rounds"][0]["error"]
     assert result["accuracy"]["merged"] is None
@@ -121,7 +121,7 @@ def test_too_few_clients_keeps_previous_model(tmp_path):
 
 def test_multi_round_from_merged_model(tmp_path):
     cfg = tiny(out=str(tmp_path), num_clients=2, num_server_rounds=2, gamma="0.1")
-    grid = InlineGrid(make_client_app(cfg.to_run_config()), 2)
+    grid = InlineGrid(task_client_app(cfg.to_run_config()), 2)
     result = run_federation(grid, cfg)
     assert result["rounds_completed"] == 2 and set(result["accuracy"]["per_round"]) == {"1", "2"}
     trains = [m for m in grid.sent if m.metadata.message_type == "train"]
@@ -163,12 +163,12 @@ def test_fedmerge_simulate_on_flower_simulation_engine(tmp_path):
 
 def test_resume_continues_without_losing_or_repeating_rounds(tmp_path):
     cfg = tiny(out=str(tmp_path), num_clients=2, num_server_rounds=2, method="avg")
-    first = run_federation(InlineGrid(make_client_app(cfg.to_run_config()), 2), cfg)
+    first = run_federation(InlineGrid(task_client_app(cfg.to_run_config()), 2), cfg)
     assert first["rounds_completed"] == 2
     state = json.loads((tmp_path / "state.json").read_text())
     assert state["round"] == 2 and (tmp_path / "checkpoints" / state["model"]).exists()
     more = tiny(out=str(tmp_path), num_clients=2, num_server_rounds=3, method="avg", resume=True)
-    grid = InlineGrid(make_client_app(more.to_run_config()), 2)
+    grid = InlineGrid(task_client_app(more.to_run_config()), 2)
     result = run_federation(grid, more)
     trains = [m for m in grid.sent if m.metadata.message_type == "train"]
     assert len(trains) == 2 and all(m.content.config_records["config"]["server-round"] == 3 for m in trains)
@@ -208,7 +208,7 @@ def test_slow_client_past_the_timeout_is_dropped(tmp_path):
     # the slow client sleeps past the timeout (timeout + 5 s); the others must answer well within it, even on a
     # loaded 2-core machine
     cfg = tiny(out=str(tmp_path), faults="slow:2", reference="0", gamma="0.1", timeout=20.0)
-    result = run_federation(InlineGrid(make_client_app(cfg.to_run_config()), 3), cfg)
+    result = run_federation(InlineGrid(task_client_app(cfg.to_run_config()), 3), cfg)
     rej = result["clients_rejected"]
     assert [r["partition"] for r in rej] == [2] and "timed out" in rej[0]["reason"]
     assert result["clients_merged"] == [0, 1]
@@ -225,7 +225,7 @@ def test_soak_twenty_rounds_with_random_faults(tmp_path):
     faults = ",".join(f"{k}@{r}:{c}" for k, r, c in planned)
     cfg = tiny(out=str(tmp_path), faults=faults, reference="0", gamma="0.1", num_server_rounds=20, max_train=128,
                max_test=100)
-    result = run_federation(InlineGrid(make_client_app(cfg.to_run_config()), 3), cfg)
+    result = run_federation(InlineGrid(task_client_app(cfg.to_run_config()), 3), cfg)
     got = sorted((r["round"], r["partition"]) for r in result["clients_rejected"])
     assert got == sorted((r, c) for _, r, c in planned)
     assert result["rounds_completed"] == 20 and all(h["ok"] for h in result["rounds"])
@@ -238,7 +238,7 @@ def test_soak_twenty_rounds_with_random_faults(tmp_path):
                                               ("permute", False), ("ot", False), ("merge_many", False)])
 def test_every_method_through_the_strategy(tmp_path, method, on_server):
     cfg = tiny(out=str(tmp_path), method=method, stats_on_server=on_server, reference="0", gamma="0.1")
-    grid = InlineGrid(make_client_app(cfg.to_run_config()), 3)
+    grid = InlineGrid(task_client_app(cfg.to_run_config()), 3)
     result = run_federation(grid, cfg)
     types = [m.metadata.message_type for m in grid.sent]
     # statistics computed by the server (its own probe) or not needed: one phase only

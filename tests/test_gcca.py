@@ -211,7 +211,7 @@ def test_registered_with_auto_gamma(different_models):
 
 
 def test_through_the_strategy(tmp_path):
-    from fedmerge.client.app import make_client_app
+    from fedmerge.client.app import task_client_app
     from fedmerge.common.task import FedConfig
     from fedmerge.server.app import run_federation
     from fedmerge.server.inline import InlineGrid
@@ -219,7 +219,7 @@ def test_through_the_strategy(tmp_path):
     cfg = FedConfig(dataset="cifar10-mini", arch="cnn", width=0.25, epochs=1, max_train=128, probe_size=100,
                     max_test=100, batch_size=64, num_clients=3, min_clients=2, out=str(tmp_path), method="gcca",
                     reference="0", gamma="auto")
-    grid = InlineGrid(make_client_app(cfg.to_run_config()), 3)
+    grid = InlineGrid(task_client_app(cfg.to_run_config()), 3)
     result = run_federation(grid, cfg)
     types = [m.metadata.message_type for m in grid.sent]
     assert types == ["train"] * 3  # statistics of all pairs are computed on the server: one phase

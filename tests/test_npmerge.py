@@ -64,13 +64,13 @@ def test_np_merge_needs_labels():
 
 
 def test_np_merge_through_the_flower_strategy(tmp_path):
-    from fedmerge.client.app import make_client_app
+    from fedmerge.client.app import task_client_app
     from fedmerge.common.task import FedConfig
     from fedmerge.server.app import run_federation
     from fedmerge.server.inline import InlineGrid
 
     cfg = FedConfig(dataset="cifar10-mini", arch="cnn", width=0.25, epochs=1, max_train=256, probe_size=120,
                     max_test=200, num_clients=2, gamma="0.1", reference="0", np_merge=True, out=str(tmp_path))
-    result = run_federation(InlineGrid(make_client_app(cfg.to_run_config()), 2), cfg)
+    result = run_federation(InlineGrid(task_client_app(cfg.to_run_config()), 2), cfg)
     assert result["rounds_completed"] == 1 and result["accuracy"]["merged"] is not None
     assert result["rounds"][0]["timings"]["merge_np_merge"] > 0

@@ -135,13 +135,13 @@ def test_attack_end_to_end_through_the_server_app(tmp_path, name, phase, mutate,
     """The same attack from the real ClientApp through the ServerApp's federation: the run finishes,
     result.json names the client (by the server's map) and the reason, the merged model is finite and within
     the norm bound."""
-    from fedmerge.client.app import make_client_app
+    from fedmerge.client.app import task_client_app
     from fedmerge.common.checkpoint import load_state
     from fedmerge.server.app import run_federation
     from fedmerge.server.inline import InlineGrid
 
     cfg = adv.tiny(out=str(tmp_path), reference="0")
-    app = adv.mutating_app(make_client_app(cfg.to_run_config()), {(phase, ATTACKER): mutate})
+    app = adv.mutating_app(task_client_app(cfg.to_run_config()), {(phase, ATTACKER): mutate})
     run_federation(InlineGrid(app, 3), cfg)
     saved = json.loads((tmp_path / "result.json").read_text())
     rej = saved["clients_rejected"]
@@ -259,12 +259,12 @@ E2E = [("bytes", "train", "declared shape"), ("count", "train", "num-examples"),
 
 @pytest.mark.parametrize("fault,phase,reason", E2E, ids=[e[0] for e in E2E])
 def test_fault_kind_end_to_end(tmp_path, fault, phase, reason):
-    from fedmerge.client.app import make_client_app
+    from fedmerge.client.app import task_client_app
     from fedmerge.server.app import run_federation
     from fedmerge.server.inline import InlineGrid
 
     cfg = adv.tiny(out=str(tmp_path), faults=f"{fault}:2", reference="0")
-    run_federation(InlineGrid(make_client_app(cfg.to_run_config()), 3), cfg)
+    run_federation(InlineGrid(task_client_app(cfg.to_run_config()), 3), cfg)
     saved = json.loads((tmp_path / "result.json").read_text())
     rej = saved["clients_rejected"]
     assert [(r["partition"], r["phase"]) for r in rej] == [(2, phase)] and reason in rej[0]["reason"]
@@ -276,12 +276,12 @@ def test_fault_kind_end_to_end(tmp_path, fault, phase, reason):
 
 
 def test_reference_dropping_out_of_the_query_end_to_end(tmp_path):
-    from fedmerge.client.app import make_client_app
+    from fedmerge.client.app import task_client_app
     from fedmerge.server.app import run_federation
     from fedmerge.server.inline import InlineGrid
 
     cfg = adv.tiny(out=str(tmp_path), faults="drop-query:0", reference="0")
-    result = run_federation(InlineGrid(make_client_app(cfg.to_run_config()), 3), cfg)
+    result = run_federation(InlineGrid(task_client_app(cfg.to_run_config()), 3), cfg)
     assert [(r["partition"], r["phase"]) for r in result["clients_rejected"]] == [(0, "cross-statistics")]
     assert result["clients_merged"] == [1, 2] and result["reference"] in (1, 2)
 
@@ -299,12 +299,12 @@ def test_unknown_fault_kind_is_an_error():
     ("partitions", {"5": 0, "6": 0}, "distinct partitions"), ("history", [{"round": 7, "ok": True}], "history"),
 ])
 def test_resume_trusts_nothing(tmp_path, field, value, match):
-    from fedmerge.client.app import make_client_app
+    from fedmerge.client.app import task_client_app
     from fedmerge.server.app import run_federation
     from fedmerge.server.inline import InlineGrid
 
     cfg = adv.tiny(out=str(tmp_path), num_clients=2, num_server_rounds=1, method="avg")
-    run_federation(InlineGrid(make_client_app(cfg.to_run_config()), 2), cfg)
+    run_federation(InlineGrid(task_client_app(cfg.to_run_config()), 2), cfg)
     path = tmp_path / "state.json"
     st = json.loads(path.read_text())
     assert {int(k) for k in st["partitions"]} and sorted(st["partitions"].values()) == [0, 1]
@@ -312,20 +312,20 @@ def test_resume_trusts_nothing(tmp_path, field, value, match):
     path.write_text(json.dumps(st))
     more = adv.tiny(out=str(tmp_path), num_clients=2, num_server_rounds=2, method="avg", resume=True)
     with pytest.raises(ValueError, match=match):
-        run_federation(InlineGrid(make_client_app(more.to_run_config()), 2), more)
+        run_federation(InlineGrid(task_client_app(more.to_run_config()), 2), more)
 
 
 def test_resume_checks_the_checkpoint_and_restores_identity(tmp_path):
-    from fedmerge.client.app import make_client_app
+    from fedmerge.client.app import task_client_app
     from fedmerge.common.checkpoint import save_state
     from fedmerge.server.app import run_federation
     from fedmerge.server.inline import InlineGrid
 
     cfg = adv.tiny(out=str(tmp_path), num_clients=2, num_server_rounds=1, method="avg", common_init=True)
-    run_federation(InlineGrid(make_client_app(cfg.to_run_config()), 2), cfg)
+    run_federation(InlineGrid(task_client_app(cfg.to_run_config()), 2), cfg)
     st = json.loads((tmp_path / "state.json").read_text())
     more = adv.tiny(out=str(tmp_path), num_clients=2, num_server_rounds=2, method="avg", common_init=True, resume=True)
-    grid = InlineGrid(make_client_app(more.to_run_config()), 2)
+    grid = InlineGrid(task_client_app(more.to_run_config()), 2)
     result = run_federation(grid, more)
     assert result["rounds_completed"] == 2
     assert {str(k): v for k, v in json.loads((tmp_path / "state.json").read_text())["partitions"].items()} == \
@@ -344,12 +344,12 @@ def test_resume_checks_the_checkpoint_and_restores_identity(tmp_path):
     (tmp_path / "state.json").write_text(json.dumps(st))
     again = adv.tiny(out=str(tmp_path), num_clients=2, num_server_rounds=3, method="avg", common_init=True, resume=True)
     with pytest.raises(ValueError, match=f"'{key}' has non-finite values"):
-        run_federation(InlineGrid(make_client_app(again.to_run_config()), 2), again)
+        run_federation(InlineGrid(task_client_app(again.to_run_config()), 2), again)
 
 
 def test_result_json_is_written_when_the_federation_stops(tmp_path, monkeypatch):
     """Even an unexpected server error leaves result.json (with the error) and the finished rounds."""
-    from fedmerge.client.app import make_client_app
+    from fedmerge.client.app import task_client_app
     from fedmerge.server import app as server_app
     from fedmerge.server.inline import InlineGrid
     from fedmerge.server.strategy import CCAMerge
@@ -366,7 +366,7 @@ def test_result_json_is_written_when_the_federation_stops(tmp_path, monkeypatch)
     monkeypatch.setattr(CCAMerge, "aggregate_train", flaky)
     cfg = adv.tiny(out=str(tmp_path), num_clients=2, num_server_rounds=2, method="avg", common_init=True)
     with pytest.raises(RuntimeError, match="disk on fire"):
-        server_app.run_federation(InlineGrid(make_client_app(cfg.to_run_config()), 2), cfg)
+        server_app.run_federation(InlineGrid(task_client_app(cfg.to_run_config()), 2), cfg)
     saved = json.loads((tmp_path / "result.json").read_text())
     assert "disk on fire" in saved["error"] and saved["rounds_completed"] == 1 and saved["partial"] is True
 
@@ -445,19 +445,19 @@ def test_simulate_exits_non_zero_when_the_last_round_failed(tmp_path):
 
 
 def test_duplicates_strangers_and_overflow_end_to_end(tmp_path):
-    from fedmerge.client.app import make_client_app
+    from fedmerge.client.app import task_client_app
     from fedmerge.server.app import run_federation
 
     for i, kw in enumerate(({"duplicate_of": 1}, {"stranger": 4242})):
         cfg = adv.tiny(out=str(tmp_path / str(i)), reference="0")
-        result = run_federation(adv.ExtraReplyGrid(make_client_app(cfg.to_run_config()), 3, **kw), cfg)
+        result = run_federation(adv.ExtraReplyGrid(task_client_app(cfg.to_run_config()), 3, **kw), cfg)
         rej = result["clients_rejected"]
         assert len(rej) == 1 and ("second reply" in rej[0]["reason"] or "not sampled" in rej[0]["reason"])
         assert result["clients_merged"] == [0, 1, 2]
     # with the norm bound off, weights at float32's maximum make the merge fail: the round fails, is recorded
     # with the client it fails on, and result.json is written
     cfg = adv.tiny(out=str(tmp_path / "2"), reference="0", norm_bound=0.0)
-    app = adv.mutating_app(make_client_app(cfg.to_run_config()),
+    app = adv.mutating_app(task_client_app(cfg.to_run_config()),
                            {(TRAIN, ATTACKER): lambda rd: adv.set_weight(rd, lambda a: np.sign(a) * 3.0e38)})
     result = run_federation(adv.InlineGrid(app, 3), cfg)
     rnd = result["rounds"][0]
@@ -499,3 +499,20 @@ def test_honest_statistics_in_every_wire_dtype_pass_the_bounds(dtype):
         inflated = {0: CrossMoments(c[0].n, c[0].mean_a, c[0].mean_b, 3 * c[0].c)}
         with pytest.raises(ReplyRejected, match="Cauchy-Schwarz|canonical correlation"):
             check_cross(inflated, decoded[0], decoded[own_other], {0: n}, wire=wire)
+
+
+@pytest.mark.slow
+def test_bring_your_own_model_example_runs_on_flowers_simulation(tmp_path):
+    """examples/byo_model.py: a user's own CNN, data and training loop with fedmerge's client API and CCAMerge,
+    through flwr.simulation.run_simulation."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    example = Path(__file__).resolve().parents[1] / "examples" / "byo_model.py"
+    p = subprocess.run([sys.executable, str(example)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    lines = [ln for ln in p.stdout.splitlines() if "test accuracy" in ln]
+    assert [ln.split(":")[0] for ln in lines] == ["merged", "0", "1", "2"]
+    assert all(0.0 <= float(ln.rsplit(" ", 1)[1]) <= 1.0 for ln in lines)
+    state = torch.load(tmp_path / "byo_model.pt")
+    assert state and all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
