@@ -30,6 +30,7 @@ clients whose data alone make the merge fail are named.
 from __future__ import annotations
 
 import copy
+import logging
 import re
 import time
 from collections import Counter
@@ -116,6 +117,15 @@ class ClientUpdate:
     own_encoding: dict = field(default_factory=dict)  # group -> how the own block was sent (dtype, form)
 
 
+class _DropLog(logging.Filter):
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
 class RoundFailedError(RuntimeError):
     """A round could not merge (too few valid clients, a failed merge); raised with ``on_failed_round='raise'``."""
 
@@ -178,8 +188,15 @@ class CCAMerge(FedAvg):
             raise ValueError(f"on_failed_round must be one of {ON_FAILED_ROUND}, got {on_failed_round!r}")
         if norm_bound is not None and not norm_bound > 1:
             raise ValueError(f"norm_bound must be a factor > 1 or None, got {norm_bound!r}")
-        super().__init__(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=min_clients,
-                         min_evaluate_nodes=0, min_available_nodes=min_clients)
+        # the server evaluates the merged model itself: FedAvg's warning that federated evaluation is skipped
+        # would be noise on every run
+        quiet = _DropLog("fraction_evaluate is set to 0.0")
+        logging.getLogger("flwr").addFilter(quiet)
+        try:
+            super().__init__(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=min_clients,
+                             min_evaluate_nodes=0, min_available_nodes=min_clients)
+        finally:
+            logging.getLogger("flwr").removeFilter(quiet)
         self.model_fn = model_fn if callable(model_fn) and not isinstance(model_fn, nn.Module) else (
             lambda m=model_fn: copy.deepcopy(m))
         self.method, self.reference, self.gamma = method, reference, gamma
