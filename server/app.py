@@ -194,8 +194,12 @@ def _read_state(path: Path, cfg: FedConfig) -> dict:
         bad("history", f"must list rounds 1..{st['round']} or more, in order")
     if any(not (isinstance(v.get("accuracy"), float) and math.isfinite(v["accuracy"])) for v in st["evals"].values()):
         bad("evals", "must hold a finite accuracy per round")
-    if len(set(st["partitions"].values())) != len(st["partitions"]) or any(p < 0 for p in st["partitions"].values()):
-        bad("partitions", "must map nodes to distinct partitions >= 0")
+    parts = st["partitions"]
+    if (len(set(parts.values())) != len(parts) or len(parts) > cfg.num_clients
+            or any(not 0 <= p < cfg.num_clients for p in parts.values()) or any(n < 0 for n in parts)):
+        bad("partitions", f"must map node ids >= 0 to distinct partitions in [0, {cfg.num_clients})")
+    if any(not 0 <= r <= st["round"] for r in st["evals"]):   # round 0: the common initial model
+        bad("evals", f"must be keyed by rounds in [0, {st['round']}]")
     return st
 
 

@@ -17,7 +17,9 @@ Bounds, and why (each is stated in README "Untrusted clients"):
 * Statistics: finite; per-unit variances and squared means at most :data:`MAX_VARIANCE` (activations beyond
   1e12 are not those of a working float32 network, and larger values overflow the CCA algebra); own
   covariance positive semidefinite up to the arithmetic of its transport and accumulation
-  (:func:`psd_tolerance`); not all zero; sample counts equal to what the server's probe gives. Cross blocks:
+  (:func:`psd_tolerance`); not all zero; sample counts equal to what the server's probe gives; with a server
+  probe, equal (means, variances or trace within 5%) to what the server computes from the uploaded weights
+  (:func:`check_own_matches`). Cross blocks:
   elementwise Cauchy-Schwarz against the two own blocks, canonical correlations <= 1 (joint covariance PSD),
   and means that agree with the reference's and the client's own means (the cross block was computed on
   these two models).
@@ -35,9 +37,9 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from fedmerge.common.compress import WHITEN_GAMMA, block_encoding
 from fedmerge.common.records import WireError, decode_array, record_to_arrays
 
-__all__ = ["ReplyRejected", "ClientMetrics", "record_bytes", "check_size", "read_int", "read_metrics",
+__all__ = ["ReplyRejected", "CrossCheckFailed", "ClientMetrics", "record_bytes", "check_size", "read_int", "read_metrics",
            "read_echo", "check_echo", "decode_statistics", "decode_weights", "weight_norm", "norm_outliers", "psd_tolerance", "check_moments",
-           "check_cross", "transport", "MAX_VARIANCE", "MAX_EXAMPLES", "CROSS_CORR_TOL", "MEAN_TOL"]
+           "check_cross", "check_own_matches", "transport", "MAX_VARIANCE", "MAX_EXAMPLES", "CROSS_CORR_TOL", "MEAN_TOL"]
 
 MAX_VARIANCE = 1e24          # per-unit variance / squared mean of an activation
 MAX_EXAMPLES = 10 ** 9        # num-examples cap when the server knows neither partition sizes nor a cap
@@ -53,6 +55,10 @@ FLOAT_KINDS = "f"
 
 class ReplyRejected(ValueError):
     """A client reply failed a check; the message names the check."""
+
+
+class CrossCheckFailed(ReplyRejected):
+    """A cross block disagrees with the own blocks it was checked against (the client's or the reference's)."""
 
 
 # --- records ----------------------------------------------------------------------------------------------------
@@ -262,6 +268,32 @@ def _ridged_diagonal(m2: torch.Tensor) -> torch.Tensor:
     return d + WHITEN_GAMMA * max(float(d.sum()) / d.numel(), 1e-300)
 
 
+OWN_MATCH_TOL = 0.05   # relative difference allowed between a client's own block and the server's recomputation
+
+
+def check_own_matches(claimed: Mapping[int, Any], computed: Mapping[int, Any], encodings: Mapping[int, Mapping],
+                      what: str = "own statistics") -> None:
+    """The client's own statistics against the server's own computation from the uploaded weights on the same
+    probe: same means (RMS gap <= MEAN_TOL std), and per-unit variances (dense blocks; their transport keeps
+    the diagonal to float32 precision) or the trace (low-rank blocks keep it exactly) within OWN_MATCH_TOL.
+    Devices differ by ~1e-3 (TF32 convolutions); a lie about the scale of the activations does not pass."""
+    for g, c in claimed.items():
+        s = computed[g]
+        name = f"{what}, group {g}"
+        gap = _mean_gap(c.mean, s.mean, s.m2, s.n)
+        if gap > MEAN_TOL:
+            raise ReplyRejected(f"{name}: means differ from the uploaded weights' on the probe (RMS {gap:.3f} std)")
+        vs, vc = torch.diagonal(s.m2), torch.diagonal(c.m2)
+        if encodings.get(g, {}).get("form", "dense") == "dense":
+            floor = 1e-3 * max(float(vs.mean()), 1e-300)
+            rel = float(((vc - vs).abs() / (vs.abs() + floor)).max())
+        else:
+            rel = abs(float(vc.sum()) - float(vs.sum())) / max(float(vs.sum()), 1e-300)
+        if not rel <= OWN_MATCH_TOL:
+            raise ReplyRejected(f"{name}: variances differ from the uploaded weights' on the probe (relative "
+                                f"{rel:.3g} > {OWN_MATCH_TOL})")
+
+
 def _whitener(m2: torch.Tensor, ridge: float) -> torch.Tensor:
     s = (m2 + m2.T) / 2
     d = s.shape[0]
@@ -312,11 +344,11 @@ def check_cross(cross: Mapping[int, Any], own_ref: Mapping[int, Any], own_b: Map
         _scale_ok(name, torch.zeros(1, dtype=c.c.dtype), torch.cat([c.mean_a, c.mean_b]))
         gap_b = _mean_gap(c.mean_b, b.mean, b.m2, b.n)
         if gap_b > MEAN_TOL:
-            raise ReplyRejected(f"{name}: the model side's means differ from the client's own statistics "
+            raise CrossCheckFailed(f"{name}: the model side's means differ from the client's own statistics "
                                 f"(RMS {gap_b:.3f} std): computed on another model?")
         gap_a = _mean_gap(c.mean_a, a.mean, a.m2, a.n)
         if gap_a > MEAN_TOL:
-            raise ReplyRejected(f"reference mismatch: {name}: the reference side's means differ from the "
+            raise CrossCheckFailed(f"reference mismatch: {name}: the reference side's means differ from the "
                                 f"reference's own statistics (RMS {gap_a:.3f} std): computed against another "
                                 "reference?")
         # |c_ij| <= sqrt(A_ii B_jj) for the ridge-regularised own blocks A, B (the ridge only loosens the bound
@@ -325,9 +357,9 @@ def check_cross(cross: Mapping[int, Any], own_ref: Mapping[int, Any], own_b: Map
         vb = _ridged_diagonal(b.m2) * (c.n - 1) / max(b.n - 1, 1)
         bound = torch.sqrt(torch.outer(va, vb))
         if unit <= WIRE_UNIT["float32"] and bool((c.c.abs() > (1 + tol) * bound + 1e-300).any()):
-            raise ReplyRejected(f"{name}: cross covariance exceeds the Cauchy-Schwarz bound of the own blocks")
+            raise CrossCheckFailed(f"{name}: cross covariance exceeds the Cauchy-Schwarz bound of the own blocks")
         w = _whitener(a.m2, WHITEN_GAMMA) @ c.c @ _whitener(b.m2, WHITEN_GAMMA) * math.sqrt(
             max(a.n - 1, 1) * max(b.n - 1, 1)) / max(c.n - 1, 1)
         top = float(torch.linalg.matrix_norm(w, ord=2))
         if top > 1 + tol:
-            raise ReplyRejected(f"{name}: canonical correlation {top:.3f} > 1 (joint covariance not PSD)")
+            raise CrossCheckFailed(f"{name}: canonical correlation {top:.3f} > 1 (joint covariance not PSD)")

@@ -5,8 +5,9 @@ One round:
 1. ``configure_train`` sends the global weights (empty in round 1 unless ``common_init``) with each node's
    partition, whether to upload probe statistics and the probe's fingerprint.
 2. ``aggregate_train`` reads every reply as untrusted input (:mod:`fedmerge.server.checks`: identity,
-   metrics, weights decoded before allocation, statistics bounds), applies the weight-norm bound, picks the
-   reference (an index or the best on the probe) and, in the default two-phase protocol, sends the reference
+   metrics, weights decoded before allocation, statistics bounds), applies the weight-norm bound, recomputes
+   each client's own statistics from its weights when the server holds the probe (and merges with those),
+   picks the reference (an index or the best on the probe) and, in the default two-phase protocol, sends the reference
    weights to every client -- the reference included -- in a ``query.cross_stats`` message inside the same
    round; clients answer with cross statistics and echo the digest of the reference they used. When the
    reference fails in this phase, the next best client becomes the reference and the phase is redone. In
@@ -20,9 +21,10 @@ or given up front (``node_partitions``); afterwards a reply that reports another
 from one node in a phase, and a reply from a node that was not asked are rejected.
 
 A bad or missing reply never stops the round: the client is dropped with a reason (``history``, the log and
-result.json), and the merge goes on if at least ``min_clients`` remain. A merge that fails (for example
-non-finite transforms) fails the round: the previous global model is kept, the error is recorded, and the
-clients whose data alone make the merge fail are named.
+result.json), and the merge goes on if at least ``min_clients`` remain. A merge that fails (non-finite
+transforms, or a merged model beyond the norm bound) is diagnosed by merging the reference with each client
+alone; the clients whose pair fails are named, dropped, and the others merged. Otherwise the round fails: the
+previous global model is kept and the error is recorded.
 
     strategy = CCAMerge(model_fn=lambda: MyNet(), probe=probe_images, method="cca")
     result = strategy.start(grid, ArrayRecord(), num_rounds=1)
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import re
 import time
 from collections import Counter
@@ -52,9 +55,11 @@ from fedmerge.common.merge import (GAMMA_GRID, METHODS, has_batchnorm, merge_fro
                                    selection_candidates)
 from fedmerge.common.probe import Batches, as_batches, probe_digest
 from fedmerge.common.records import weights_digest
-from fedmerge.common.stats import CrossMoments, Statistics, collect_statistics, own_statistics, samples_per_input
+from fedmerge.common.stats import (CrossMoments, Statistics, collect_statistics, cross_statistics, own_statistics,
+                                   samples_per_input)
 
-from .checks import (MAX_EXAMPLES, ClientMetrics, ReplyRejected, check_cross, check_echo, check_moments,
+from .checks import (MAX_EXAMPLES, ClientMetrics, CrossCheckFailed, ReplyRejected, check_cross, check_echo,
+                     check_moments, check_own_matches,
                      check_size, decode_statistics, decode_weights, norm_outliers, psd_tolerance, read_metrics,
                      record_bytes, transport, weight_norm)
 
@@ -90,6 +95,8 @@ class RoundRecord:
 
     @classmethod
     def from_dict(cls, d: dict) -> "RoundRecord":
+        """From ``to_dict``'s output (a resumed run's state.json), every field's type checked (ValueError)."""
+        _check_record(d)
         kw = {k: d[k] for k in ("error", "reference", "gamma") if k in d}
         kw.update({k: {int(p): v for p, v in dict(d.get(k, {})).items()} for k in cls._INT_KEYED})
         return cls(round=int(d["round"]), ok=bool(d["ok"]), clients_merged=[int(p) for p in d.get("clients_merged", [])],
@@ -105,6 +112,35 @@ class RoundRecord:
         return out
 
 
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_record(d) -> None:
+    """The types a RoundRecord's fields must have when read back from JSON."""
+    def need(ok: bool, field_: str, what: str) -> None:
+        if not ok:
+            raise ValueError(f"round record field '{field_}' must be {what}")
+
+    need(isinstance(d, dict), "(record)", "an object")
+    need(isinstance(d.get("round"), int) and not isinstance(d.get("round"), bool), "round", "an integer")
+    need(isinstance(d.get("ok"), bool), "ok", "true or false")
+    need(d.get("error") is None or isinstance(d.get("error"), str), "error", "a string or null")
+    for k in ("reference", "gamma"):
+        need(d.get(k) is None or _number(d.get(k)), k, "a number or null")
+    for k in ("clients_merged", "blamed"):
+        need(isinstance(d.get(k, []), list) and all(isinstance(p, int) for p in d.get(k, [])), k, "a list of integers")
+    need(isinstance(d.get("clients_rejected", []), list) and all(isinstance(r, dict) for r in d.get(
+        "clients_rejected", [])), "clients_rejected", "a list of objects")
+    for k in ("timings", "clients_clipped", "bytes_uploaded", "bytes_weights", "bytes_statistics"):
+        need(isinstance(d.get(k, {}), dict) and all(_number(v) for v in d.get(k, {}).values()), k,
+             "an object of finite numbers")
+    need(isinstance(d.get("client_metrics", {}), dict) and all(
+        isinstance(m, dict) and all(_number(v) for v in m.values()) for m in d.get("client_metrics", {}).values()),
+        "client_metrics", "an object of objects of finite numbers")
+    need(isinstance(d.get("merge_info", {}), dict), "merge_info", "an object")
+
+
 @dataclass(eq=False)
 class ClientUpdate:
     """One client's checked training reply."""
@@ -115,6 +151,15 @@ class ClientUpdate:
     metrics: ClientMetrics
     own: dict | None = None   # decoded own statistics (two-phase protocol)
     own_encoding: dict = field(default_factory=dict)  # group -> how the own block was sent (dtype, form)
+    clipped: bool = False     # weights scaled by the norm bound: its statistics are the server's
+
+
+def _subset(stats: Statistics, keep: list[int]) -> Statistics:
+    """The statistics of the models ``keep`` (indices, the reference among them), re-indexed."""
+    ref = keep.index(stats.reference)
+    return Statistics(own=[stats.own[i] for i in keep],
+                      cross={(ref, j): stats.cross[(stats.reference, i)] for j, i in enumerate(keep) if j != ref},
+                      reference=ref)
 
 
 class _DropLog(logging.Filter):
@@ -232,6 +277,9 @@ class CCAMerge(FedAvg):
             raise ValueError("CCAMerge needs a probe or an example_input to derive the merge spec")
         self.spec: MergeSpec = derive_spec(self.template, example)
         self._check_needs_probe()
+        if norm_action == "clip" and self.fit is None and self.stats_where == "clients":
+            raise ValueError("norm_action='clip' needs a server probe: a clipped client's statistics are recomputed "
+                             "by the server from the clipped weights")
         self.keys = {k: (tuple(v.shape), v.dtype) for k, v in self.template.state_dict().items()}
         self.model_bytes = sum(v.numel() * v.element_size() for v in self.template.state_dict().values())
         self.max_upload_bytes = max_upload_bytes or int(8 * self.model_bytes + self._stats_bytes_bound() + 2 ** 20)
@@ -317,7 +365,9 @@ class CCAMerge(FedAvg):
         return self.partitions.get(node, self._proposed.get(node, -1))
 
     def _identify(self, node: int, claimed: int | None) -> int:
-        """The node's partition: the registered one (a different claim is rejected), else its first valid claim."""
+        """The node's partition: the registered one (a different claim is rejected), else its claim (or the
+        server's proposal) if no other node holds it. Registered by :meth:`_register` only once the reply has
+        passed every check of the round, so a rejected reply never takes a partition."""
         registered = self.partitions.get(node)
         if registered is not None:
             if claimed is not None and claimed != registered:
@@ -329,8 +379,12 @@ class CCAMerge(FedAvg):
         owner = next((n for n, p in self.partitions.items() if p == part), None)
         if owner is not None:
             raise ReplyRejected(f"claims partition {part}, which belongs to node {owner}")
-        self.partitions[node] = part
         return part
+
+    def _register(self, node: int, part: int) -> None:
+        if node not in self.partitions:
+            self.partitions[node] = part
+            self._proposed.pop(node, None)
 
     def _examples_cap(self, part: int) -> int:
         cap = self.max_examples
@@ -393,7 +447,10 @@ class CCAMerge(FedAvg):
         if self.expected_counts is not None or self.stats_where != "clients" or not accepted:
             return accepted
         keys = [tuple(sorted((g, m.n) for g, m in u.own.items())) for u in accepted]
-        common = Counter(keys).most_common(1)[0][0]
+        common, votes = Counter(keys).most_common(1)[0]
+        if 2 * votes <= len(keys):
+            raise RoundFailedError(f"the clients' statistics disagree on the probe's sample counts and no counts "
+                                   f"have a majority ({votes} of {len(keys)}); nobody is rejected")
         for u, k in zip(accepted, keys):
             if k != common:
                 self._reject(rec, u.node, "train", f"statistics sample counts {dict(k)} differ from the other "
@@ -408,6 +465,7 @@ class CCAMerge(FedAvg):
         t_round = time.time()
         accepted: list[ClientUpdate] = []
         seen: set[int] = set()
+        claims: dict[int, int] = {}   # partition -> node, this round
         for msg in sorted(replies, key=lambda m: int(m.metadata.src_node_id)):
             node = int(msg.metadata.src_node_id)
             if node not in self._sampled:
@@ -427,15 +485,22 @@ class CCAMerge(FedAvg):
             except Exception as exc:  # noqa: BLE001 - any failure reading a reply rejects that client only
                 self._reject(rec, node, "train", f"unreadable reply ({type(exc).__name__}: {exc})")
                 continue
+            if upd.partition in claims:
+                self._reject(rec, node, "train", f"claims partition {upd.partition}, which node {claims[upd.partition]}"
+                             " claimed in this round")
+                continue
+            claims[upd.partition] = node
             self._account(rec, upd.partition, msg.content, "arrays", "own-stats")
             rec.client_metrics[upd.partition] = dict(upd.metrics.values)
             accepted.append(upd)
         for node in sorted(self._sampled - seen):
             self._reject(rec, node, "train", "no reply (timed out)")
-        accepted = self._bound_norms(rec, self._agree_on_counts(rec, accepted))
-        accepted.sort(key=lambda u: u.partition)
         rec.timings["phase1_wait"] = t_round - self._round_start
         try:
+            accepted = self._verify_own(rec, self._bound_norms(rec, self._agree_on_counts(rec, accepted)))
+            for u in accepted:   # a node's partition is fixed by its first reply that passes every check
+                self._register(u.node, u.partition)
+            accepted.sort(key=lambda u: u.partition)
             return self._merge_round(server_round, rec, accepted)
         except RoundFailedError as exc:
             rec.ok, rec.error = False, str(exc)
@@ -473,6 +538,7 @@ class CCAMerge(FedAvg):
             ratio = norms[i] / anchor
             if self.norm_action == "clip" and ratio > 1:
                 scale = self._clip(u, anchor * self.norm_bound, norms[i])
+                u.clipped = True
                 rec.clients_clipped[u.partition] = scale
                 log(WARNING, "round %d: client %d's weights clipped (norm %.3g = %.3g x the anchor; scale %.3g)",
                     rec.round, u.partition, norms[i], ratio, scale)
@@ -481,6 +547,36 @@ class CCAMerge(FedAvg):
                 self._reject(rec, u.node, "train", f"weight norm {norms[i]:.4g} is {ratio:.3g} x the median anchor "
                              f"{anchor:.4g} (allowed factor {self.norm_bound:g})")
         return kept
+
+    def _verify_own(self, rec: RoundRecord, accepted: list[ClientUpdate]) -> list[ClientUpdate]:
+        """With a server probe, every client's own statistics are recomputed from its uploaded weights (one
+        forward pass over the probe), the client's are checked against them, and the merge uses the server's:
+        own blocks decide the scale of every transform, so they are never taken on trust."""
+        if self.fit is None or self.stats_where != "clients":
+            return accepted
+        t = time.time()
+        kept = []
+        for u in accepted:
+            try:
+                computed = own_statistics(self._model(u.state), self.fit, self.spec, device=self._dev())
+                if not u.clipped:   # a clipped client's upload describes weights that are no longer merged
+                    check_own_matches(u.own, computed, u.own_encoding)
+            except ReplyRejected as exc:
+                self._reject(rec, u.node, "train", str(exc))
+                continue
+            except Exception as exc:  # noqa: BLE001 - weights whose activations are not finite, for example
+                self._reject(rec, u.node, "train", f"own statistics could not be recomputed ({type(exc).__name__}: "
+                             f"{exc})")
+                continue
+            u.own = computed
+            u.own_encoding = {g: {"dtype": "float64", "form": "dense"} for g in computed}
+            kept.append(u)
+        rec.timings["verify_statistics"] = time.time() - t
+        return kept
+
+    def _within_bound(self, rec: RoundRecord, state: Mapping[str, torch.Tensor]) -> bool:
+        anchor = rec.merge_info.get("norm_anchor")
+        return self.norm_bound is None or not anchor or weight_norm(state) <= self.norm_bound * anchor
 
     def _clip(self, u: ClientUpdate, bound: float, norm: float) -> float:
         """Scale the client's update (its weights minus the global model; the weights themselves in a round
@@ -560,28 +656,28 @@ class CCAMerge(FedAvg):
         if len(accepted) < self.min_clients:
             raise RoundFailedError(f"only {len(accepted)} clients left after the statistics phase, fewer than "
                                f"min_clients={self.min_clients}")
-        ref = accepted.index(ref_u)
-        states = [u.state for u in accepted]
+        try:
+            merged, info, t = self._merge(rec, accepted, stats, accepted.index(ref_u))
+        except Exception as exc:  # noqa: BLE001 - a merge that fails fails this round, not the federation
+            rec.blamed = self._blame(rec, accepted, stats, accepted.index(ref_u))
+            left = [u for u in accepted if u.partition not in rec.blamed]
+            if not rec.blamed or ref_u.partition in rec.blamed or len(left) < self.min_clients:
+                who = f"; it fails on the data of client(s) {rec.blamed}" if rec.blamed else ""
+                raise RoundFailedError(f"merge failed ({type(exc).__name__}: {_cut(exc)}){who}") from None
+            for u in accepted:   # the merge fails on these clients' data alone: merge the others
+                if u.partition in rec.blamed:
+                    self._reject(rec, u.node, "merge", f"the merge with the reference fails on this client's data "
+                                 f"({type(exc).__name__}: {_cut(exc)})")
+            keep = [i for i, u in enumerate(accepted) if u.partition not in rec.blamed]
+            stats = None if stats is None or self.stats_where != "clients" else _subset(stats, keep)
+            accepted = left
+            try:
+                merged, info, t = self._merge(rec, accepted, stats, accepted.index(ref_u))
+            except Exception as again:  # noqa: BLE001
+                raise RoundFailedError(f"merge failed ({type(again).__name__}: {_cut(again)}) after dropping "
+                                       f"client(s) {rec.blamed}") from None
         counts = [float(u.metrics.num_examples) for u in accepted]
         weights = [c / sum(counts) for c in counts] if self.weighted else None
-        t = time.time()
-        try:
-            if self.stats_where == "server":
-                stats = collect_statistics([self._model(s) for s in states], self.fit, reference=ref,
-                                           pairs="all" if self.needs == "stats_all" else "reference", spec=self.spec,
-                                           device=self._dev())
-                rec.timings["server_statistics"] = time.time() - t
-                t = time.time()
-            merged, info = merge_from_statistics(
-                self.template, states, self.spec, stats, method=self.method, reference=ref,
-                gamma=self.gamma if METHODS[self.method].tunable_gamma else None, weights=weights,
-                bn_reset=self.bn_reset, repair=self.repair, reset_batches=self.fit, eval_batches=self.held,
-                eval_target=self._ensemble_target(accepted), gamma_grid=self.gamma_grid, device=self._dev(),
-                repair_models=[self._model(s) for s in states] if self.repair else None, **self.method_kwargs)
-        except Exception as exc:  # noqa: BLE001 - a merge that fails fails this round, not the federation
-            rec.blamed = self._blame(accepted, stats)
-            who = f"; the merge fails on the data of client(s) {rec.blamed} alone" if rec.blamed else ""
-            raise RoundFailedError(f"merge failed ({type(exc).__name__}: {_cut(exc)}){who}") from None
         rec.timings["merge"] = time.time() - t
         rec.timings.update({f"merge_{k}": v for k, v in info.timings.items()})
         for u in accepted:
@@ -600,29 +696,70 @@ class CCAMerge(FedAvg):
                                 "num-examples": int(sum(counts))})
         return ArrayRecord(sd), metrics
 
-    def _blame(self, accepted: list[ClientUpdate], stats: Statistics | None) -> list[int]:
-        """After a failed merge: the clients whose weights and statistics alone (merged with themselves) fail."""
-        out = []
-        # one fixed setting (the middle of what would be chosen on the probe): a diagnosis, not a selection
+    def _merge(self, rec: RoundRecord, accepted: list[ClientUpdate], stats: Statistics | None, ref: int):
+        """(merged model, MergeInfo, start time of the merge) of ``accepted`` around ``accepted[ref]``; raises
+        when the merge fails or leaves the norm bound."""
+        states = [u.state for u in accepted]
+        counts = [float(u.metrics.num_examples) for u in accepted]
+        weights = [c / sum(counts) for c in counts] if self.weighted else None
+        t = time.time()
+        if self.stats_where == "server":
+            stats = collect_statistics([self._model(s) for s in states], self.fit, reference=ref,
+                                       pairs="all" if self.needs == "stats_all" else "reference", spec=self.spec,
+                                       device=self._dev())
+            rec.timings["server_statistics"] = time.time() - t
+            t = time.time()
+        merged, info = merge_from_statistics(
+            self.template, states, self.spec, stats, method=self.method, reference=ref,
+            gamma=self.gamma if METHODS[self.method].tunable_gamma else None, weights=weights,
+            bn_reset=self.bn_reset, repair=self.repair, reset_batches=self.fit, eval_batches=self.held,
+            eval_target=self._ensemble_target(accepted), gamma_grid=self.gamma_grid, device=self._dev(),
+            repair_models=[self._model(s) for s in states] if self.repair else None, **self.method_kwargs)
+        if not self._within_bound(rec, merged.state_dict()):
+            raise FloatingPointError(f"the merged weight norm {weight_norm(merged.state_dict()):.4g} exceeds "
+                                     f"{self.norm_bound:g} x the anchor {rec.merge_info['norm_anchor']:.4g}")
+        return merged, info, t
+
+    def _blame(self, rec: RoundRecord, accepted: list[ClientUpdate], stats: Statistics | None, ref: int
+               ) -> list[int]:
+        """After a failed merge: merge the reference with each other client alone, with the round's statistics;
+        the clients whose pair fails (or leaves the norm bound) are named. When every pair fails (two or more),
+        the reference is named; with one pair, each client merged with itself decides, else both are named."""
         cands = selection_candidates(self.method, self.gamma, self.method_kwargs, self.gamma_grid)
-        fixed = dict(cands[len(cands) // 2]) if cands else {}
+        fixed = dict(cands[len(cands) // 2]) if cands else {}   # one setting: a diagnosis, not a selection
         gamma = fixed.pop("gamma", self.gamma if METHODS[self.method].tunable_gamma else None)
-        for i, u in enumerate(accepted):
+
+        def fails(i: int, j: int) -> bool:
+            states = [accepted[i].state, accepted[j].state]
             try:
-                own = None
-                if self.stats_where == "clients":
-                    own = stats.own[i] if stats is not None else u.own
+                pair = None
+                if self.stats_where == "clients" and stats is not None:
+                    own = [stats.own[i], stats.own[j]]
+                    cross = stats.cross.get((i, j)) if i != j else {
+                        g: CrossMoments(m.n, m.mean, m.mean, m.m2) for g, m in own[0].items()}
+                    pair = Statistics(own=own, cross={(0, 1): cross}, reference=0)
                 elif self.stats_where == "server":
-                    own = own_statistics(self._model(u.state), self.fit, self.spec, device=self._dev())
-                self_stats = None if own is None else Statistics(
-                    own=[own, own], cross={(0, 1): {g: CrossMoments(m.n, m.mean, m.mean, m.m2) for g, m in own.items()}},
-                    reference=0)
-                merge_from_statistics(self.template, [u.state, u.state], self.spec, self_stats, method=self.method,
-                                      reference=0, gamma=gamma, bn_reset=self.bn_reset, reset_batches=self.fit,
-                                      device=self._dev(), **{**self.method_kwargs, **fixed})
+                    pair = collect_statistics([self._model(s) for s in states], self.fit, reference=0,
+                                              pairs="all" if self.needs == "stats_all" else "reference",
+                                              spec=self.spec, device=self._dev())
+                merged, _ = merge_from_statistics(self.template, states, self.spec, pair, method=self.method,
+                                                  reference=0, gamma=gamma, bn_reset=self.bn_reset,
+                                                  reset_batches=self.fit, device=self._dev(),
+                                                  **{**self.method_kwargs, **fixed})
+                return not self._within_bound(rec, merged.state_dict())
             except Exception:  # noqa: BLE001 - this is the diagnosis
-                out.append(u.partition)
-        return out
+                return True
+
+        others = [i for i in range(len(accepted)) if i != ref]
+        failing = [i for i in others if fails(ref, i)]
+        if not failing:
+            return []
+        if len(others) >= 2 and len(failing) == len(others):
+            return [accepted[ref].partition]
+        if len(others) == 1:
+            alone = [i for i in (ref, others[0]) if fails(i, i)]
+            return sorted(accepted[i].partition for i in (alone or [ref, others[0]]))
+        return sorted(accepted[i].partition for i in failing)
 
     def _phase_two(self, server_round: int, rec: RoundRecord, accepted: list[ClientUpdate],
                    ranking: list[ClientUpdate]):
@@ -634,12 +771,12 @@ class CCAMerge(FedAvg):
         kept = list(accepted)
         for attempt in range(self.max_reference_retries + 1):
             ref = next(u for u in ranking if u in kept)
-            cross, failed, ref_problem = self._query(server_round, rec, kept, ref)
+            cross, failed, ref_problem, cross_check_failed = self._query(server_round, rec, kept, ref)
             others = [u for u in kept if u is not ref]
-            mismatched = [u for u in others if failed.get(u.partition, "").startswith("reference mismatch")]
-            if ref_problem is None and len(others) >= 2 and len(mismatched) == len(others):
-                ref_problem = (f"its own statistics disagree with the cross statistics of all {len(others)} other "
-                               "clients (reference mismatch)")
+            disagree = [u for u in others if u.partition in cross_check_failed]
+            if ref_problem is None and len(others) >= 2 and len(disagree) == len(others):
+                ref_problem = (f"the cross statistics of all {len(others)} other clients fail the checks against "
+                               "its own statistics (reference mismatch)")
             if ref_problem is None:
                 break
             self._reject(rec, ref.node, "cross-statistics", f"as reference: {ref_problem}")
@@ -662,13 +799,13 @@ class CCAMerge(FedAvg):
 
     def _query(self, server_round: int, rec: RoundRecord, kept: list[ClientUpdate], ref: ClientUpdate):
         """One cross-statistics exchange: (cross blocks by partition, rejection reasons by partition, the
-        reference's own problem or None)."""
+        reference's own problem or None, the partitions whose cross block failed a check against the own blocks)."""
         digest = weights_digest(ref.state)
         ref_record = ArrayRecord({k: v for k, v in ref.state.items()})
         messages = [Message(RecordDict({"reference": ref_record, "config": ConfigRecord({
             "server-round": server_round, "reference-partition": ref.partition, "reference-digest": digest,
             "partition-id": u.partition, "num-partitions": self.num_partitions})}),
-            message_type=QUERY_CROSS, dst_node_id=u.node) for u in kept]
+            message_type=QUERY_CROSS, dst_node_id=u.node) for u in kept if not u.clipped]
         t = time.time()
         replies = list(self._grid.send_and_receive(messages, timeout=self.query_timeout))
         rec.timings["phase2"] = rec.timings.get("phase2", 0.0) + time.time() - t
@@ -682,8 +819,16 @@ class CCAMerge(FedAvg):
                 self._reject(rec, node, "cross-statistics", "a second reply from this node in this phase")
             else:
                 got[node] = msg
-        cross, failed, ref_problem = {}, {}, None
+        cross, failed, ref_problem, cross_check_failed = {}, {}, None, set()
         for u in kept:
+            if u.clipped:   # its upload describes other weights: the server computes its cross block itself
+                if u is not ref:
+                    try:
+                        cross[u.partition] = cross_statistics(self._model(ref.state), self._model(u.state),
+                                                              self.fit, self.spec, device=self._dev())
+                    except Exception as exc:  # noqa: BLE001 - e.g. non-finite activations of the clipped weights
+                        failed[u.partition] = f"cross statistics of the clipped weights ({type(exc).__name__}: {exc})"
+                continue
             try:
                 c = self._read_cross_reply(rec, got.get(u.node), u, ref, digest)
             except Exception as exc:  # noqa: BLE001 - ReplyRejected or anything else: this client only
@@ -692,11 +837,13 @@ class CCAMerge(FedAvg):
                     ref_problem = reason
                 else:
                     failed[u.partition] = reason
+                    if isinstance(exc, CrossCheckFailed):
+                        cross_check_failed.add(u.partition)
                 continue
             self._account(rec, u.partition, got[u.node].content, None, "cross-stats")
             if u is not ref:
                 cross[u.partition] = c
-        return cross, failed, ref_problem
+        return cross, failed, ref_problem, cross_check_failed
 
     def _read_cross_reply(self, rec: RoundRecord, msg: Message | None, u: ClientUpdate, ref: ClientUpdate, digest: str):
         if msg is None:

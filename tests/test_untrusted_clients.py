@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array
+from flwr.app import Array, ArrayRecord
 
 import adversary as adv
 from adversary import ATTACKER, QUERY_CROSS
@@ -110,7 +110,7 @@ ROWS = [
     ("sample-count-2^62", TRAIN, adv.own_blocks(lambda b: Moments(2 ** 62, b.mean, b.m2)), "samples"),
     ("statistics-on-another-probe", TRAIN, adv.echo("probe-digest", "0" * 64), "different probe"),
     ("no-probe-digest", TRAIN, lambda rd: rd.config_records.pop("fedmerge"), "probe digest"),
-    ("claims-another-partition", TRAIN, adv.set_metric("partition-id", 0), "belongs to node"),
+    ("claims-another-partition", TRAIN, adv.set_metric("partition-id", 0), "claims partition 0"),
     ("cross-against-another-reference", CROSS, adv.echo("reference-digest", "f" * 64), "another reference"),
     ("cross-not-psd", CROSS, adv.set_array("cross-stats", lambda rd: next(
         k for k in rd.array_records["cross-stats"].keys() if k.endswith(".c")),
@@ -160,23 +160,92 @@ def test_every_client_claiming_1e308_examples_fails_the_round_cleanly(kit):
     assert all("num-examples" in r["reason"] for r in rec.clients_rejected)
 
 
-def test_a_merge_that_overflows_fails_the_round_and_names_the_client(kit):
-    """Without the norm bound, weights near float32's maximum make the merge non-finite: the round fails (the
-    previous model is kept) and the client whose data alone fail the merge is named."""
-    mutate = lambda rd: adv.set_weight(rd, lambda a: np.sign(a) * 3.0e38)  # noqa: E731
-    strategy, rec, arrays = adv.run_round(kit, {(TRAIN, ATTACKER): mutate}, reference=0, norm_bound=None)
-    assert not rec.ok and "merge failed" in rec.error and len(arrays) == 0
-    assert rec.blamed == [ATTACKER] and f"[{ATTACKER}]" in rec.error
+def _scaled_statistics(s: float):
+    """Own blocks x s and cross blocks x sqrt(s): every check that compares blocks with each other passes."""
+    from fedmerge.common.compress import decode_cross, encode_cross
+    from fedmerge.common.records import arrays_to_record, record_to_arrays
+    from fedmerge.common.stats import CrossMoments
+
+    def cross(rd):
+        c = decode_cross(record_to_arrays(rd.array_records["cross-stats"]), adv.tiny_spec())
+        rd.array_records["cross-stats"] = arrays_to_record(encode_cross(
+            {g: CrossMoments(b.n, b.mean_a, b.mean_b, b.c * s ** 0.5) for g, b in c.items()}))
+    return {(TRAIN, ATTACKER): adv.own_blocks(lambda b: Moments(b.n, b.mean, b.m2 * s)), (CROSS, ATTACKER): cross}
+
+
+def test_own_statistics_are_checked_against_the_uploaded_weights(kit):
+    """Statistics that agree with each other but not with the weights (own x 1e-6, cross x 1e-3): with a server
+    probe the server recomputes every own block from the uploaded weights, rejects the liar, and merges with
+    its own blocks."""
+    strategy, rec, arrays = adv.run_round(kit, _scaled_statistics(1e-6), reference=0)
+    assert [(r["partition"], r["phase"]) for r in rec.clients_rejected] == [(ATTACKER, "train")]
+    assert "variances differ from the uploaded weights" in rec.clients_rejected[0]["reason"]
+    assert rec.ok and rec.clients_merged == [0, 1] and "verify_statistics" in rec.timings
+
+
+@pytest.mark.parametrize("s", [1e-6, 1e-80])
+def test_without_a_server_probe_a_merge_that_fails_names_the_client_and_merges_the_others(kit, s):
+    """No server probe, so own blocks cannot be recomputed: the same lie makes the merge leave the norm bound
+    (1e-6) or overflow (1e-80). The reference merged with each client alone finds the culprit, which is
+    rejected, and the others are merged."""
+    strategy, rec, arrays = adv.run_round(kit, _scaled_statistics(s), reference=0, probe=None,
+                                          example_input=torch.zeros(2, 3, 32, 32), bn_reset=False)
+    assert rec.blamed == [ATTACKER]
+    assert [(r["partition"], r["phase"]) for r in rec.clients_rejected] == [(ATTACKER, "merge")]
+    assert rec.ok and rec.clients_merged == [0, 1] and adv.finite_state(arrays)
+    assert weight_norm(arrays.to_torch_state_dict()) <= 10 * rec.merge_info["norm_anchor"]
+
+
+def test_a_lying_reference_is_replaced_not_the_honest_clients(kit):
+    """Without a server probe, a reference whose own blocks (and self-cross) are x1e-2 makes every other
+    client's cross block fail the checks: the reference is blamed and replaced."""
+    from fedmerge.common.compress import decode_cross, encode_cross
+    from fedmerge.common.records import arrays_to_record, record_to_arrays
+    from fedmerge.common.stats import CrossMoments
+
+    def cross(rd):
+        c = decode_cross(record_to_arrays(rd.array_records["cross-stats"]), adv.tiny_spec())
+        rd.array_records["cross-stats"] = arrays_to_record(encode_cross(
+            {g: CrossMoments(b.n, b.mean_a, b.mean_b, b.c * 1e-2) for g, b in c.items()}))
+    muts = {(TRAIN, 2): adv.own_blocks(lambda b: Moments(b.n, b.mean, b.m2 * 1e-2)), (CROSS, 2): cross}
+    strategy, rec, arrays = adv.run_round(kit, muts, reference=2, probe=None,
+                                          example_input=torch.zeros(2, 3, 32, 32), bn_reset=False)
+    assert [(r["partition"], r["phase"]) for r in rec.clients_rejected] == [(2, "cross-statistics")]
+    assert rec.clients_rejected[0]["reason"].startswith("as reference") and "reference mismatch" in \
+        rec.clients_rejected[0]["reason"]
+    assert rec.ok and rec.clients_merged == [0, 1]
+
+
+def test_a_rejected_reply_never_takes_a_partition(kit):
+    """The node proposed partition 0 claims partition 2 with a reply that has no weights: it is rejected and
+    partition 2 stays with its owner, in this round and the next."""
+    def empty_claim(rd):
+        rd.array_records.pop("arrays")
+        rd.metric_records["metrics"]["partition-id"] = 2
+    strategy = adv.make_strategy(kit.cfg, reference=0, max_examples=adv.partition_sizes(kit))
+    grid = adv.InlineGrid(adv.replay_app(kit, {(TRAIN, 0): empty_claim}), 3)
+    strategy.start(grid, ArrayRecord(), num_rounds=2)
+    assert [[(r["partition"], r["reason"][:20]) for r in h.clients_rejected] for h in strategy.history] == \
+        [[(0, "reply has no 'arrays")], [(0, "claims partition 2, ")]]   # round 2: 2 is registered to its owner
+    assert [h.clients_merged for h in strategy.history] == [[1, 2], [1, 2]]
+    assert sorted(strategy.partitions.values()) == [1, 2]
 
 
 def test_norm_clip_keeps_the_client_within_the_bound(kit):
+    """norm_action='clip': a client 1000x the honest scale is scaled back to 10x the anchor. Averaging then stays
+    within the bound; CCA, which keeps each model's function, would carry the clipped model's scaled logits
+    into the merge, so the merged model leaves the bound and that client is dropped from the merge, named."""
     mutate = lambda rd: adv.set_weight(rd, lambda a: a * 1000)  # noqa: E731
-    strategy, rec, arrays = adv.run_round(kit, {(TRAIN, ATTACKER): mutate}, reference=0, norm_action="clip")
+    strategy, rec, arrays = adv.run_round(kit, {(TRAIN, ATTACKER): mutate}, method="avg", norm_action="clip")
     assert rec.ok and rec.clients_merged == [0, 1, 2] and rec.clients_rejected == []
     scale = rec.clients_clipped[ATTACKER]
     assert 0 < scale < 0.1  # 1000x the honest norm brought back to <= 10x the anchor
-    clipped = weight_norm(strategy.last_states[ATTACKER])
-    assert clipped <= 10 * rec.merge_info["norm_anchor"] * (1 + 1e-6)
+    bound = 10 * rec.merge_info["norm_anchor"] * (1 + 1e-6)
+    assert weight_norm(strategy.last_states[ATTACKER]) <= bound and weight_norm(arrays.to_torch_state_dict()) <= bound
+    strategy, rec, arrays = adv.run_round(kit, {(TRAIN, ATTACKER): mutate}, reference=0, norm_action="clip")
+    assert ATTACKER in rec.clients_clipped and rec.blamed == [ATTACKER]
+    assert [(r["partition"], r["phase"]) for r in rec.clients_rejected] == [(ATTACKER, "merge")]
+    assert rec.ok and rec.clients_merged == [0, 1] and weight_norm(arrays.to_torch_state_dict()) <= bound
 
 
 def test_duplicate_and_unsampled_replies_are_rejected(kit):
@@ -253,7 +322,7 @@ def test_identity_is_the_servers_map_across_rounds(kit):
 
 # --- end to end through the ServerApp's federation (real clients, fault kinds) ---------------------------------------
 E2E = [("bytes", "train", "declared shape"), ("count", "train", "num-examples"), ("scale", "train", "weight norm"),
-       ("nonpsd", "train", "positive semidefinite"), ("partition", "train", "belongs to node"),
+       ("nonpsd", "train", "positive semidefinite"), ("partition", "train", "claims partition"),
        ("stale-ref", "cross-statistics", "another reference")]
 
 
@@ -296,7 +365,10 @@ def test_unknown_fault_kind_is_an_error():
 @pytest.mark.parametrize("field,value,match", [
     ("round", "2", "field 'round' must be a int"), ("round", 99, "outside"),
     ("model", "../../etc/passwd", "field 'model'"), ("model_sha256", "0" * 64, "checksum"),
-    ("partitions", {"5": 0, "6": 0}, "distinct partitions"), ("history", [{"round": 7, "ok": True}], "history"),
+    ("partitions", {"5": 0, "6": 0}, "distinct partitions"), ("partitions", {"7": 10 ** 12}, "distinct partitions"),
+    ("partitions", {"-3": 0}, "node ids >= 0"), ("history", [{"round": 7, "ok": True}], "history"),
+    ("history", [{"round": 1, "ok": True, "client_metrics": {"0": 5}}], "client_metrics"),
+    ("evals", {"999": {"accuracy": 1.0}}, "evals"),
 ])
 def test_resume_trusts_nothing(tmp_path, field, value, match):
     from fedmerge.client.app import task_client_app
@@ -454,15 +526,16 @@ def test_duplicates_strangers_and_overflow_end_to_end(tmp_path):
         rej = result["clients_rejected"]
         assert len(rej) == 1 and ("second reply" in rej[0]["reason"] or "not sampled" in rej[0]["reason"])
         assert result["clients_merged"] == [0, 1, 2]
-    # with the norm bound off, weights at float32's maximum make the merge fail: the round fails, is recorded
-    # with the client it fails on, and result.json is written
+    # with the norm bound off, weights at float32's maximum overflow the server's own pass over the probe
+    # (it recomputes every client's statistics): that client is rejected, the others merged
     cfg = adv.tiny(out=str(tmp_path / "2"), reference="0", norm_bound=0.0)
     app = adv.mutating_app(task_client_app(cfg.to_run_config()),
                            {(TRAIN, ATTACKER): lambda rd: adv.set_weight(rd, lambda a: np.sign(a) * 3.0e38)})
     result = run_federation(adv.InlineGrid(app, 3), cfg)
-    rnd = result["rounds"][0]
-    assert not rnd["ok"] and "merge failed" in rnd["error"] and rnd["blamed"] == [ATTACKER]
-    assert result["rounds_completed"] == 0 and result["accuracy"]["merged"] is None
+    rej = result["clients_rejected"]
+    assert [(r["partition"], r["phase"]) for r in rej] == [(ATTACKER, "train")]
+    assert "could not be recomputed (FloatingPointError" in rej[0]["reason"]
+    assert result["clients_merged"] == [0, 1] and np.isfinite(result["accuracy"]["merged"])
     with pytest.raises(ValueError, match="norm_bound"):
         adv.tiny(norm_bound=0.5)
 
