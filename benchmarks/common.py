@@ -143,6 +143,66 @@ def train_clients(args, sc: dict, setup: Setup, num_clients: int, tag: str, head
     return models
 
 
+# --- replicates: independent pairs / client sets, reported as mean ± std (issue 16) ----------------------------
+
+def add_replicates_arg(p: argparse.ArgumentParser, flag: str, what: str) -> None:
+    """``flag`` (``--pairs`` / ``--sets``): the number of independent replicates of an experiment, in
+    ``args.replicates`` (default 1)."""
+    p.add_argument(flag, dest="replicates", type=int, default=1, metavar="N",
+                   help=f"N independent {what} (default 1): replicate r is the experiment at seed --seed + r (its "
+                        "own client seeds, training subset, probe and split; checkpoints cached per seed); every "
+                        "table row is the mean ± sample std over the N")
+
+
+def replicate_args(args) -> list[argparse.Namespace]:
+    """One copy of ``args`` per replicate, replicate r with seed ``args.seed + r`` (everything seeded by the
+    seed follows: client seeds, training subset, probe, split, checkpoint tag)."""
+    n = getattr(args, "replicates", 1)
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"the number of replicates must be an integer >= 1, got {n!r}")
+    return [argparse.Namespace(**{**vars(args), "seed": args.seed + r}) for r in range(n)]
+
+
+def mean_std(values) -> dict:
+    """``{"mean", "std", "n", "values"}`` of ``values``: the mean and the sample standard deviation (ddof 1;
+    ``None`` for a single value, where it is undefined)."""
+    v = [float(x) for x in values]
+    if not v:
+        raise ValueError("mean_std needs at least one value")
+    return {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else None, "n": len(v),
+            "values": v}
+
+
+def fmt_mean_std(s: dict) -> str:
+    """``"62.31 ± 1.05"`` (one value: ``"62.31"``)."""
+    return f"{s['mean']:.2f}" if s["std"] is None else f"{s['mean']:.2f} ± {s['std']:.2f}"
+
+
+def summarise(runs: list[list[dict]], keys: tuple[str, ...], value: str = "accuracy") -> list[dict]:
+    """Aggregate per-replicate records: one row per distinct ``keys`` tuple (in first-seen order), with those
+    keys and ``value`` as :func:`mean_std` over the replicates. Every replicate must hold each key once."""
+    order: dict[tuple, list[float]] = {}
+    for r, recs in enumerate(runs):
+        seen = set()
+        for rec in recs:
+            k = tuple(rec[f] for f in keys)
+            if k in seen:
+                raise ValueError(f"replicate {r} holds {dict(zip(keys, k))} twice")
+            seen.add(k)
+            order.setdefault(k, []).append(rec[value])
+    rows = []
+    for k, vals in order.items():
+        if len(vals) != len(runs):
+            raise ValueError(f"{dict(zip(keys, k))} is in {len(vals)} of {len(runs)} replicates")
+        rows.append({**dict(zip(keys, k)), value: mean_std(vals)})
+    return rows
+
+
+def replicates_record(reps: list) -> dict:
+    """The replicates of a result JSON: their number and seeds."""
+    return {"n": len(reps), "seeds": [a.seed for a in reps]}
+
+
 def environment() -> dict:
     return {"torch": torch.__version__, "device": "cuda" if torch.cuda.is_available() else "cpu",
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,

@@ -18,6 +18,9 @@ overridable with --clients/--width/--epochs):
 Methods (--methods, comma-separated, default avg,permute,cca): any merge_models method, e.g. zipit,
 merge_many, gcca. Probe statistics are collected once for all N models (see benchmarks.common.MergeCache);
 merges give exactly what merge_models gives.
+
+``--sets N`` trains N independent sets of clients (set r at seed --seed + r: its own client seeds, training
+subset, probe and split; checkpoints cached per seed); every cell is the mean ± sample std over the N sets.
 """
 from __future__ import annotations
 
@@ -25,8 +28,9 @@ import time
 
 from fedmerge.common.merge import METHODS, has_batchnorm
 
-from .common import (MergeCache, Setup, acc_pct, add_split_arg, apply_arch_defaults, base_parser, checkpoint_tag,
-                     client_seed, command_line, data_note, environment, md_table, pct, resolve, test_logits,
+from .common import (MergeCache, Setup, acc_pct, add_replicates_arg, add_split_arg, apply_arch_defaults, base_parser,
+                     checkpoint_tag, client_seed, command_line, data_note, environment, fmt_mean_std, md_table,
+                     mean_std, pct, replicate_args, replicates_record, resolve, summarise, test_logits,
                      train_clients, training_record, write_results)
 from .plots import line_plot
 
@@ -37,27 +41,11 @@ ARCH_DEFAULTS = {
 DEFAULT_CLIENTS = 5
 
 
-def main(argv=None):
-    p = base_parser(__doc__)
-    p.add_argument("--clients", type=int, default=None,
-                   help=f"number of client models N (default {DEFAULT_CLIENTS}; resnet20: 10 cpu, 20 paper)")
-    add_split_arg(p)
-    p.add_argument("--methods", default="avg,permute,cca",
-                   help="comma-separated merge_models methods (also zipit, merge_many, gcca, ...)")
-    args = p.parse_args(argv)
-    apply_arch_defaults(args, ARCH_DEFAULTS)
-    if args.clients is None:
-        args.clients = DEFAULT_CLIENTS
-    if args.clients < 2:
-        p.error("--clients must be at least 2")
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        p.error(f"unknown method(s) {unknown}; available: {', '.join(sorted(METHODS))}")
-    sc = resolve(args, "many_models")
+def run_set(args, sc, methods) -> dict:
+    """Train (or load) one set of ``args.clients`` clients at ``args.seed`` and merge the first n, n = 2..N."""
     t0 = time.perf_counter()
     setup = Setup(args, sc, args.split, args.clients)
-    print(f"data: {setup.describe()}", flush=True)
+    print(f"data (seed {args.seed}): {setup.describe()}", flush=True)
     models = train_clients(args, sc, setup, args.clients, checkpoint_tag(args, sc, args.split, args.clients))
     print(f"[{time.perf_counter() - t0:.0f} s] {len(models)} client models ready", flush=True)
     logits, y = test_logits(models, setup.test_loader, args.device)
@@ -65,56 +53,101 @@ def main(argv=None):
     bn = has_batchnorm(models[0])
     post = "BN reset" if bn else "REPAIR"
     cache = MergeCache(models, setup.probe_loader, device=args.device)
-    rows, raw, ensembles = [], [], []
+    raw, ensembles, mean_bases = [], [], []
     for n in range(2, args.clients + 1):
-        ens = acc_pct(sum(logits[:n]) / n, y)  # the logit ensemble (as client.train.ensemble_evaluate)
-        ensembles.append(ens)
-        row = [n, sum(bases[:n]) / n, ens]
+        ensembles.append(acc_pct(sum(logits[:n]) / n, y))  # the logit ensemble (as client.train.ensemble_evaluate)
+        mean_bases.append(sum(bases[:n]) / n)
         for method in methods:
             for use_post in (False, True):
                 kw = {"bn_reset": use_post, "repair": False} if bn else {"bn_reset": False, "repair": use_post}
                 merged, info, secs = cache.merge(n, method, gamma="auto", **kw)
                 acc = pct(merged, setup.test_loader, args.device)
-                raw.append({"n": n, "method": method, "post": post if use_post else "none", "accuracy": acc,
-                            "gamma": info.gamma, "params": info.params, "seconds": secs})
-                row.append(acc)
+                raw.append({"seed": args.seed, "n": n, "method": method, "post": post if use_post else "none",
+                            "accuracy": acc, "gamma": info.gamma, "params": info.params, "seconds": secs})
                 print(f"[{time.perf_counter() - t0:.0f} s, statistics {cache.statistics_s:.1f} s]", raw[-1], flush=True)
-        rows.append(row)
+    return {"seed": args.seed, "training": training_record(args, sc, args.clients), "data": setup.describe(),
+            "data_note": data_note(setup.train), "dataset": setup.train.name, "train_images": len(setup.train),
+            "test_images": len(setup.test), "bases": bases, "mean_bases": mean_bases, "ensembles": ensembles,
+            "statistics_s": cache.statistics_s, "post_name": post, "results": raw}
+
+
+def main(argv=None):
+    p = base_parser(__doc__)
+    p.add_argument("--clients", type=int, default=None,
+                   help=f"number of client models N (default {DEFAULT_CLIENTS}; resnet20: 10 cpu, 20 paper)")
+    add_split_arg(p)
+    p.add_argument("--methods", default="avg,permute,cca",
+                   help="comma-separated merge_models methods (also zipit, merge_many, gcca, ...)")
+    add_replicates_arg(p, "--sets", "sets of client models")
+    args = p.parse_args(argv)
+    apply_arch_defaults(args, ARCH_DEFAULTS)
+    if args.clients is None:
+        args.clients = DEFAULT_CLIENTS
+    if args.clients < 2:
+        p.error("--clients must be at least 2")
+    if args.replicates < 1:
+        p.error("--sets must be at least 1")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        p.error(f"unknown method(s) {unknown}; available: {', '.join(sorted(METHODS))}")
+    sc = resolve(args, "many_models")
+    reps = replicate_args(args)
+    runs = [run_set(a, sc, methods) for a in reps]
+    nrep = len(runs)
+    summary = summarise([r["results"] for r in runs], ("n", "method", "post"))
+    ns = list(range(2, args.clients + 1))
+    ensembles = [mean_std([r["ensembles"][j] for r in runs]) for j in range(len(ns))]
+    mean_bases = [mean_std([r["mean_bases"][j] for r in runs]) for j in range(len(ns))]
+    first, post = runs[0], runs[0]["post_name"]
+
+    def cell(n, method, p):
+        return next(r["accuracy"] for r in summary if (r["n"], r["method"], r["post"]) == (n, method, p))
+
+    rows = [[n, fmt_mean_std(mean_bases[j]), fmt_mean_std(ensembles[j])]
+            + [fmt_mean_std(cell(n, m, post if u else "none")) for m in methods for u in (False, True)]
+            for j, n in enumerate(ns)]
     headers = ["models", "mean base %", "ensemble %"] + [f"{m}{' + ' + post if u else ''} %"
                                                          for m in methods for u in (False, True)]
-    gammas = sorted({r["gamma"] for r in raw if r["gamma"] is not None})
-    header = (f"# Many models — {args.arch} x{sc['width']} on {setup.train.name}, {args.split} split over "
+    gammas = sorted({r["gamma"] for run in runs for r in run["results"] if r["gamma"] is not None})
+    sizes = [q for r in runs for q in r["data"]["client_sizes"]]
+    stats_s = [r["statistics_s"] for r in runs]
+    header = (f"# Many models — {args.arch} x{sc['width']} on {first['dataset']}, {args.split} split over "
               f"{args.clients} clients, {sc['epochs']} epochs (lr {sc['lr']:g}, batch {sc['batch_size']}), probe "
-              f"{sc['probe_size']}, gamma auto, reference client 0; seed {args.seed} (client i: seed "
-              f"{client_seed(args, 0)} + i)\n\n"
-              f"Data: {data_note(setup.train)}; {len(setup.train)} train / {len(setup.test)} test images; "
-              f"clients of {min(len(q) for q in setup.parts)}–{max(len(q) for q in setup.parts)} images; "
+              f"{sc['probe_size']}, gamma auto, reference client 0; n = {nrep} set{'s' if nrep > 1 else ''} of clients, "
+              f"seeds {', '.join(str(a.seed) for a in reps)} (client i of the set at seed s: seed "
+              f"1000 s + i)\n\n"
+              f"Data: {first['data_note']}; {first['train_images']} train / {first['test_images']} test images; "
+              f"clients of {min(sizes)}–{max(sizes)} images; "
               f"probe {sc['probe_size']} images held out from client data (20% of it held out again to choose "
               f"gamma; gammas chosen: {', '.join(f'{g:g}' for g in gammas) or '-'}); merge of the first n "
               f"clients; post-processing: {post}; device {environment()['device']}. Statistics collection "
-              f"(once for all N models): {cache.statistics_s:.1f} s.\n\nBase accuracies: "
-              + ", ".join(f"{b:.2f}" for b in bases) + "\n\n")
-    write_results(sc["out"], "many_models", {"bases": bases, "ensembles": ensembles, "results": raw,
+              f"(once for all N models, per set): {', '.join(f'{st:.1f}' for st in stats_s)} s.\n\n"
+              f"Test accuracy %: mean ± sample std over the n = {nrep} sets (one value when n = 1). Base "
+              f"accuracies per set: " + "; ".join(f"seed {r['seed']}: " + ", ".join(f"{b:.2f}" for b in r["bases"])
+                                                  for r in runs) + "\n\n")
+    write_results(sc["out"], "many_models", {"bases": [r["bases"] for r in runs], "mean_bases": mean_bases,
+                                             "ensembles": ensembles, "summary": summary,
+                                             "results": [x for r in runs for x in r["results"]], "runs": runs,
+                                             "replicates": replicates_record(reps),
                                              "training": training_record(args, sc, args.clients),
-                                             "data": setup.describe(), "statistics_s": cache.statistics_s,
+                                             "data": first["data"], "statistics_s": stats_s,
                                              "config": {k: str(v) for k, v in sc.items()}, "args": vars(args),
                                              "environment": environment(), "command": command_line(
                                                  "many_models", argv)},
                   header + md_table(headers, rows))
-    ns = list(range(2, args.clients + 1))
-    series = {"ensemble": ensembles, "mean base": [sum(bases[:n]) / n for n in ns]}
+    series = {"ensemble": [e["mean"] for e in ensembles], "mean base": [b["mean"] for b in mean_bases]}
     styles = {"ensemble": {"color": "black", "linestyle": "--", "marker": None},
               "mean base": {"color": "gray", "linestyle": ":", "marker": None}}
     for j, method in enumerate(methods):
         for use_post in (False, True):
             name = f"{method} + {post}" if use_post else method
-            series[name] = [next(r["accuracy"] for r in raw if r["n"] == n and r["method"] == method
-                                 and r["post"] == (post if use_post else "none")) for n in ns]
+            series[name] = [cell(n, method, post if use_post else "none")["mean"] for n in ns]
             styles[name] = {"color": f"C{j % 10}", "linestyle": "-" if use_post else "--",
                             "marker": "o" if use_post else "x"}
     line_plot(sc["out"] / "many_models.png", ns, series, styles=styles, xticks=ns, ylim=(0, 100),
               title=f"Merging n of {args.clients} {args.arch} x{sc['width']} models ({args.split}, "
-                    f"{sc['epochs']} epochs, probe {sc['probe_size']}, gamma auto)",
+                    f"{sc['epochs']} epochs, probe {sc['probe_size']}, gamma auto, mean of {nrep})",
               xlabel="number of merged models n")
 
 

@@ -31,7 +31,8 @@ from .probe import Batches, as_batches
 from .stats import Moments, Statistics, collect_statistics
 
 __all__ = ["merge_models", "collect_statistics", "merge_from_statistics", "reset_bn_stats", "METHODS",
-           "MergeInfo", "GAMMA_GRID", "ZIPIT_GRID", "probe_logits", "probe_score", "selection_candidates"]
+           "MergeInfo", "GAMMA_GRID", "ZIPIT_GRID", "REPAIR_TARGETS", "probe_logits", "probe_score",
+           "selection_candidates", "repair_target_weights"]
 
 GAMMA_GRID = (1e-3, 1e-2, 0.1, 0.3, 1.0, 3.0)
 #: ZipIt!'s (alpha, beta) candidates, chosen on the held-out probe slice as gamma is for CCA. A 4 x 4 subset of
@@ -40,6 +41,11 @@ GAMMA_GRID = (1e-3, 1e-2, 0.1, 0.3, 1.0, 3.0)
 #: gammas. It holds upstream's default (0.3, 0.125), a pure cross-model matching (0, 0) and this project's
 #: former fixed setting (0, 1). ``beta`` is upstream's b (see :func:`fedmerge.common.baselines.zipit_group`).
 ZIPIT_GRID = (("alpha", (0.0, 0.1, 0.3, 1.0)), ("beta", (0.0, 0.125, 0.25, 1.0)))
+#: What REPAIR gives every merged unit (``repair_target``): ``"average"`` the (merge-weighted) average of the
+#: aligned models' pre-activation mean and variance (REPAIR as Jordan et al. 2023 define it for interpolation;
+#: this project's behaviour since REPAIR was added); ``"reference"`` the aligned reference model's own mean and
+#: variance (CCA Merge, App. D: the merged model's statistics are repaired to the reference's).
+REPAIR_TARGETS = ("average", "reference")
 
 
 @dataclass(frozen=True)
@@ -80,6 +86,7 @@ class MergeInfo:
     reference_scores: list[float] = field(default_factory=list)
     bn_reset: bool = False
     repair: bool = False
+    repair_target: str | None = None  # "average" | "reference" when repair is on
     timings: dict[str, float] = field(default_factory=dict)
     np_merge: dict = field(default_factory=dict)
 
@@ -190,7 +197,8 @@ def _resolve_probe(probe, need_held: bool, held_out: float, seed: int) -> tuple[
 
 def merge_models(models: Sequence[nn.Module], probe: Any, method: str = "cca", reference: int | str = 0,
                  gamma: float | str = "auto", bn_reset: bool | None = None, repair: bool = False,
-                 weights: Sequence[float] | None = None, *, device=None, held_out: float = 0.2, seed: int = 0,
+                 weights: Sequence[float] | None = None, *, repair_target: str = "average", device=None,
+                 held_out: float = 0.2, seed: int = 0,
                  gamma_grid: Sequence[float] = GAMMA_GRID, return_info: bool = False, np_merge: bool | dict = False,
                  **method_kwargs):
     """Merge ``models`` (one architecture, any traceable model of supported layers) into one.
@@ -202,7 +210,10 @@ def merge_models(models: Sequence[nn.Module], probe: Any, method: str = "cca", r
     ``alpha`` and ``beta`` left out are chosen on the held-out probe slice over :data:`ZIPIT_GRID`, as gamma is
     (see :func:`selection_candidates`; the choice is in ``MergeInfo.params``).
     bn_reset: re-estimate BatchNorm statistics on the probe (default: when the model has BatchNorm).
-    repair: REPAIR (rescale each merged unit to the average aligned statistics; for nets without BN).
+    repair: REPAIR (give each merged unit a target pre-activation mean and std; for nets without BN).
+    repair_target: what REPAIR restores (:data:`REPAIR_TARGETS`): ``"average"`` (default) the merge-weighted
+        average of the aligned models' per-unit mean and variance; ``"reference"`` the (aligned) reference
+        model's own, as the paper's App. D. Checked even when ``repair`` is off.
     weights: per-model averaging weights (e.g. client sample counts), normalised.
     np_merge: after alignment, learn per-parameter merge coefficients on the labelled probe (NP Merge;
         True or a dict of options for :func:`fedmerge.common.npmerge.np_merge`).
@@ -210,6 +221,7 @@ def merge_models(models: Sequence[nn.Module], probe: Any, method: str = "cca", r
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
+    _check_repair_target(repair_target)
     w = _validate(models, weights)
     if not (reference == "best" or (isinstance(reference, int) and 0 <= reference < len(models))):
         raise ValueError(f"reference must be a model index in [0, {len(models)}) or 'best', got {reference!r}")
@@ -245,8 +257,8 @@ def merge_models(models: Sequence[nn.Module], probe: Any, method: str = "cca", r
     states = [{k: v.detach().cpu() for k, v in m.state_dict().items()} for m in models]
     merged, info = merge_from_statistics(
         models[reference], states, spec, stats, method=method, reference=reference,
-        gamma=("auto" if auto_gamma else (None if isinstance(gamma, str) else gamma)), weights=w, bn_reset=bn_reset, repair=repair,
-        reset_batches=fit, eval_batches=held, eval_target=ensemble, gamma_grid=gamma_grid, device=dev,
+        gamma=("auto" if auto_gamma else (None if isinstance(gamma, str) else gamma)), weights=w, bn_reset=bn_reset,
+        repair=repair, repair_target=repair_target, reset_batches=fit, eval_batches=held, eval_target=ensemble, gamma_grid=gamma_grid, device=dev,
         repair_models=models, np_merge=np_merge, **method_kwargs)
     info.reference_scores = ref_scores
     info.timings = {**timings, **info.timings, "total": time.perf_counter() - t0}
@@ -273,11 +285,14 @@ def compute_alignment(method: str, spec: MergeSpec, stats: Statistics | None, st
 def merge_from_statistics(template: nn.Module, states, spec: MergeSpec, stats: Statistics | None, *,
                           method: str = "cca", reference: int = 0, gamma: float | str = 0.1,
                           weights: Sequence[float] | None = None, bn_reset: bool | None = None,
-                          repair: bool = False, reset_batches: Batches | None = None,
+                          repair: bool = False, repair_target: str = "average",
+                          reset_batches: Batches | None = None,
                           eval_batches: Batches | None = None, eval_target: torch.Tensor | None = None,
                           gamma_grid: Sequence[float] = GAMMA_GRID, device=None, repair_models=None,
                           np_merge: bool | dict = False, **method_kwargs) -> tuple[nn.Module, MergeInfo]:
-    """Merge given parameter dicts from precomputed statistics; ``template`` gives the architecture."""
+    """Merge given parameter dicts from precomputed statistics; ``template`` gives the architecture.
+    ``repair_target`` as in :func:`merge_models` (REPAIR to the average, or to the reference's statistics)."""
+    _check_repair_target(repair_target)
     dev = _device(device)
     n = len(states)
     w = weights or [1.0 / n] * n
@@ -285,7 +300,8 @@ def merge_from_statistics(template: nn.Module, states, spec: MergeSpec, stats: S
     if bn and reset_batches is None:
         raise ValueError("bn_reset needs probe batches to re-estimate BatchNorm statistics")
     bn_eps = {name: m.eps for name, m in template.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
-    info = MergeInfo(method=method, reference=reference, bn_reset=bn, repair=repair)
+    info = MergeInfo(method=method, reference=reference, bn_reset=bn, repair=repair,
+                     repair_target=repair_target if repair else None)
     timings = {"transforms": 0.0, "apply": 0.0, "bn_reset": 0.0, "repair": 0.0}
 
     def build(params: dict):
@@ -301,7 +317,8 @@ def merge_from_statistics(template: nn.Module, states, spec: MergeSpec, stats: S
             t = time.perf_counter()
             if repair_models is None or reset_batches is None:
                 raise ValueError("repair needs the endpoint models and probe batches")
-            apply_repair(model, repair_models, spec, alignment, w, reset_batches, dev)
+            apply_repair(model, repair_models, spec, alignment, w, reset_batches, dev, target=repair_target,
+                         reference=reference)
             timings["repair"] += time.perf_counter() - t
         if bn:
             t = time.perf_counter()
@@ -357,6 +374,22 @@ def merge_from_statistics(template: nn.Module, states, spec: MergeSpec, stats: S
 
 
 # --- REPAIR -------------------------------------------------------------------------------------------------
+def _check_repair_target(target) -> None:
+    if target not in REPAIR_TARGETS:
+        raise ValueError(f"unknown repair_target {target!r}; choose one of {list(REPAIR_TARGETS)}")
+
+
+def repair_target_weights(weights: Sequence[float], target: str = "average", reference: int = 0) -> list[float]:
+    """The weight of each model's aligned statistics in REPAIR's target: the merge weights for ``"average"``,
+    all of it on ``reference`` for ``"reference"``."""
+    _check_repair_target(target)
+    if not 0 <= reference < len(weights):
+        raise ValueError(f"reference {reference} is not a model index in [0, {len(weights)})")
+    if target == "average":
+        return [float(x) for x in weights]
+    return [1.0 if i == reference else 0.0 for i in range(len(weights))]
+
+
 class _Repaired(nn.Module):
     def __init__(self, layer: nn.Module, mean: torch.Tensor, std: torch.Tensor):
         super().__init__()
@@ -401,14 +434,25 @@ def _output_moments(model: nn.Module, names: list[str], batches: Batches, device
 
 @torch.no_grad()
 def apply_repair(merged: nn.Module, models: Sequence[nn.Module], spec: MergeSpec, alignment, weights,
-                 batches: Batches, device) -> nn.Module:
-    """REPAIR (Jordan et al., 2023): give every merged unit the weighted average of the aligned endpoint
-    models' pre-activation mean and std, by a temporary BatchNorm re-estimated on the probe and folded in."""
+                 batches: Batches, device, target: str = "average", reference: int = 0) -> nn.Module:
+    """REPAIR (Jordan et al., 2023): give every merged unit a target pre-activation mean and variance, by a
+    temporary BatchNorm re-estimated on the probe and folded into the layer.
+
+    The target (:func:`repair_target_weights`): ``"average"`` the ``weights``-weighted average of the aligned
+    endpoint models' per-unit means and variances (unit j of model i seen through its alignment ``T_i``: mean
+    ``T_i mu_i``, variance ``diag(T_i C_i T_i^T)``); ``"reference"`` those of model ``reference`` alone (the paper's
+    App. D; with CCA and permutations the reference's transform is the identity, so these are its own units'
+    statistics). All BatchNorms are estimated in one pass (train mode, batch statistics), as upstream REPAIR
+    does: a unit's input in that pass is normalised with its batch's statistics, not the folded ones, so units
+    after the first repaired layer match their target up to that difference."""
     names = _producers_for_repair(spec)
     if not names:
         return merged
+    tw = repair_target_weights(weights, target, reference)
     targets = {n: (torch.zeros(0), torch.zeros(0)) for n in names}
     for i, m in enumerate(models):
+        if tw[i] == 0:
+            continue  # no share in the target: no forward pass
         orig = next(iter(m.parameters())).device
         moms = _output_moments(m, names, batches, device)
         m.to(orig)
@@ -417,7 +461,7 @@ def apply_repair(merged: nn.Module, models: Sequence[nn.Module], spec: MergeSpec
             mean = t @ moms[n].mean
             var = torch.clamp(torch.einsum("ij,jk,ik->i", t, moms[n].cov, t), min=0)
             pm, pv = targets[n]
-            targets[n] = (mean * weights[i] + (pm if pm.numel() else 0), var * weights[i] + (pv if pv.numel() else 0))
+            targets[n] = (mean * tw[i] + (pm if pm.numel() else 0), var * tw[i] + (pv if pv.numel() else 0))
     mods = dict(merged.named_modules())
     wrapped = {}
     for n in names:

@@ -12,7 +12,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the benchmarks package lives in the repo root
 
 from benchmarks import many_models, sensitivity, splits, two_models
-from benchmarks.common import MergeCache, apply_arch_defaults
+from benchmarks.common import (MergeCache, apply_arch_defaults, fmt_mean_std, mean_std, replicate_args,
+                               replicates_record, summarise)
 from benchmarks.plots import bar_chart, line_plot
 from fedmerge.common.merge import GAMMA_GRID, merge_models
 from fedmerge.common.models import build_model
@@ -71,31 +72,93 @@ def test_arch_defaults_fill_only_unset_values():
     assert (b.clients, b.width, b.epochs) == (None, None, None)
 
 
-def test_two_models_plot(tmp_path):
-    two_models.main(TINY + ["--probe-size", "60", "--methods", "avg,cca", "--out", str(tmp_path)])
+def test_mean_std_summarise_and_replicates():
+    s = mean_std([1.0, 2.0, 3.0])
+    assert s == {"mean": 2.0, "std": 1.0, "n": 3, "values": [1.0, 2.0, 3.0]}  # sample std (ddof 1)
+    assert fmt_mean_std(s) == "2.00 ± 1.00"
+    one = mean_std([4.0])
+    assert one["std"] is None and fmt_mean_std(one) == "4.00"
+    with pytest.raises(ValueError):
+        mean_std([])
+    runs = [[{"m": "a", "p": 0, "accuracy": 10.0}, {"m": "b", "p": 0, "accuracy": 20.0}],
+            [{"m": "a", "p": 0, "accuracy": 14.0}, {"m": "b", "p": 0, "accuracy": 20.0}]]
+    rows = summarise(runs, ("m", "p"))
+    assert [(r["m"], r["accuracy"]["mean"], r["accuracy"]["values"]) for r in rows] == [
+        ("a", 12.0, [10.0, 14.0]), ("b", 20.0, [20.0, 20.0])]
+    assert rows[1]["accuracy"]["std"] == 0.0 and rows[0]["accuracy"]["std"] == pytest.approx(8 ** 0.5)
+    with pytest.raises(ValueError, match="in 1 of 2 replicates"):
+        summarise([runs[0], runs[1][:1]], ("m", "p"))
+    with pytest.raises(ValueError, match="twice"):
+        summarise([runs[0] + runs[0][:1]], ("m", "p"))
+    args = argparse.Namespace(seed=5, replicates=3, arch="vgg11")
+    reps = replicate_args(args)
+    assert [a.seed for a in reps] == [5, 6, 7] and args.seed == 5 and all(a.arch == "vgg11" for a in reps)
+    assert replicates_record(reps) == {"n": 3, "seeds": [5, 6, 7]}
+    with pytest.raises(ValueError, match="replicates"):
+        replicate_args(argparse.Namespace(seed=0, replicates=0))
+
+
+def test_two_models_pairs_best_reference_and_repair_target(tmp_path):
+    with pytest.raises(SystemExit):
+        two_models.main(TINY + ["--pairs", "0", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        two_models.main(TINY + ["--extra-rows", "magic", "--out", str(tmp_path)])
+    two_models.main(TINY + ["--probe-size", "60", "--methods", "avg", "--extra-rows", "cca", "--pairs", "2",
+                            "--out", str(tmp_path)])
     assert is_png(tmp_path / "two_models.png")
     res = json.loads((tmp_path / "two_models.json").read_text())
-    assert len(res["results"]) == 4
+    # per pair: avg +- REPAIR onto client 0; CCA with reference='best' +- REPAIR; CCA + REPAIR to the reference
+    rows = [("avg", "none", "0"), ("avg", "REPAIR", "0"), ("cca", "none", "best"), ("cca", "REPAIR", "best"),
+            ("cca", "REPAIR to reference", "0")]
+    assert [(r["method"], r["post"], r["reference"]) for r in res["summary"]] == rows
+    assert res["replicates"] == {"n": 2, "seeds": [0, 1]} and len(res["runs"]) == 2 and len(res["results"]) == 10
+    for row in res["summary"]:  # mean +- std of the per-pair records, kept in the JSON
+        per = [x["accuracy"] for x in res["results"] if (x["method"], x["post"], x["reference"]) ==
+               (row["method"], row["post"], row["reference"])]
+        assert row["accuracy"] == mean_std(per)
+    assert [b["values"] for b in res["bases"]] == [[r["bases"][i] for r in res["runs"]] for i in range(2)]
+    for x in res["results"]:
+        if x["reference"] == "best":  # chosen on the held-out probe slice: the first model with the best score
+            scores = x["reference_scores"]
+            assert len(scores) == 2 and x["chosen_reference"] == scores.index(max(scores))
+        else:
+            assert x["chosen_reference"] == 0 and x["reference_scores"] == []
+        assert x["repair_target"] == {"none": None, "REPAIR": "average", "REPAIR to reference": "reference"}[x["post"]]
+    md = (tmp_path / "two_models.md").read_text()
+    assert "n = 2 pairs" in md and "test acc % (n = 2)" in md and " ± " in md and "| cca | none | best |" in md
     # the default regime is the paper's Table 1: both models on every non-probe image, from their own seeds
     assert res["data"]["split"] == "same" and res["data"]["client_sizes"] == [240, 240]
     # seeds, learning rate and epochs are recorded (the resolved values, not the unset command-line ones)
     assert res["training"]["lr"] == 0.1 and res["training"]["epochs"] == 1 and res["config"]["lr"] == "0.1"
     assert res["training"]["seed"] == 0 and res["training"]["client_seeds"] == [0, 1]
-    assert len(list((tmp_path / "checkpoints").glob("vgg11_w0.125_e1_same_s0_client*.json"))) == 2
+    assert [r["training"]["client_seeds"] for r in res["runs"]] == [[0, 1], [1000, 1001]]
+    for seed in (0, 1):  # each pair's checkpoints, cached under its own seed
+        assert len(list((tmp_path / "checkpoints").glob(f"vgg11_w0.125_e1_same_s{seed}_client*.json"))) == 2
 
 
 def test_many_models(tmp_path):
     with pytest.raises(SystemExit):
         many_models.main(TINY + ["--methods", "avg,nonsense", "--out", str(tmp_path)])
-    many_models.main(TINY + ["--probe-size", "60", "--clients", "3", "--methods", "avg,cca", "--out", str(tmp_path)])
+    many_models.main(TINY + ["--probe-size", "60", "--clients", "3", "--methods", "avg,cca", "--sets", "2",
+                             "--out", str(tmp_path)])
     res = json.loads((tmp_path / "many_models.json").read_text())
-    assert len(res["bases"]) == 3 and len(res["ensembles"]) == 2
-    assert {(r["n"], r["method"], r["post"]) for r in res["results"]} == {
-        (n, m, p) for n in (2, 3) for m in ("avg", "cca") for p in ("none", "REPAIR")}
+    assert res["replicates"] == {"n": 2, "seeds": [0, 1]}
+    assert [len(b) for b in res["bases"]] == [3, 3] and [e["n"] for e in res["ensembles"]] == [2, 2]
+    keys = {(n, m, p) for n in (2, 3) for m in ("avg", "cca") for p in ("none", "REPAIR")}
+    assert {(r["n"], r["method"], r["post"]) for r in res["summary"]} == keys
+    assert sorted((r["seed"], r["n"], r["method"], r["post"]) for r in res["results"]) == sorted(
+        (s, *k) for s in (0, 1) for k in keys)
+    for row in res["summary"]:
+        assert row["accuracy"]["n"] == 2 and row["accuracy"]["values"] == [
+            x["accuracy"] for x in res["results"] if (x["n"], x["method"], x["post"]) == (row["n"], row["method"],
+                                                                                          row["post"])]
+    assert res["mean_bases"][-1]["values"] == [sum(b) / 3 for b in res["bases"]]
     md = (tmp_path / "many_models.md").read_text()
     assert "| 2 |" in md and "| 3 |" in md and "cca + REPAIR %" in md and "pixels near-exact" in md
+    assert "n = 2 sets" in md and " ± " in md
     assert is_png(tmp_path / "many_models.png")
-    assert len(list((tmp_path / "checkpoints").glob("vgg11_w0.125_e1_n3_same_s0_client*.json"))) == 3
+    for seed in (0, 1):
+        assert len(list((tmp_path / "checkpoints").glob(f"vgg11_w0.125_e1_n3_same_s{seed}_client*.json"))) == 3
     assert res["data"]["client_sizes"] == [240] * 3 and res["training"]["client_seeds"] == [0, 1, 2]
 
 
@@ -103,12 +166,17 @@ def test_splits(tmp_path):
     splits.main(TINY + ["--probe-size", "60", "--clients", "3", "--methods", "permute,zipit,cca",
                         "--out", str(tmp_path)])
     res = json.loads((tmp_path / "splits.json").read_text())
-    assert list(res["splits"]) == ["80/20", "dirichlet", "disjoint"]
+    assert res["split_names"] == ["80/20", "dirichlet", "disjoint"] and res["replicates"] == {"n": 1, "seeds": [0]}
+    per = res["runs"][0]["splits"]
+    assert list(per) == res["split_names"]
+    for row in res["summary"]:  # one set: every cell is that set's value, without a std
+        assert all(c["n"] == 1 and c["std"] is None for c in row["cells"].values())
+    assert res["summary"][3]["cells"]["80/20"]["mean"] == per["80/20"]["ensemble"]
     assert res["training"]["epochs"] == 1 and res["training"]["lr"] == 0.1 and len(res["training"]["client_seeds"]) == 3
     assert {tuple(r["params"]) for r in res["results"] if r["method"] == "zipit"} == {("alpha", "beta")}
     assert {(r["split"], r["method"], r["post"]) for r in res["results"]} == {
         (s, m, "BN reset") for s in ("80/20", "dirichlet", "disjoint") for m in ("permute", "zipit", "cca")}
-    assert max(res["splits"]["disjoint"]["classes_per_client"]) <= 4  # 10 classes over 3 clients
+    assert max(per["disjoint"]["classes_per_client"]) <= 4  # 10 classes over 3 clients
     md = (tmp_path / "splits.md").read_text()
     for row in ("base (mean of clients)", "ensemble (mean logits)", "permute + BN reset", "ZipIt! + BN reset",
                 "CCA + BN reset", "dirichlet(alpha=0.5)", "resnet20 x0.125"):
@@ -162,6 +230,15 @@ def test_suite_plan_names_real_commands_and_rejects_unknown_ones():
     assert order.index("many_models") < order.index("reference_free")
     with pytest.raises(SystemExit):
         suite_main(["--only", "no_such_experiment"])
+    # error bars: --replicates N gives the headline experiments N pairs / client sets, the studies keep one
+    three = {label: args for label, _, args in plan("results/x", ["--scale", "cpu"], "cpu", 3)}
+    assert three["two_models"][-2:] == ["--pairs", "3"] and three["splits"][-2:] == ["--sets", "3"]
+    assert three["many_models"][-2:] == three["many_models_resnet20"][-2:] == ["--sets", "3"]
+    assert all("--pairs" not in a and "--sets" not in a for label, a in three.items()
+               if label not in ("two_models", "many_models", "many_models_resnet20", "splits"))
+    assert plan("results/x", ["--scale", "cpu"]) == plan("results/x", ["--scale", "cpu"], "cpu", 1)
+    with pytest.raises(ValueError, match="replicates"):
+        plan("results/x", [], "cpu", 0)
 
 
 def test_compression_benchmark(tmp_path):

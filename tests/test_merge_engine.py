@@ -351,3 +351,80 @@ def test_mlp_and_statistics_container():
         assert torch.allclose(t @ t_inv, torch.eye(spec.groups[g].dim, dtype=torch.float64), atol=1e-8)
     with pytest.raises(KeyError, match="pairs='all'"):
         Statistics(own=stats.own).pair(0, 1, g)
+
+
+def _unit_moments(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-unit mean and (unbiased) variance over the samples, in float64."""
+    y = y.double()
+    return y.mean(0), y.var(0)
+
+
+def test_repair_to_reference_reproduces_the_reference_unit_statistics():
+    """repair_target="reference" (the paper's App. D) gives every merged unit the reference model's pre-activation
+    mean and std on the probe; "average" (the default) the pair's average, which differs for different models.
+
+    Tolerances from the arithmetic, with the probe as ONE batch of N samples (so batch statistics are the probe's):
+    REPAIR's target for unit j is (m_j, s_j = sqrt(v_j + eps)), (m_j, v_j) the reference's mean and unbiased
+    variance, eps = 1e-5; the temporary BatchNorm (same eps) is folded with the probe's mean mu and unbiased variance
+    u of the merged unit. First repaired layer (fc1): mean exactly m_j; std s_j sqrt(u / (u + eps)), within
+    eps / min(v, u) of sqrt(v_j) relatively. fc2 is estimated on fc1's train-mode output, normalised with the
+    biased variance (u (N-1)/N), not the folded unbiased one: fc1's outputs a differ from the folded ones by at most
+    (1 - sqrt((N-1)/N)) |a - m| <= |a - m| / N per sample, ReLU does not increase it, so fc2's folded unit j moves by
+    at most B_j = ||W_j|| ||s|| * 2/N in RMS (W_j: fc2's folded weight row, s: fc1's target stds; 2 covers the
+    unbiased-vs-RMS factors): its mean within B_j of m_j, its std within B_j + eps-term of sqrt(v_j). float32
+    rounding: pairwise sums over N give relative errors ~ log2(N) * 6e-8 ~ 1e-6; allowed 1e-5 of the unit's scale.
+    """
+    n = 20000
+    a = _seeded(lambda: TinyMLP().eval(), 11)()
+    b = _seeded(lambda: TinyMLP().eval(), 12)()
+    x = torch.randn(n, 12, generator=torch.Generator().manual_seed(13))
+    probe = [x]  # one batch
+    ref_m = merge_models([a, b], probe, method="cca", gamma=0.1, repair=True, repair_target="reference")
+    avg_m = merge_models([a, b], probe, method="cca", gamma=0.1, repair=True)  # "average", the default
+    eps, rnd = 1e-5, 1e-5
+
+    with torch.no_grad():
+        def pre(model):
+            y1 = model.fc1(x)
+            return y1, model.fc2(F.relu(y1))
+
+        (r1, r2), (m1, m2), (g1, _) = pre(a), pre(ref_m), pre(avg_m)
+        # fc1: mean and std of the reference, up to eps and rounding
+        (rm1, rv1), (mm1, mv1) = _unit_moments(r1), _unit_moments(m1)
+        scale1 = rv1.sqrt() + rm1.abs()
+        assert ((mm1 - rm1).abs() <= rnd * scale1).all()
+        tol_std1 = eps / torch.minimum(rv1, mv1) + rnd * scale1 / rv1.sqrt()
+        assert ((mv1.sqrt() / rv1.sqrt() - 1).abs() <= tol_std1).all()
+        # fc2: within the bound B_j of the one-pass estimation
+        (rm2, rv2), (mm2, mv2) = _unit_moments(r2), _unit_moments(m2)
+        s1 = (rv1 + eps).sqrt()
+        bound = ref_m.fc2.weight.double().norm(dim=1) * s1.norm() * 2 / n
+        scale2 = rv2.sqrt() + rm2.abs()
+        assert ((mm2 - rm2).abs() <= bound + rnd * scale2).all()
+        assert ((mv2.sqrt() - rv2.sqrt()).abs() <= bound + rv2.sqrt() * eps / torch.minimum(rv2, mv2)
+                + rnd * scale2).all()
+        # the average target is another one: the stds of fc1 differ from the reference's by far more than the tolerance
+        gm1, gv1 = _unit_moments(g1)
+        assert ((gv1.sqrt() / rv1.sqrt() - 1).abs() > 100 * tol_std1).any()
+        assert not torch.allclose(ref_m.fc1.weight, avg_m.fc1.weight)
+
+
+def test_repair_target_weights_and_unknown_targets():
+    from fedmerge.common.merge import REPAIR_TARGETS, repair_target_weights
+
+    assert REPAIR_TARGETS == ("average", "reference")
+    assert repair_target_weights([0.25, 0.75]) == [0.25, 0.75]
+    assert repair_target_weights([0.25, 0.75], "reference", 1) == [0.0, 1.0]
+    with pytest.raises(ValueError, match="reference 2"):
+        repair_target_weights([0.5, 0.5], "reference", 2)
+    a, b = TinyMLP().eval(), TinyMLP().eval()
+    x = torch.randn(64, 12, generator=torch.Generator().manual_seed(0))
+    for bad in ("median", None, True):
+        with pytest.raises(ValueError, match="unknown repair_target"):
+            merge_models([a, b], x, method="cca", gamma=0.1, repair=True, repair_target=bad)
+        with pytest.raises(ValueError, match="unknown repair_target"):
+            repair_target_weights([0.5, 0.5], bad)
+    _, info = merge_models([a, b], x, method="avg", repair=True, repair_target="reference", return_info=True)
+    assert info.repair and info.repair_target == "reference"
+    _, info = merge_models([a, b], x, method="avg", return_info=True)
+    assert not info.repair and info.repair_target is None
