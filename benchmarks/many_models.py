@@ -29,7 +29,7 @@ import time
 from fedmerge.common.merge import METHODS, has_batchnorm
 
 from .common import (MergeCache, Setup, acc_pct, add_replicates_arg, add_split_arg, apply_arch_defaults, base_parser,
-                     checkpoint_tag, client_seed, command_line, data_note, environment, fmt_mean_std, md_table,
+                     checkpoint_tag, command_line, data_note, environment, fmt_mean_std, md_table,
                      mean_std, pct, replicate_args, replicates_record, resolve, summarise, test_logits,
                      train_clients, training_record, write_results)
 from .plots import line_plot
