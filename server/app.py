@@ -165,7 +165,7 @@ def _read_state(path: Path, cfg: FedConfig) -> dict:
 
     try:
         st = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ResumeError(f"resume: {path} is not readable JSON ({exc})") from None
     if not isinstance(st, dict):
         raise ResumeError(f"resume: {path} must hold a JSON object")
@@ -187,7 +187,10 @@ def _read_state(path: Path, cfg: FedConfig) -> dict:
     try:
         st["history"] = [RoundRecord.from_dict(h) for h in st["history"]]
         st["evals"] = {int(k): dict(v) for k, v in st["evals"].items()}
-        st["partitions"] = {int(k): int(v) for k, v in st["partitions"].items()}
+        if any(not re.fullmatch(r"0|[1-9][0-9]*", k) or isinstance(v, bool) or not isinstance(v, int)
+               for k, v in st["partitions"].items()):
+            raise ValueError("partitions must map decimal node ids to integers")
+        st["partitions"] = {int(k): v for k, v in st["partitions"].items()}
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         bad("history/evals/partitions", f"is malformed ({type(exc).__name__}: {exc})")
     if [h.round for h in st["history"]] != list(range(1, len(st["history"]) + 1)) or len(st["history"]) < st["round"]:

@@ -39,7 +39,7 @@ from fedmerge.common.records import WireError, decode_array, record_to_arrays
 
 __all__ = ["ReplyRejected", "CrossCheckFailed", "ClientMetrics", "record_bytes", "check_size", "read_int", "read_metrics",
            "read_echo", "check_echo", "decode_statistics", "decode_weights", "weight_norm", "norm_outliers", "psd_tolerance", "check_moments",
-           "check_cross", "check_own_matches", "transport", "MAX_VARIANCE", "MAX_EXAMPLES", "CROSS_CORR_TOL", "MEAN_TOL"]
+           "check_cross", "check_own_matches", "check_cross_matches", "transport", "MAX_VARIANCE", "MAX_EXAMPLES", "CROSS_CORR_TOL", "MEAN_TOL"]
 
 MAX_VARIANCE = 1e24          # per-unit variance / squared mean of an activation
 MAX_EXAMPLES = 10 ** 9        # num-examples cap when the server knows neither partition sizes nor a cap
@@ -292,6 +292,24 @@ def check_own_matches(claimed: Mapping[int, Any], computed: Mapping[int, Any], e
         if not rel <= OWN_MATCH_TOL:
             raise ReplyRejected(f"{name}: variances differ from the uploaded weights' on the probe (relative "
                                 f"{rel:.3g} > {OWN_MATCH_TOL})")
+
+
+def check_cross_matches(claimed: Mapping[int, Any], computed: Mapping[int, Any],
+                        wire: Mapping[int, tuple[bool, float]]) -> None:
+    """A client's cross block against the server's own computation from the two uploaded models on the same
+    probe: relative Frobenius difference within OWN_MATCH_TOL + 4 u sqrt(d) for dense blocks (half-precision
+    transport, see :func:`check_cross`); low-rank blocks are approximations by design and are not compared.
+    This pins the rotation CCA takes from the cross block, which the other checks cannot."""
+    for g, c in claimed.items():
+        low_rank, unit = wire.get(g, (False, WIRE_UNIT["float64"]))
+        if low_rank:
+            continue
+        s = computed[g]
+        rel = float(torch.linalg.matrix_norm(c.c - s.c)) / max(float(torch.linalg.matrix_norm(s.c)), 1e-300)
+        tol = OWN_MATCH_TOL + 4 * unit * math.sqrt(max(s.c.shape))
+        if not rel <= tol:
+            raise ReplyRejected(f"cross statistics, group {g}: differ from the two uploaded models' on the probe "
+                                f"(relative {rel:.3g} > {tol:.3g})")
 
 
 def _whitener(m2: torch.Tensor, ridge: float) -> torch.Tensor:

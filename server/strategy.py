@@ -55,11 +55,11 @@ from fedmerge.common.merge import (GAMMA_GRID, METHODS, has_batchnorm, merge_fro
                                    selection_candidates)
 from fedmerge.common.probe import Batches, as_batches, probe_digest
 from fedmerge.common.records import weights_digest
-from fedmerge.common.stats import (CrossMoments, Statistics, collect_statistics, cross_statistics, own_statistics,
+from fedmerge.common.stats import (Statistics, collect_statistics, cross_statistics, own_statistics,
                                    samples_per_input)
 
 from .checks import (MAX_EXAMPLES, ClientMetrics, CrossCheckFailed, ReplyRejected, check_cross, check_echo,
-                     check_moments, check_own_matches,
+                     check_cross_matches, check_moments, check_own_matches,
                      check_size, decode_statistics, decode_weights, norm_outliers, psd_tolerance, read_metrics,
                      record_bytes, transport, weight_norm)
 
@@ -366,8 +366,8 @@ class CCAMerge(FedAvg):
 
     def _identify(self, node: int, claimed: int | None) -> int:
         """The node's partition: the registered one (a different claim is rejected), else its claim (or the
-        server's proposal) if no other node holds it. Registered by :meth:`_register` only once the reply has
-        passed every check of the round, so a rejected reply never takes a partition."""
+        server's proposal) if no other node holds it. Registered by :meth:`_register` only once the client is
+        merged, so a rejected reply never takes a partition; clashes within a round: :meth:`_settle_claims`."""
         registered = self.partitions.get(node)
         if registered is not None:
             if claimed is not None and claimed != registered:
@@ -465,7 +465,6 @@ class CCAMerge(FedAvg):
         t_round = time.time()
         accepted: list[ClientUpdate] = []
         seen: set[int] = set()
-        claims: dict[int, int] = {}   # partition -> node, this round
         for msg in sorted(replies, key=lambda m: int(m.metadata.src_node_id)):
             node = int(msg.metadata.src_node_id)
             if node not in self._sampled:
@@ -485,11 +484,6 @@ class CCAMerge(FedAvg):
             except Exception as exc:  # noqa: BLE001 - any failure reading a reply rejects that client only
                 self._reject(rec, node, "train", f"unreadable reply ({type(exc).__name__}: {exc})")
                 continue
-            if upd.partition in claims:
-                self._reject(rec, node, "train", f"claims partition {upd.partition}, which node {claims[upd.partition]}"
-                             " claimed in this round")
-                continue
-            claims[upd.partition] = node
             self._account(rec, upd.partition, msg.content, "arrays", "own-stats")
             rec.client_metrics[upd.partition] = dict(upd.metrics.values)
             accepted.append(upd)
@@ -497,9 +491,8 @@ class CCAMerge(FedAvg):
             self._reject(rec, node, "train", "no reply (timed out)")
         rec.timings["phase1_wait"] = t_round - self._round_start
         try:
-            accepted = self._verify_own(rec, self._bound_norms(rec, self._agree_on_counts(rec, accepted)))
-            for u in accepted:   # a node's partition is fixed by its first reply that passes every check
-                self._register(u.node, u.partition)
+            accepted = self._settle_claims(rec, self._verify_own(
+                rec, self._bound_norms(rec, self._agree_on_counts(rec, accepted))))
             accepted.sort(key=lambda u: u.partition)
             return self._merge_round(server_round, rec, accepted)
         except RoundFailedError as exc:
@@ -546,6 +539,27 @@ class CCAMerge(FedAvg):
             else:
                 self._reject(rec, u.node, "train", f"weight norm {norms[i]:.4g} is {ratio:.3g} x the median anchor "
                              f"{anchor:.4g} (allowed factor {self.norm_bound:g})")
+        return kept
+
+    def _settle_claims(self, rec: RoundRecord, accepted: list[ClientUpdate]) -> list[ClientUpdate]:
+        """Unregistered nodes that passed every check so far and claim the same partition: the node the server
+        proposed it to keeps it; if none of them was, none keeps it (no order decides)."""
+        by_part: dict[int, list[ClientUpdate]] = {}
+        for u in accepted:
+            by_part.setdefault(u.partition, []).append(u)
+        kept = []
+        for part, us in by_part.items():
+            if len(us) == 1:
+                kept.extend(us)
+                continue
+            owner = next((u for u in us if self._proposed.get(u.node) == part), None)
+            for u in us:
+                if u is owner:
+                    kept.append(u)
+                else:
+                    who = f"the server proposed it to node {owner.node}" if owner else \
+                        f"nodes {sorted(v.node for v in us)} claim it and the server proposed it to none of them"
+                    self._reject(rec, u.node, "train", f"claims partition {part}: {who}")
         return kept
 
     def _verify_own(self, rec: RoundRecord, accepted: list[ClientUpdate]) -> list[ClientUpdate]:
@@ -648,26 +662,34 @@ class CCAMerge(FedAvg):
         rec.timings["select_reference"] = time.time() - t
         rec.merge_info.update({"reference_scores": scores, "reference_rule": rule})
         ranking = [accepted[i] for i in order]
-        stats = None
-        if self.stats_where == "clients":
-            accepted, ref_u, stats = self._phase_two(server_round, rec, accepted, ranking)
-        else:
-            ref_u = ranking[0]
-        if len(accepted) < self.min_clients:
-            raise RoundFailedError(f"only {len(accepted)} clients left after the statistics phase, fewer than "
-                               f"min_clients={self.min_clients}")
-        try:
-            merged, info, t = self._merge(rec, accepted, stats, accepted.index(ref_u))
-        except Exception as exc:  # noqa: BLE001 - a merge that fails fails this round, not the federation
-            rec.blamed = self._blame(rec, accepted, stats, accepted.index(ref_u))
+        for attempt in range(self.max_reference_retries + 1):
+            stats = None
+            if self.stats_where == "clients":
+                accepted, ref_u, stats = self._phase_two(server_round, rec, accepted, ranking)
+            else:
+                ref_u = next(u for u in ranking if u in accepted)
+            if len(accepted) < self.min_clients:
+                raise RoundFailedError(f"only {len(accepted)} clients left after the statistics phase, fewer than "
+                                       f"min_clients={self.min_clients}")
+            try:
+                merged, info, t = self._merge(rec, accepted, stats, accepted.index(ref_u))
+                break
+            except Exception as exc:  # noqa: BLE001 - a merge that fails fails this round, not the federation
+                error = f"{type(exc).__name__}: {_cut(exc)}"
+                rec.blamed = self._blame(rec, accepted, stats, accepted.index(ref_u))
             left = [u for u in accepted if u.partition not in rec.blamed]
+            if rec.blamed == [ref_u.partition] and len(left) >= self.min_clients and attempt < self.max_reference_retries:
+                self._reject(rec, ref_u.node, "merge", f"as reference: the merge with every other client fails ({error})")
+                accepted = left   # another reference, and its statistics phase
+                continue
             if not rec.blamed or ref_u.partition in rec.blamed or len(left) < self.min_clients:
-                who = f"; it fails on the data of client(s) {rec.blamed}" if rec.blamed else ""
-                raise RoundFailedError(f"merge failed ({type(exc).__name__}: {_cut(exc)}){who}") from None
+                who = f"; it fails on the data of client(s) {rec.blamed}" if rec.blamed else \
+                    "; which client's data it fails on cannot be told apart"
+                raise RoundFailedError(f"merge failed ({error}){who}")
             for u in accepted:   # the merge fails on these clients' data alone: merge the others
                 if u.partition in rec.blamed:
                     self._reject(rec, u.node, "merge", f"the merge with the reference fails on this client's data "
-                                 f"({type(exc).__name__}: {_cut(exc)})")
+                                 f"({error})")
             keep = [i for i, u in enumerate(accepted) if u.partition not in rec.blamed]
             stats = None if stats is None or self.stats_where != "clients" else _subset(stats, keep)
             accepted = left
@@ -676,12 +698,14 @@ class CCAMerge(FedAvg):
             except Exception as again:  # noqa: BLE001
                 raise RoundFailedError(f"merge failed ({type(again).__name__}: {_cut(again)}) after dropping "
                                        f"client(s) {rec.blamed}") from None
+            break
         counts = [float(u.metrics.num_examples) for u in accepted]
         weights = [c / sum(counts) for c in counts] if self.weighted else None
         rec.timings["merge"] = time.time() - t
         rec.timings.update({f"merge_{k}": v for k, v in info.timings.items()})
         for u in accepted:
             self.last_states[u.partition] = u.state
+            self._register(u.node, u.partition)   # a partition is fixed by a node's first merged reply
         rec.ok = True
         rec.clients_merged = [u.partition for u in accepted]
         rec.reference = ref_u.partition
@@ -724,7 +748,7 @@ class CCAMerge(FedAvg):
                ) -> list[int]:
         """After a failed merge: merge the reference with each other client alone, with the round's statistics;
         the clients whose pair fails (or leaves the norm bound) are named. When every pair fails (two or more),
-        the reference is named; with one pair, each client merged with itself decides, else both are named."""
+        the reference is named; with a single pair nobody is (the two cannot be told apart)."""
         cands = selection_candidates(self.method, self.gamma, self.method_kwargs, self.gamma_grid)
         fixed = dict(cands[len(cands) // 2]) if cands else {}   # one setting: a diagnosis, not a selection
         gamma = fixed.pop("gamma", self.gamma if METHODS[self.method].tunable_gamma else None)
@@ -734,10 +758,8 @@ class CCAMerge(FedAvg):
             try:
                 pair = None
                 if self.stats_where == "clients" and stats is not None:
-                    own = [stats.own[i], stats.own[j]]
-                    cross = stats.cross.get((i, j)) if i != j else {
-                        g: CrossMoments(m.n, m.mean, m.mean, m.m2) for g, m in own[0].items()}
-                    pair = Statistics(own=own, cross={(0, 1): cross}, reference=0)
+                    pair = Statistics(own=[stats.own[i], stats.own[j]], cross={(0, 1): stats.cross[(i, j)]},
+                                      reference=0)
                 elif self.stats_where == "server":
                     pair = collect_statistics([self._model(s) for s in states], self.fit, reference=0,
                                               pairs="all" if self.needs == "stats_all" else "reference",
@@ -756,9 +778,8 @@ class CCAMerge(FedAvg):
             return []
         if len(others) >= 2 and len(failing) == len(others):
             return [accepted[ref].partition]
-        if len(others) == 1:
-            alone = [i for i in (ref, others[0]) if fails(i, i)]
-            return sorted(accepted[i].partition for i in (alone or [ref, others[0]]))
+        if len(others) == 1:   # one pair: which of the two it fails on cannot be told apart
+            return []
         return sorted(accepted[i].partition for i in failing)
 
     def _phase_two(self, server_round: int, rec: RoundRecord, accepted: list[ClientUpdate],
@@ -858,8 +879,15 @@ class CCAMerge(FedAvg):
         check_echo(rd, "reference-digest", digest,
                    "cross statistics computed against another reference (reference digest differs)")
         c, enc = decode_statistics(rd, "cross-stats", decode_cross, self.spec, "cross", "cross statistics")
-        check_cross(c, ref.own, u.own, self.expected_counts,
-                    wire=transport([enc, ref.own_encoding, u.own_encoding]))
+        wire = transport([enc, ref.own_encoding, u.own_encoding])
+        check_cross(c, ref.own, u.own, self.expected_counts, wire=wire)
+        if self.fit is not None and u is not ref:
+            # with a server probe the cross block is recomputed from the two uploaded models, checked and used:
+            # it decides CCA's rotation, which no consistency check can pin down
+            computed = cross_statistics(self._model(ref.state), self._model(u.state), self.fit, self.spec,
+                                        device=self._dev())
+            check_cross_matches(c, computed, wire)
+            c = computed
         if "seconds-cross-stats" in metrics.values and u.partition in rec.client_metrics:
             rec.client_metrics[u.partition]["seconds-cross-stats"] = metrics.values["seconds-cross-stats"]
         return c

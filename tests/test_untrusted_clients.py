@@ -366,7 +366,8 @@ def test_unknown_fault_kind_is_an_error():
     ("round", "2", "field 'round' must be a int"), ("round", 99, "outside"),
     ("model", "../../etc/passwd", "field 'model'"), ("model_sha256", "0" * 64, "checksum"),
     ("partitions", {"5": 0, "6": 0}, "distinct partitions"), ("partitions", {"7": 10 ** 12}, "distinct partitions"),
-    ("partitions", {"-3": 0}, "node ids >= 0"), ("history", [{"round": 7, "ok": True}], "history"),
+    ("partitions", {"-3": 0}, "partitions"), ("partitions", {"05": 1}, "decimal node ids"),
+    ("partitions", {"5": True}, "decimal node ids"), ("history", [{"round": 7, "ok": True}], "history"),
     ("history", [{"round": 1, "ok": True, "client_metrics": {"0": 5}}], "client_metrics"),
     ("evals", {"999": {"accuracy": 1.0}}, "evals"),
 ])
@@ -589,3 +590,59 @@ def test_bring_your_own_model_example_runs_on_flowers_simulation(tmp_path):
     assert all(0.0 <= float(ln.rsplit(" ", 1)[1]) <= 1.0 for ln in lines)
     state = torch.load(tmp_path / "byo_model.pt")
     assert state and all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def test_a_reference_that_breaks_every_merge_is_replaced(kit):
+    """No server probe: the reference (fixed, partition 2) inflates its own variances x1e6; every cross check
+    passes (larger own blocks only loosen them) but every merge with it leaves the norm bound: it is rejected as
+    reference and the round is merged around the next one."""
+    muts = {(TRAIN, 2): adv.own_blocks(lambda b: Moments(b.n, b.mean, b.m2 * 1e6))}
+    strategy, rec, arrays = adv.run_round(kit, muts, reference=2, probe=None,
+                                          example_input=torch.zeros(2, 3, 32, 32), bn_reset=False)
+    assert [(r["partition"], r["phase"]) for r in rec.clients_rejected] == [(2, "merge")]
+    assert rec.clients_rejected[0]["reason"].startswith("as reference")
+    assert rec.ok and rec.clients_merged == [0, 1] and rec.reference in (0, 1)
+
+
+def test_a_claim_race_cannot_lock_out_the_node_the_partition_was_proposed_to(kit):
+    """The node proposed partition 0 answers first and claims partition 1 (proposed to another node): the node
+    the server proposed it to keeps it, in every round; the claimant is rejected."""
+    strategy = adv.make_strategy(kit.cfg, reference=0, max_examples=adv.partition_sizes(kit))
+    grid = adv.InlineGrid(adv.replay_app(kit, {(TRAIN, 0): adv.set_metric("partition-id", 1)}), 3)
+    strategy.start(grid, ArrayRecord(), num_rounds=2)
+    for h in strategy.history:
+        assert h.ok and h.clients_merged == [1, 2]
+        assert [(r["node"], r["reason"][:30]) for r in h.clients_rejected] == [(grid.node_ids[0],
+                                                                                  "claims partition 1: the server")]
+    assert strategy.partitions == {grid.node_ids[1]: 1, grid.node_ids[2]: 2}
+
+
+def test_with_two_clients_a_failed_merge_blames_nobody(kit):
+    """One pair left (client 1 sends nothing usable), the other client 1000x and clipped: the CCA merge leaves
+    the bound; which of the two it fails on cannot be told apart, so nobody is named and the round fails."""
+    muts = {(TRAIN, 1): lambda rd: rd.array_records.pop("arrays"),
+            (TRAIN, ATTACKER): lambda rd: adv.set_weight(rd, lambda a: a * 1000)}
+    strategy, rec, arrays = adv.run_round(kit, muts, reference=0, norm_action="clip")
+    assert not rec.ok and rec.blamed == [] and "cannot be told apart" in rec.error and len(arrays) == 0
+
+
+def test_cross_statistics_that_rotate_the_alignment_are_rejected(kit):
+    """A cross block with the right scale, means and correlations but another rotation (its columns permuted)
+    passes every consistency check; with a server probe it differs from the server's recomputation."""
+    from fedmerge.common.compress import decode_cross, encode_cross
+    from fedmerge.common.records import arrays_to_record, record_to_arrays
+    from fedmerge.common.stats import CrossMoments
+
+    def rotate(rd):
+        c = decode_cross(record_to_arrays(rd.array_records["cross-stats"]), adv.tiny_spec())
+        g = torch.Generator().manual_seed(5)
+        out = {}
+        for k, b in c.items():
+            p = torch.randperm(b.c.shape[1], generator=g)
+            out[k] = CrossMoments(b.n, b.mean_a, b.mean_b[p], b.c[:, p])   # means permuted alike
+        rd.array_records["cross-stats"] = arrays_to_record(encode_cross(out))
+    strategy, rec, arrays = adv.run_round(kit, {(CROSS, ATTACKER): rotate}, reference=0)
+    assert [(r["partition"], r["phase"]) for r in rec.clients_rejected] == [(ATTACKER, "cross-statistics")]
+    assert rec.ok and rec.clients_merged == [0, 1]
+    reason = rec.clients_rejected[0]["reason"]
+    assert "differ from the two uploaded models" in reason or "means differ" in reason
