@@ -300,6 +300,7 @@ class CCAMerge(FedAvg):
         self.last_states: dict[int, dict[str, torch.Tensor]] = {}  # partition -> weights of the last round
         self.round_offset = 0  # rounds finished before a resume: Strategy.start counts from 1 again
         self._proposed: dict[int, int] = {}      # node -> partition proposed this round (not yet confirmed)
+        self._claimed: dict[int, int] = {}       # node -> valid partition it claims this round (for names)
         self._sampled: set[int] = set()
         self._global: dict[str, torch.Tensor] | None = None
         self._grid: Grid | None = None
@@ -346,7 +347,7 @@ class CCAMerge(FedAvg):
             time.sleep(0.5)
         if self.num_partitions is None:
             self.num_partitions = len(nodes)
-        self._proposed = {}
+        self._proposed, self._claimed = {}, {}
         taken = set(self.partitions.values())
         free = [p for p in range(self.num_partitions) if p not in taken]
         sampled = []
@@ -362,7 +363,11 @@ class CCAMerge(FedAvg):
         return sampled
 
     def _label(self, node: int) -> int:
-        return self.partitions.get(node, self._proposed.get(node, -1))
+        """How logs and result.json name a node: its registered partition, else the valid partition it claims
+        this round (its own --node-config, e.g. under Ray), else the one the server proposed."""
+        if node in self.partitions:
+            return self.partitions[node]
+        return self._claimed.get(node, self._proposed.get(node, -1))
 
     def _identify(self, node: int, claimed: int | None) -> int:
         """The node's partition: the registered one (a different claim is rejected), else its claim (or the
@@ -424,6 +429,7 @@ class CCAMerge(FedAvg):
         rd = msg.content
         metrics = read_metrics(rd, num_partitions=self.num_partitions)
         part = self._identify(node, metrics.partition)
+        self._claimed[node] = part
         cap = self._examples_cap(part)
         if metrics.num_examples > cap:
             raise ReplyRejected(f"num-examples {metrics.num_examples} exceeds partition {part}'s bound of {cap}")
@@ -559,6 +565,7 @@ class CCAMerge(FedAvg):
                 else:
                     who = f"the server proposed it to node {owner.node}" if owner else \
                         f"nodes {sorted(v.node for v in us)} claim it and the server proposed it to none of them"
+                    self._claimed.pop(u.node, None)   # named by its proposal, not by the claim it lost
                     self._reject(rec, u.node, "train", f"claims partition {part}: {who}")
         return kept
 

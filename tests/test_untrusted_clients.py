@@ -226,7 +226,9 @@ def test_a_rejected_reply_never_takes_a_partition(kit):
     grid = adv.InlineGrid(adv.replay_app(kit, {(TRAIN, 0): empty_claim}), 3)
     strategy.start(grid, ArrayRecord(), num_rounds=2)
     assert [[(r["partition"], r["reason"][:20]) for r in h.clients_rejected] for h in strategy.history] == \
-        [[(0, "reply has no 'arrays")], [(0, "claims partition 2, ")]]   # round 2: 2 is registered to its owner
+        [[(2, "reply has no 'arrays")], [(0, "claims partition 2, ")]]
+    # round 1: a rejected reply is named by the partition it claims (its own, as under Ray); round 2: partition
+    # 2 is registered to its owner, the claim is refused and the node is named by its proposal
     assert [h.clients_merged for h in strategy.history] == [[1, 2], [1, 2]]
     assert sorted(strategy.partitions.values()) == [1, 2]
 
@@ -610,10 +612,10 @@ def test_a_claim_race_cannot_lock_out_the_node_the_partition_was_proposed_to(kit
     strategy = adv.make_strategy(kit.cfg, reference=0, max_examples=adv.partition_sizes(kit))
     grid = adv.InlineGrid(adv.replay_app(kit, {(TRAIN, 0): adv.set_metric("partition-id", 1)}), 3)
     strategy.start(grid, ArrayRecord(), num_rounds=2)
-    for h in strategy.history:
+    for h in strategy.history:   # round 1: proposed to another node; round 2: registered to it
         assert h.ok and h.clients_merged == [1, 2]
-        assert [(r["node"], r["reason"][:30]) for r in h.clients_rejected] == [(grid.node_ids[0],
-                                                                                  "claims partition 1: the server")]
+        assert [(r["node"], r["reason"][:18]) for r in h.clients_rejected] == [(grid.node_ids[0], "claims partition 1")]
+    assert "the server proposed it to node" in strategy.history[0].clients_rejected[0]["reason"]
     assert strategy.partitions == {grid.node_ids[1]: 1, grid.node_ids[2]: 2}
 
 
