@@ -31,7 +31,7 @@ from fedmerge.common.records import weights_digest
 from fedmerge.common.stats import Moments, own_statistics
 from fedmerge.common.task import FedConfig, build_global_model, probe_batches, test_loader, train_loader
 
-from .protocol import LOCAL_KEY, cross_stats_records, node_partition, own_stats_records
+from .protocol import LOCAL_KEY, cross_stats_records, node_partition, train_reply
 from .train import TrainConfig, evaluate, train
 
 __all__ = ["task_client_app", "app", "LOCAL_KEY"]
@@ -84,26 +84,22 @@ def task_client_app(overrides: dict | None = None) -> ClientApp:
         held_m = evaluate(model, held, device=device)
         t_eval = time.perf_counter() - t
 
-        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        context.state[LOCAL_KEY] = ArrayRecord(state)
-        content = RecordDict({"arrays": ArrayRecord(state)})
-        t_stats = 0.0
+        context.state[LOCAL_KEY] = ArrayRecord({k: v.detach().cpu() for k, v in model.state_dict().items()})
+        own, t_stats = None, 0.0
         if bool(config.get("want-stats", True)):
             t = time.perf_counter()
             own = own_statistics(model, fit, derive_spec(model, fit.example()), device=device)
             if "nonpsd" in faults:
                 own = {g: _not_psd(m) for g, m in own.items()}
-            for name, rec in own_stats_records(model, fit, dtype=cfg.stats_dtype, rank=cfg.stats_rank,
-                                               own=own).items():
-                content[name] = rec
             t_stats = time.perf_counter() - t
-        content["metrics"] = MetricRecord({
-            "num-examples": int(loader.dataset_size), "partition-id": pid, "train-loss": hist["train_loss"],
-            "test-accuracy": test["accuracy"], "test-loss": test["loss"], "probe-accuracy": held_m["accuracy"],
-            "seconds-train": t_train, "seconds-eval": t_eval, "seconds-stats": t_stats,
-        })
-        _inject(content, faults, cfg, pid, nparts)
-        return Message(content, reply_to=msg)
+        reply = train_reply(msg, model, num_examples=int(loader.dataset_size), partition_id=pid, probe=(fit, held),
+                            metrics={"train-loss": hist["train_loss"], "test-accuracy": test["accuracy"],
+                                     "test-loss": test["loss"], "probe-accuracy": held_m["accuracy"],
+                                     "seconds-train": t_train, "seconds-eval": t_eval},
+                            dtype=cfg.stats_dtype, rank=cfg.stats_rank, own=own)
+        reply.content["metrics"]["seconds-stats"] += t_stats   # computing ``own`` here, then encoding it there
+        _inject(reply.content, faults, cfg, pid, nparts)
+        return reply
 
     @app.query("cross_stats")
     def cross_handler(msg: Message, context: Context) -> Message:

@@ -848,17 +848,18 @@ class CCAMerge(FedAvg):
             else:
                 got[node] = msg
         cross, failed, ref_problem, cross_check_failed = {}, {}, None, set()
+        ref_model = self._model(ref.state) if self.fit is not None else None   # the server's own cross blocks
         for u in kept:
             if u.clipped:   # its upload describes other weights: the server computes its cross block itself
                 if u is not ref:
                     try:
-                        cross[u.partition] = cross_statistics(self._model(ref.state), self._model(u.state),
-                                                              self.fit, self.spec, device=self._dev())
+                        cross[u.partition] = cross_statistics(ref_model, self._model(u.state), self.fit, self.spec,
+                                                              device=self._dev())
                     except Exception as exc:  # noqa: BLE001 - e.g. non-finite activations of the clipped weights
                         failed[u.partition] = f"cross statistics of the clipped weights ({type(exc).__name__}: {exc})"
                 continue
             try:
-                c = self._read_cross_reply(rec, got.get(u.node), u, ref, digest)
+                c = self._read_cross_reply(rec, got.get(u.node), u, ref, digest, ref_model)
             except Exception as exc:  # noqa: BLE001 - ReplyRejected or anything else: this client only
                 reason = str(exc) if isinstance(exc, ReplyRejected) else f"unreadable reply ({type(exc).__name__}: {exc})"
                 if u is ref:
@@ -873,7 +874,8 @@ class CCAMerge(FedAvg):
                 cross[u.partition] = c
         return cross, failed, ref_problem, cross_check_failed
 
-    def _read_cross_reply(self, rec: RoundRecord, msg: Message | None, u: ClientUpdate, ref: ClientUpdate, digest: str):
+    def _read_cross_reply(self, rec: RoundRecord, msg: Message | None, u: ClientUpdate, ref: ClientUpdate, digest: str,
+                          ref_model: nn.Module | None):
         if msg is None:
             raise ReplyRejected("no reply to the cross-statistics query (timed out)")
         if msg.has_error():
@@ -888,11 +890,10 @@ class CCAMerge(FedAvg):
         c, enc = decode_statistics(rd, "cross-stats", decode_cross, self.spec, "cross", "cross statistics")
         wire = transport([enc, ref.own_encoding, u.own_encoding])
         check_cross(c, ref.own, u.own, self.expected_counts, wire=wire)
-        if self.fit is not None and u is not ref:
+        if ref_model is not None and u is not ref:
             # with a server probe the cross block is recomputed from the two uploaded models, checked and used:
             # it decides CCA's rotation, which no consistency check can pin down
-            computed = cross_statistics(self._model(ref.state), self._model(u.state), self.fit, self.spec,
-                                        device=self._dev())
+            computed = cross_statistics(ref_model, self._model(u.state), self.fit, self.spec, device=self._dev())
             check_cross_matches(c, computed, wire)
             c = computed
         if "seconds-cross-stats" in metrics.values and u.partition in rec.client_metrics:

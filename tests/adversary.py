@@ -14,7 +14,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 from fedmerge.client.app import task_client_app
-from fedmerge.common.compress import decode_moments, encode_moments
+from fedmerge.common.compress import decode_cross, decode_moments, encode_cross, encode_moments
 from fedmerge.common.records import arrays_to_record, record_to_arrays
 from fedmerge.common.stats import Moments
 from fedmerge.common.task import FedConfig, build_global_model, probe_batches
@@ -90,6 +90,14 @@ def own_blocks(fn: Callable[[Moments], Moments], dtype: str = "float64") -> Muta
         spec = tiny_spec()
         own = decode_moments(record_to_arrays(rd.array_records["own-stats"]), spec)
         rd.array_records["own-stats"] = arrays_to_record(encode_moments({g: fn(b) for g, b in own.items()}, dtype))
+    return m
+
+
+def cross_blocks(fn: Callable) -> Mutation:
+    """Rewrite the cross statistics: decode, change every block with ``fn``, encode again (float64)."""
+    def m(rd: RecordDict) -> None:
+        c = decode_cross(record_to_arrays(rd.array_records["cross-stats"]), tiny_spec())
+        rd.array_records["cross-stats"] = arrays_to_record(encode_cross({g: fn(b) for g, b in c.items()}))
     return m
 
 
@@ -214,4 +222,4 @@ def finite_state(arrays: ArrayRecord) -> bool:
 
 __all__ = ["ATTACKER", "QUERY_CROSS", "Kit", "record_honest", "replay_app", "run_round", "tiny", "npy",
            "npy_with_header", "raw", "set_metric", "set_array", "set_weight", "own_blocks", "scales_near_limit",
-           "echo", "first_weight", "finite_state", "partition_sizes", "mutating_app", "tiny_spec", "ExtraReplyGrid", "make_strategy"]
+           "echo", "cross_blocks", "first_weight", "finite_state", "partition_sizes", "mutating_app", "tiny_spec", "ExtraReplyGrid", "make_strategy"]

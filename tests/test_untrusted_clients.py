@@ -162,15 +162,10 @@ def test_every_client_claiming_1e308_examples_fails_the_round_cleanly(kit):
 
 def _scaled_statistics(s: float):
     """Own blocks x s and cross blocks x sqrt(s): every check that compares blocks with each other passes."""
-    from fedmerge.common.compress import decode_cross, encode_cross
-    from fedmerge.common.records import arrays_to_record, record_to_arrays
     from fedmerge.common.stats import CrossMoments
 
-    def cross(rd):
-        c = decode_cross(record_to_arrays(rd.array_records["cross-stats"]), adv.tiny_spec())
-        rd.array_records["cross-stats"] = arrays_to_record(encode_cross(
-            {g: CrossMoments(b.n, b.mean_a, b.mean_b, b.c * s ** 0.5) for g, b in c.items()}))
-    return {(TRAIN, ATTACKER): adv.own_blocks(lambda b: Moments(b.n, b.mean, b.m2 * s)), (CROSS, ATTACKER): cross}
+    return {(TRAIN, ATTACKER): adv.own_blocks(lambda b: Moments(b.n, b.mean, b.m2 * s)),
+            (CROSS, ATTACKER): adv.cross_blocks(lambda b: CrossMoments(b.n, b.mean_a, b.mean_b, b.c * s ** 0.5))}
 
 
 def test_own_statistics_are_checked_against_the_uploaded_weights(kit):
@@ -199,15 +194,10 @@ def test_without_a_server_probe_a_merge_that_fails_names_the_client_and_merges_t
 def test_a_lying_reference_is_replaced_not_the_honest_clients(kit):
     """Without a server probe, a reference whose own blocks (and self-cross) are x1e-2 makes every other
     client's cross block fail the checks: the reference is blamed and replaced."""
-    from fedmerge.common.compress import decode_cross, encode_cross
-    from fedmerge.common.records import arrays_to_record, record_to_arrays
     from fedmerge.common.stats import CrossMoments
 
-    def cross(rd):
-        c = decode_cross(record_to_arrays(rd.array_records["cross-stats"]), adv.tiny_spec())
-        rd.array_records["cross-stats"] = arrays_to_record(encode_cross(
-            {g: CrossMoments(b.n, b.mean_a, b.mean_b, b.c * 1e-2) for g, b in c.items()}))
-    muts = {(TRAIN, 2): adv.own_blocks(lambda b: Moments(b.n, b.mean, b.m2 * 1e-2)), (CROSS, 2): cross}
+    muts = {(TRAIN, 2): adv.own_blocks(lambda b: Moments(b.n, b.mean, b.m2 * 1e-2)),
+            (CROSS, 2): adv.cross_blocks(lambda b: CrossMoments(b.n, b.mean_a, b.mean_b, b.c * 1e-2))}
     strategy, rec, arrays = adv.run_round(kit, muts, reference=2, probe=None,
                                           example_input=torch.zeros(2, 3, 32, 32), bn_reset=False)
     assert [(r["partition"], r["phase"]) for r in rec.clients_rejected] == [(2, "cross-statistics")]
@@ -631,18 +621,14 @@ def test_with_two_clients_a_failed_merge_blames_nobody(kit):
 def test_cross_statistics_that_rotate_the_alignment_are_rejected(kit):
     """A cross block with the right scale, means and correlations but another rotation (its columns permuted)
     passes every consistency check; with a server probe it differs from the server's recomputation."""
-    from fedmerge.common.compress import decode_cross, encode_cross
-    from fedmerge.common.records import arrays_to_record, record_to_arrays
     from fedmerge.common.stats import CrossMoments
 
-    def rotate(rd):
-        c = decode_cross(record_to_arrays(rd.array_records["cross-stats"]), adv.tiny_spec())
-        g = torch.Generator().manual_seed(5)
-        out = {}
-        for k, b in c.items():
-            p = torch.randperm(b.c.shape[1], generator=g)
-            out[k] = CrossMoments(b.n, b.mean_a, b.mean_b[p], b.c[:, p])   # means permuted alike
-        rd.array_records["cross-stats"] = arrays_to_record(encode_cross(out))
+    g = torch.Generator().manual_seed(5)
+
+    def permuted(b):   # columns and the model side's means permuted alike
+        p = torch.randperm(b.c.shape[1], generator=g)
+        return CrossMoments(b.n, b.mean_a, b.mean_b[p], b.c[:, p])
+    rotate = adv.cross_blocks(permuted)
     strategy, rec, arrays = adv.run_round(kit, {(CROSS, ATTACKER): rotate}, reference=0)
     assert [(r["partition"], r["phase"]) for r in rec.clients_rejected] == [(ATTACKER, "cross-statistics")]
     assert rec.ok and rec.clients_merged == [0, 1]
