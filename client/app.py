@@ -26,6 +26,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedmerge.common import progress
 from fedmerge.common.graph import derive_spec
 from fedmerge.common.records import weights_digest
 from fedmerge.common.stats import Moments, own_statistics
@@ -75,7 +76,8 @@ def task_client_app(overrides: dict | None = None) -> ClientApp:
             model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
         loader = train_loader(cfg, pid, nparts, seed=cfg.seed * 1000 + pid + 7919 * rnd)
         hist = train(model, loader, TrainConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size,
-                                                device=device, seed=cfg.seed * 1000 + pid + rnd))
+                                                device=device, seed=cfg.seed * 1000 + pid + rnd, progress=True,
+                                                desc=f"client {pid} round {rnd}: train"))
         model.cpu().eval()
         t_train = time.perf_counter() - t0
         t = time.perf_counter()
@@ -99,6 +101,8 @@ def task_client_app(overrides: dict | None = None) -> ClientApp:
                             dtype=cfg.stats_dtype, rank=cfg.stats_rank, own=own)
         reply.content["metrics"]["seconds-stats"] += t_stats   # computing ``own`` here, then encoding it there
         _inject(reply.content, faults, cfg, pid, nparts)
+        progress.info("client %d round %d: test accuracy %.2f%% after %.1f s of training; statistics %.1f s", pid, rnd,
+                      100 * test["accuracy"], t_train, reply.content["metrics"]["seconds-stats"])
         return reply
 
     @app.query("cross_stats")

@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fedmerge.common.progress import bar as progress_bar
+
 __all__ = ["TrainConfig", "train", "evaluate", "predict_logits", "ensemble_evaluate", "default_device",
            "lr_at"]
 
@@ -35,7 +37,8 @@ class TrainConfig:
     label_smoothing: float = 0.0
     device: str | None = None
     seed: int = 0
-    progress: bool = False
+    progress: bool = False         # a bar / progress lines (fedmerge.common.progress)
+    desc: str = "train"            # the progress line's label
     max_steps: int | None = None   # cap (smoke runs)
 
     def __post_init__(self):
@@ -78,12 +81,10 @@ def train(model: nn.Module, loader, cfg: TrainConfig) -> dict:
     total = max(1, int(math.ceil(cfg.epochs * per_epoch)))
     if cfg.max_steps:
         total = min(total, cfg.max_steps)
-    bar = None
-    if cfg.progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=total, desc="train", leave=False, unit="step")
+    bar = progress_bar(total, cfg.desc, "steps", enabled=cfg.progress)
     step, seen, loss_sum, correct, t0 = 0, 0, 0.0, 0, time.perf_counter()
     losses = []
+    ep_seen, ep_loss, ep_hits = 0, 0.0, 0   # this epoch's, for the progress line
     while step < total:
         for x, y in loader:
             if step >= total:
@@ -99,16 +100,16 @@ def train(model: nn.Module, loader, cfg: TrainConfig) -> dict:
             loss.backward()
             opt.step()
             step += 1
-            seen += y.numel()
-            loss_sum += loss.item() * y.numel()
-            correct += (out.argmax(1) == y).sum().item()
+            lv, hits, k = loss.item(), (out.argmax(1) == y).sum().item(), y.numel()
+            seen, loss_sum, correct = seen + k, loss_sum + lv * k, correct + hits
+            ep_seen, ep_loss, ep_hits = ep_seen + k, ep_loss + lv * k, ep_hits + hits
+            bar.update(1)
             if step % max(1, per_epoch) == 0 or step == total:
                 losses.append(loss_sum / max(1, seen))
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-    if bar is not None:
-        bar.close()
+                bar.set_postfix_str(f"epoch {step / per_epoch:.3g}/{cfg.epochs:g}: loss {ep_loss / ep_seen:.3f}, "
+                                    f"train acc {100 * ep_hits / ep_seen:.1f}%")
+                ep_seen, ep_loss, ep_hits = 0, 0.0, 0
+    bar.close()
     model.eval()
     return {"steps": step, "samples": seen, "train_loss": loss_sum / max(1, seen),
             "train_accuracy": correct / max(1, seen), "loss_curve": losses,

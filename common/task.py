@@ -63,6 +63,7 @@ class FedConfig:
     gamma: str = "auto"                # "auto" or a number
     bn_reset: str = "auto"             # "auto" (when the model has BatchNorm), "true", "false"
     repair: bool = False
+    repair_target: str = "average"     # REPAIR to the clients' "average" statistics or the "reference"'s
     np_merge: bool = False             # learn per-parameter merge coefficients on the labelled probe
     stats_on_server: bool = False      # server holds the probe and computes all statistics (one phase)
     weighted: bool = True              # average weighted by client sample counts
@@ -120,6 +121,9 @@ class FedConfig:
         parse_faults(self.faults)
         if not (self.norm_bound == 0 or (math.isfinite(self.norm_bound) and self.norm_bound > 1)):
             raise ValueError(f"norm_bound must be 0 (off) or a factor > 1, got {self.norm_bound!r}")
+        from .merge import REPAIR_TARGETS
+        if self.repair_target not in REPAIR_TARGETS:
+            raise ValueError(f"repair_target must be one of {REPAIR_TARGETS}, got {self.repair_target!r}")
         if self.norm_action not in ("reject", "clip"):
             raise ValueError(f"norm_action must be reject|clip, got {self.norm_action!r}")
 

@@ -31,7 +31,9 @@ def _add_federation_args(p: argparse.ArgumentParser, defaults: dict) -> None:
     p.add_argument("--reference", default="best", help="'best' or a client index")
     p.add_argument("--gamma", default="auto", help="'auto' or a number (CCA regularisation)")
     p.add_argument("--bn-reset", default="auto", choices=["auto", "true", "false"])
-    p.add_argument("--repair", action="store_true")
+    p.add_argument("--repair", action="store_true", help="REPAIR the merged model's unit statistics")
+    p.add_argument("--repair-target", default="average", choices=["average", "reference"],
+                   help="REPAIR to the clients' average statistics or the reference's (the paper's App. D)")
     p.add_argument("--np-merge", action="store_true",
                    help="NP Merge: learn per-parameter merge coefficients on the labelled probe after alignment")
     p.add_argument("--probe-size", type=int, default=d("probe_size", 500))
@@ -60,7 +62,9 @@ def _add_federation_args(p: argparse.ArgumentParser, defaults: dict) -> None:
     p.add_argument("--out", default=d("out", "runs/simulate"))
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last finished round (same configuration)")
-    p.add_argument("--verbose", action="store_true")
+    p.add_argument("--verbose", action="store_true",
+                   help="also show Flower's own log lines (or set FEDMERGE_VERBOSE=1); FEDMERGE_PROGRESS="
+                        "auto|bar|lines|off chooses how training progress is shown")
 
 
 def _config(a: argparse.Namespace):
@@ -69,7 +73,7 @@ def _config(a: argparse.Namespace):
     return FedConfig(dataset=a.dataset, data_root=a.data_root, split=a.split, alpha=a.alpha,
                      num_clients=a.clients, arch=a.arch, width=a.width, epochs=a.epochs, lr=a.lr,
                      batch_size=a.batch_size, num_server_rounds=a.rounds, method=a.method, reference=a.reference,
-                     gamma=a.gamma, bn_reset=a.bn_reset, repair=a.repair, np_merge=a.np_merge, probe_size=a.probe_size,
+                     gamma=a.gamma, bn_reset=a.bn_reset, repair=a.repair, repair_target=a.repair_target, np_merge=a.np_merge, probe_size=a.probe_size,
                      probe_from_union=a.probe_from_union, stats_on_server=a.stats_on_server,
                      stats_dtype=a.stats_dtype, stats_rank=a.stats_rank, norm_bound=a.norm_bound,
                      norm_action=a.norm_action,
@@ -118,6 +122,10 @@ def main(argv=None) -> int:
     d.set_defaults(fn=cmd_demo)
     a = p.parse_args(argv)
     try:
+        from fedmerge.common import progress
+
+        progress.mode()   # a bad FEDMERGE_PROGRESS fails here, not in the middle of a run
+        progress.quiet_flower(a.verbose or progress.verbose_from_env())
         return a.fn(a)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"fedmerge {a.cmd}: error: {exc}", file=sys.stderr)

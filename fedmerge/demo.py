@@ -6,6 +6,7 @@ import json
 import time
 from pathlib import Path
 
+from fedmerge.common import progress
 from fedmerge.common.task import FedConfig
 
 __all__ = ["run_demo"]
@@ -50,6 +51,8 @@ def run_demo(cfg: FedConfig, backend: str = "inline", baselines=("avg", "permute
                                         gamma=cfg.gamma_value, return_info=True, seed=cfg.seed,
                                         held_out=cfg.held_out, repair=rep)
             acc = evaluate(merged, test)["accuracy"]
+            progress.info("offline %s%s: test accuracy %.2f%% (%.1f s)", method, " + REPAIR" if rep else "",
+                          100 * acc, time.time() - t)
             rows.append((f"offline {method}{' + REPAIR' if rep else ''}", acc, time.time() - t, info.gamma))
     acc = result["accuracy"]
     print("\n== same client models, merged offline (fedmerge.merge_models) ==")

@@ -49,8 +49,12 @@ def simulate(cfg: FedConfig, backend: str = "ray", verbose: bool = False) -> dic
                                     "logging_level": logging.WARNING if not verbose else logging.INFO}}
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     t0 = time.time()
-    run_simulation(make_server_app(overrides), task_client_app(overrides), num_supernodes=cfg.num_clients,
-                   backend_config=backend_config, verbose_logging=verbose)
+    from fedmerge.common.progress import dropped
+
+    # we run Flower's simulation engine in-process on purpose (`flwr run .` is the other way in)
+    with dropped(*(() if verbose else ("The `run_simulation` function is deprecated",))):
+        run_simulation(make_server_app(overrides), task_client_app(overrides), num_supernodes=cfg.num_clients,
+                       backend_config=backend_config, verbose_logging=verbose)
     path = out / "result.json"
     if not path.exists():
         raise RuntimeError(f"the simulation ended after {time.time() - t0:.0f} s without writing {path}: "

@@ -19,6 +19,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedmerge.client.train import ensemble_evaluate, evaluate
+from fedmerge.common import progress
 from fedmerge.common.checkpoint import save_state
 from fedmerge.common.task import FedConfig, build_global_model, client_partition, probe_batches, test_loader
 
@@ -55,8 +56,8 @@ def run_federation(grid: Grid, cfg: FedConfig) -> dict:
     strategy = CCAMerge(
         model_fn=lambda: build_global_model(cfg, seed=cfg.seed), probe=(fit, held), method=cfg.method,
         reference=cfg.reference_value, gamma=cfg.gamma_value, bn_reset=cfg.bn_reset_value, repair=cfg.repair,
-        weighted=cfg.weighted, num_clients=cfg.num_clients, min_clients=cfg.min_clients,
-        stats_on_server=cfg.stats_on_server, query_timeout=cfg.timeout, held_out=cfg.held_out, seed=cfg.seed,
+        repair_target=cfg.repair_target, weighted=cfg.weighted, num_clients=cfg.num_clients,
+        min_clients=cfg.min_clients, stats_on_server=cfg.stats_on_server, query_timeout=cfg.timeout, held_out=cfg.held_out, seed=cfg.seed,
         device=cfg.device or None, max_examples=lambda part: _partition_size(cfg, part, strategy),
         norm_bound=cfg.norm_bound or None, norm_action=cfg.norm_action,
         **({"np_merge": True} if cfg.np_merge else {}))
@@ -75,6 +76,7 @@ def run_federation(grid: Grid, cfg: FedConfig) -> dict:
         model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
         m = evaluate(model, test, device=cfg.device or None)
         evals[server_round] = m
+        progress.info("round %d: global model test accuracy %.2f%% (%d images)", server_round, 100 * m["accuracy"], m["n"])
         if server_round > 0:
             _checkpoint(cfg, out, strategy, evals, model, server_round)
             write_json_atomic(out / "result.json", _result(cfg, strategy, evals, None, t0, partial=True))
@@ -96,6 +98,8 @@ def run_federation(grid: Grid, cfg: FedConfig) -> dict:
             m.load_state_dict(strategy.last_states[part])
             models.append(m)
         ensemble = ensemble_evaluate(models, test, device=cfg.device or None)
+        progress.info("logit ensemble of the last merged clients (upper bound): test accuracy %.2f%%",
+                      100 * ensemble["accuracy"])
         for part, m in zip(sorted(strategy.last_states), models):  # for offline comparisons (benchmarks, demo)
             save_state(m.state_dict(), out / "clients" / f"client_{part}.safetensors")
     result = _result(cfg, strategy, evals, ensemble, t0, partial=error is not None)

@@ -32,7 +32,6 @@ previous global model is kept and the error is recorded.
 from __future__ import annotations
 
 import copy
-import logging
 import math
 import re
 import time
@@ -49,9 +48,10 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from fedmerge.common import progress
 from fedmerge.common.compress import decode_cross, decode_moments
 from fedmerge.common.graph import MergeSpec, derive_spec
-from fedmerge.common.merge import (GAMMA_GRID, METHODS, has_batchnorm, merge_from_statistics, probe_logits, probe_score,
+from fedmerge.common.merge import (GAMMA_GRID, METHODS, REPAIR_TARGETS, has_batchnorm, merge_from_statistics, probe_logits, probe_score,
                                    selection_candidates)
 from fedmerge.common.probe import Batches, as_batches, probe_digest
 from fedmerge.common.records import weights_digest
@@ -162,15 +162,6 @@ def _subset(stats: Statistics, keep: list[int]) -> Statistics:
                       reference=ref)
 
 
-class _DropLog(logging.Filter):
-    def __init__(self, text: str):
-        super().__init__()
-        self.text = text
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return self.text not in record.getMessage()
-
-
 class RoundFailedError(RuntimeError):
     """A round could not merge (too few valid clients, a failed merge); raised with ``on_failed_round='raise'``."""
 
@@ -203,6 +194,8 @@ class CCAMerge(FedAvg):
     method: any of ``fedmerge.common.merge.METHODS`` (``avg`` is plain FedAvg: it needs a common
         initialisation to be meaningful).
     reference: a client position (in partition order) or ``"best"``.
+    repair / repair_target: REPAIR after the merge, restoring each merged unit's statistics to the
+        ``"average"`` of the aligned clients' (default) or to the ``"reference"`` client's (the paper's App. D).
     max_examples: bound on each client's ``num-examples``: an int, a ``{partition: size}`` mapping or a
         callable ``partition -> size`` (the partition sizes the server knows). Default: 2^40 (integers only).
     norm_bound: a client's weight norm must lie within this factor of the median over the round's clients and
@@ -214,7 +207,8 @@ class CCAMerge(FedAvg):
 
     def __init__(self, model_fn: Callable[[], nn.Module] | nn.Module, probe: Any = None, *, method: str = "cca",
                  reference: int | str = "best", gamma: float | str = "auto", bn_reset: bool | None = None,
-                 repair: bool = False, weighted: bool = True, num_clients: int | None = None,
+                 repair: bool = False, repair_target: str = "average", weighted: bool = True,
+                 num_clients: int | None = None,
                  min_clients: int = 2, stats_on_server: bool = False, query_timeout: float = 600.0,
                  wait_for_clients: float = 120.0, held_out: float = 0.2, seed: int = 0, device=None,
                  gamma_grid: Sequence[float] = GAMMA_GRID, max_upload_bytes: int | None = None,
@@ -231,21 +225,19 @@ class CCAMerge(FedAvg):
             raise ValueError(f"norm_action must be one of {NORM_ACTIONS}, got {norm_action!r}")
         if on_failed_round not in ON_FAILED_ROUND:
             raise ValueError(f"on_failed_round must be one of {ON_FAILED_ROUND}, got {on_failed_round!r}")
+        if repair_target not in REPAIR_TARGETS:
+            raise ValueError(f"repair_target must be one of {REPAIR_TARGETS}, got {repair_target!r}")
         if norm_bound is not None and not norm_bound > 1:
             raise ValueError(f"norm_bound must be a factor > 1 or None, got {norm_bound!r}")
         # the server evaluates the merged model itself: FedAvg's warning that federated evaluation is skipped
         # would be noise on every run
-        quiet = _DropLog("fraction_evaluate is set to 0.0")
-        logging.getLogger("flwr").addFilter(quiet)
-        try:
+        with progress.dropped("fraction_evaluate is set to 0.0"):
             super().__init__(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=min_clients,
                              min_evaluate_nodes=0, min_available_nodes=min_clients)
-        finally:
-            logging.getLogger("flwr").removeFilter(quiet)
         self.model_fn = model_fn if callable(model_fn) and not isinstance(model_fn, nn.Module) else (
             lambda m=model_fn: copy.deepcopy(m))
         self.method, self.reference, self.gamma = method, reference, gamma
-        self.bn_reset, self.repair, self.weighted = bn_reset, repair, weighted
+        self.bn_reset, self.repair, self.repair_target, self.weighted = bn_reset, repair, repair_target, weighted
         self.num_clients, self.min_clients = num_clients, min_clients
         self.stats_on_server, self.query_timeout = stats_on_server, query_timeout
         self.wait_for_clients = wait_for_clients
@@ -421,7 +413,7 @@ class CCAMerge(FedAvg):
                                 "want-stats": self.stats_where == "clients"})
             messages.append(Message(RecordDict({"arrays": arrays, "config": cfg}), message_type="train",
                                     dst_node_id=node))
-        log(INFO, "configure_train: round %d, %d clients", server_round, len(messages))
+        progress.info("round %d: %d clients training", server_round, len(messages))
         return messages
 
     def _read_train_reply(self, node: int, msg: Message) -> ClientUpdate:
@@ -496,6 +488,8 @@ class CCAMerge(FedAvg):
         for node in sorted(self._sampled - seen):
             self._reject(rec, node, "train", "no reply (timed out)")
         rec.timings["phase1_wait"] = t_round - self._round_start
+        progress.info("round %d: %d of %d training replies pass the reply checks (after %.1f s)", server_round, len(accepted),
+                      len(self._sampled), rec.timings["phase1_wait"])
         try:
             accepted = self._settle_claims(rec, self._verify_own(
                 rec, self._bound_norms(rec, self._agree_on_counts(rec, accepted))))
@@ -719,9 +713,10 @@ class CCAMerge(FedAvg):
         rec.gamma = info.gamma
         rec.merge_info.update({"gamma_scores": {str(k): v for k, v in info.gamma_scores.items()},
                                "params": info.params,
-                               "bn_reset": info.bn_reset, "repair": info.repair, "weights": weights})
-        log(INFO, "round %d: merged %d clients with %s (reference client %d by %s, gamma %s)", server_round,
-            len(accepted), self.method, rec.reference, rule, info.gamma)
+                               "bn_reset": info.bn_reset, "repair": info.repair,
+                               "repair_target": info.repair_target, "weights": weights})
+        progress.info("round %d: merged %d clients with %s in %.1f s (reference client %d by %s, gamma %s)",
+                      server_round, len(accepted), self.method, rec.timings["merge"], rec.reference, rule, info.gamma)
         sd = {k: v.detach().cpu() for k, v in merged.state_dict().items()}
         metrics = MetricRecord({"clients-merged": len(accepted), "clients-rejected": len(rec.clients_rejected),
                                 "num-examples": int(sum(counts))})
@@ -743,7 +738,8 @@ class CCAMerge(FedAvg):
         merged, info = merge_from_statistics(
             self.template, states, self.spec, stats, method=self.method, reference=ref,
             gamma=self.gamma if METHODS[self.method].tunable_gamma else None, weights=weights,
-            bn_reset=self.bn_reset, repair=self.repair, reset_batches=self.fit, eval_batches=self.held,
+            bn_reset=self.bn_reset, repair=self.repair, repair_target=self.repair_target, reset_batches=self.fit,
+            eval_batches=self.held,
             eval_target=self._ensemble_target(accepted), gamma_grid=self.gamma_grid, device=self._dev(),
             repair_models=[self._model(s) for s in states] if self.repair else None, **self.method_kwargs)
         if not self._within_bound(rec, merged.state_dict()):
@@ -837,6 +833,8 @@ class CCAMerge(FedAvg):
         t = time.time()
         replies = list(self._grid.send_and_receive(messages, timeout=self.query_timeout))
         rec.timings["phase2"] = rec.timings.get("phase2", 0.0) + time.time() - t
+        progress.info("round %d: cross statistics against reference client %d: %d replies in %.1f s", server_round,
+                      ref.partition, len(replies), time.time() - t)
         by_node = {u.node: u for u in kept}
         got: dict[int, Message] = {}
         for msg in replies:

@@ -248,3 +248,34 @@ def test_every_method_through_the_strategy(tmp_path, method, on_server):
     if not two_phase:
         own = [m for m in grid.sent if m.metadata.message_type == "train"]
         assert all(m.content.config_records["config"]["want-stats"] is False for m in own)
+
+
+def test_repair_target_through_the_strategy(tmp_path):
+    """repair_target reaches the strategy from the run config; the federated merge with REPAIR to the reference's
+    statistics equals the offline one (same models, probe slice, gamma, weights), and differs from REPAIR to the
+    average; unknown targets are errors everywhere."""
+    cfg = tiny(out=str(tmp_path), num_clients=2, arch="mlp", gamma="0.1", reference="0", repair=True,
+               repair_target="reference")
+    assert FedConfig.from_run_config(cfg.to_run_config()).repair_target == "reference"
+    result = run_federation(InlineGrid(task_client_app(cfg.to_run_config()), 2), cfg)
+    assert result["rounds"][0]["merge_info"]["repair_target"] == "reference"
+    from fedmerge.common.checkpoint import load_state
+    models = []
+    for p in range(2):
+        mdl = build_global_model(cfg)
+        mdl.load_state_dict(load_state(tmp_path / "clients" / f"client_{p}.safetensors"))
+        models.append(mdl.eval())
+    fit, _ = probe_batches(cfg)
+    counts = [result["rounds"][0]["client_metrics"][str(p)]["num-examples"] for p in range(2)]
+    fed = build_global_model(cfg)
+    fed.load_state_dict(load_state(tmp_path / "global_model.safetensors"))
+    x = torch.cat([b[0] for b in fit])[:64]
+    outs = {t: merge_models(models, fit, method="cca", reference=0, gamma=0.1, weights=counts, repair=True,
+                            repair_target=t).eval()(x) for t in ("reference", "average")}
+    assert torch.allclose(fed.eval()(x), outs["reference"], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(outs["average"], outs["reference"], rtol=1e-3, atol=1e-3)
+    with pytest.raises(ValueError, match="repair_target"):
+        tiny(repair_target="median")
+    with pytest.raises(ValueError, match="repair_target"):
+        CCAMerge(model_fn=lambda: build_global_model(tiny()), example_input=torch.zeros(2, 3, 32, 32), gamma=0.1,
+                 repair_target="median")
