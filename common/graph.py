@@ -152,8 +152,17 @@ def trace(model: nn.Module) -> fx.GraphModule:
     return fx.GraphModule(model, graph, class_name=type(model).__name__)
 
 
-def derive_spec(model: nn.Module, example: torch.Tensor) -> MergeSpec:
-    """Trace ``model`` on an example batch (shapes) and derive its :class:`MergeSpec`."""
+RESIDUAL_SITES = ("all", "last")
+
+
+def derive_spec(model: nn.Module, example: torch.Tensor, *, residual_sites: str = "all") -> MergeSpec:
+    """Trace ``model`` on an example batch (shapes) and derive its :class:`MergeSpec`.
+
+    residual_sites: where a residual stream (a basis that several blocks add into) is measured: ``"all"`` its
+    states after every block, pooled into one set of statistics (default), or ``"last"`` only the state at
+    the end of the stream (the end of the stage, as upstream CCA Merge / ZipIt! measure ResNets)."""
+    if residual_sites not in RESIDUAL_SITES:
+        raise ValueError(f"residual_sites must be one of {RESIDUAL_SITES}, got {residual_sites!r}")
     gm = trace(model)
     was_training = model.training
     model.eval()
@@ -359,6 +368,10 @@ def derive_spec(model: nn.Module, example: torch.Tensor) -> MergeSpec:
         if not grp.sites:
             raise UnsupportedModelError(f"no place to measure statistics for the basis written by {grp.producers}")
     order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
+    if residual_sites == "last":
+        for g, grp in groups.items():
+            if len(grp.sites) > 1 and any(n in add_nodes for n in per_group_candidates.get(g, [])):
+                grp.sites = [max(grp.sites, key=order.__getitem__)]
     site_order = sorted({s for g in groups.values() for s in g.sites}, key=order.__getitem__)
     return MergeSpec(groups=dict(sorted(groups.items())), layers={l.name: l for l in resolved}, site_nodes=site_order)
 

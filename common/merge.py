@@ -200,7 +200,7 @@ def merge_models(models: Sequence[nn.Module], probe: Any, method: str = "cca", r
                  weights: Sequence[float] | None = None, *, repair_target: str = "average", device=None,
                  held_out: float = 0.2, seed: int = 0,
                  gamma_grid: Sequence[float] = GAMMA_GRID, return_info: bool = False, np_merge: bool | dict = False,
-                 **method_kwargs):
+                 residual_sites: str = "all", **method_kwargs):
     """Merge ``models`` (one architecture, any traceable model of supported layers) into one.
 
     method: ``avg``, ``permute``, ``weight_matching``, ``ot``, ``zipit``, ``merge_many``, ``cca``, ``gcca``.
@@ -217,6 +217,8 @@ def merge_models(models: Sequence[nn.Module], probe: Any, method: str = "cca", r
     weights: per-model averaging weights (e.g. client sample counts), normalised.
     np_merge: after alignment, learn per-parameter merge coefficients on the labelled probe (NP Merge;
         True or a dict of options for :func:`fedmerge.common.npmerge.np_merge`).
+    residual_sites: where residual streams are measured (:func:`fedmerge.common.graph.derive_spec`): ``"all"``
+        their states after every block, pooled, or ``"last"`` the stream's end only.
     Returns the merged model (same class as ``models[0]``), and a :class:`MergeInfo` if ``return_info``.
     """
     if method not in METHODS:
@@ -234,7 +236,7 @@ def merge_models(models: Sequence[nn.Module], probe: Any, method: str = "cca", r
     t0 = time.perf_counter()
     select = bool(selection_candidates(method, gamma, method_kwargs, gamma_grid))
     fit, held = _resolve_probe(probe, select or reference == "best" or bool(np_merge), held_out, seed)
-    spec = derive_spec(models[0], fit.example())
+    spec = derive_spec(models[0], fit.example(), residual_sites=residual_sites)
     timings = {"spec": time.perf_counter() - t0}
 
     ensemble = None

@@ -283,3 +283,16 @@ def test_forward_time_runs_models_where_they_are():
     models = [build_model("cnn", 10, 0.125).eval() for _ in range(2)]
     batches = [(torch.randn(8, 3, 32, 32), torch.zeros(8, dtype=torch.long))]
     assert two_models.forward_time(models, batches) > 0
+
+
+def test_residual_sites_benchmark(tmp_path):
+    from benchmarks import residual_sites
+
+    residual_sites.main(["--dataset", "cifar10-mini", "--arch", "resnet20", "--width", "0.125", "--epochs", "1", "--max-train", "400",
+                         "--max-test", "200", "--probe-size", "100", "--pairs", "2", "--out", str(tmp_path)])
+    payload = json.loads((tmp_path / "residual_sites.json").read_text())
+    assert payload["replicates"]["n"] == 2 and len(payload["runs"]) == 2
+    assert {(r["sites"], r["method"], r["post"]) for r in payload["rows"]} == {
+        (s, m, p) for s in ("all", "last") for m in ("cca", "permute") for p in ("none", "BN reset")}
+    assert all(r["accuracy"]["n"] == 2 for r in payload["rows"])
+    assert "| last | cca | BN reset |" in (tmp_path / "residual_sites.md").read_text()

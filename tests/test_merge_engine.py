@@ -118,6 +118,26 @@ def test_spec_of_resnet_shares_residual_stream():
     assert spec.layers["conv1"].norm == "bn1"
 
 
+@pytest.mark.parametrize("method", ["permute", "cca"])
+def test_residual_sites_last_measures_each_stream_once(method):
+    """residual_sites="last": a residual stream is measured at its end only, every other group as before; a
+    permuted copy is still recovered (one permutation per stream, seen at any of its states)."""
+    a = MODELS["resnet"]()
+    full, last = derive_spec(a, X), derive_spec(a, X, residual_sites="last")
+    stream = full.layers["conv1"].out[0].group
+    assert len(full.groups[stream].sites) == 3                      # stem and both blocks of layer1
+    assert last.groups[stream].sites == full.groups[stream].sites[-1:]
+    for g, grp in full.groups.items():
+        if len(grp.sites) == 1:
+            assert last.groups[g].sites == grp.sites
+    b = equivalent_copy(a, X, "perm")
+    merged = merge_models([a, b], X, method=method, gamma=0.1, bn_reset=False, residual_sites="last")
+    with torch.no_grad():
+        assert rel_err(merged(X), a(X)) <= 1e-4
+    with pytest.raises(ValueError, match="residual_sites must be one of"):
+        derive_spec(a, X, residual_sites="first")
+
+
 def test_spec_flatten_repeat_and_concat():
     spec = derive_spec(TinyVGG(), X)
     assert spec.layers["classifier"].repeat == 16
