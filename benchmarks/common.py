@@ -135,7 +135,8 @@ def train_clients(args, sc: dict, setup: Setup, num_clients: int, tag: str, head
         loader = make_loader(setup.train, setup.parts[i], batch_size=sc["batch_size"], train=True, seed=seed)
         t = time.perf_counter()
         train(model, loader, TrainConfig(epochs=sc["epochs"], lr=sc["lr"], batch_size=sc["batch_size"],
-                                         device=args.device, seed=seed, progress=True))
+                                         device=args.device, seed=seed, progress=True,
+                                         desc=f"{tag} client {i}: train"))
         model.cpu().eval()
         save_checkpoint(model, path, {**cfg_model, "epochs": sc["epochs"], "lr": sc["lr"], "seed": seed,
                                       "seconds": time.perf_counter() - t, "client": i, "tag": tag})
