@@ -64,6 +64,23 @@ def test_server_assigns_partitions_when_nodes_have_none(tmp_path):
     assert result["clients_rejected"] == []
 
 
+def _saved_run(out, cfg, result):
+    """What a run saved in ``out``: the client models (partition order), the global model, the clients'
+    num-examples, the probe's fitting slice and 64 of its inputs."""
+    from fedmerge.common.checkpoint import load_state
+
+    def load(path):
+        m = build_global_model(cfg)
+        m.load_state_dict(load_state(path))
+        return m.eval()
+
+    parts = range(cfg.num_clients)
+    models = [load(out / "clients" / f"client_{p}.safetensors") for p in parts]
+    counts = [result["rounds"][0]["client_metrics"][str(p)]["num-examples"] for p in parts]
+    fit, _ = probe_batches(cfg)
+    return models, load(out / "global_model.safetensors"), counts, fit, torch.cat([b[0] for b in fit])[:64]
+
+
 def test_two_phases_match_the_offline_merge(tmp_path):
     cfg = tiny(out=str(tmp_path), gamma="0.1", reference="0")
     grid = InlineGrid(task_client_app(cfg.to_run_config()), 3)
@@ -82,18 +99,8 @@ def test_two_phases_match_the_offline_merge(tmp_path):
     assert (tmp_path / "accuracy.png").stat().st_size > 1000
     assert (tmp_path / "global_model.safetensors").exists()
     # the same merge offline, from the saved client weights, gives the same model
-    from fedmerge.common.checkpoint import load_state
-    models = []
-    for p in range(3):
-        mdl = build_global_model(cfg)
-        mdl.load_state_dict(load_state(tmp_path / "clients" / f"client_{p}.safetensors"))
-        models.append(mdl.eval())
-    fit, _ = probe_batches(cfg)
-    counts = [result["rounds"][0]["client_metrics"][str(p)]["num-examples"] for p in range(3)]
+    models, fed, counts, fit, x = _saved_run(tmp_path, cfg, result)
     offline = merge_models(models, fit, method="cca", reference=0, gamma=0.1, weights=counts)
-    fed = build_global_model(cfg)
-    fed.load_state_dict(load_state(tmp_path / "global_model.safetensors"))
-    x = torch.cat([b[0] for b in fit])[:64]
     assert torch.allclose(fed.eval()(x), offline.eval()(x), rtol=1e-4, atol=1e-4)
 
 
@@ -259,17 +266,7 @@ def test_repair_target_through_the_strategy(tmp_path):
     assert FedConfig.from_run_config(cfg.to_run_config()).repair_target == "reference"
     result = run_federation(InlineGrid(task_client_app(cfg.to_run_config()), 2), cfg)
     assert result["rounds"][0]["merge_info"]["repair_target"] == "reference"
-    from fedmerge.common.checkpoint import load_state
-    models = []
-    for p in range(2):
-        mdl = build_global_model(cfg)
-        mdl.load_state_dict(load_state(tmp_path / "clients" / f"client_{p}.safetensors"))
-        models.append(mdl.eval())
-    fit, _ = probe_batches(cfg)
-    counts = [result["rounds"][0]["client_metrics"][str(p)]["num-examples"] for p in range(2)]
-    fed = build_global_model(cfg)
-    fed.load_state_dict(load_state(tmp_path / "global_model.safetensors"))
-    x = torch.cat([b[0] for b in fit])[:64]
+    models, fed, counts, fit, x = _saved_run(tmp_path, cfg, result)
     outs = {t: merge_models(models, fit, method="cca", reference=0, gamma=0.1, weights=counts, repair=True,
                             repair_target=t).eval()(x) for t in ("reference", "average")}
     assert torch.allclose(fed.eval()(x), outs["reference"], rtol=1e-4, atol=1e-4)
