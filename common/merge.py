@@ -189,6 +189,8 @@ def selection_candidates(method: str, gamma: float | str | None = "auto", method
 
 
 def _resolve_probe(probe, need_held: bool, held_out: float, seed: int) -> tuple[Batches, Batches | None]:
+    if isinstance(probe, tuple) and len(probe) == 2 and all(isinstance(p, Batches) for p in probe):
+        return probe[0], (probe[1] if need_held else None)   # already split (fitting, held-out), as the strategy's
     batches = as_batches(probe)
     if not need_held:
         return batches, None
@@ -206,6 +208,9 @@ def merge_models(models: Sequence[nn.Module], probe: Any, method: str = "cca", r
     method: ``avg``, ``permute``, ``weight_matching``, ``ot``, ``zipit``, ``merge_many``, ``cca``, ``gcca``.
     reference: index of the model all others are aligned to, or ``"best"`` (best on a held-out probe slice).
     gamma: CCA regularisation relative to the unit scale, or ``"auto"`` (chosen on a held-out probe slice).
+    probe: inputs (a tensor, an ``(x, y)`` pair, a DataLoader or Batches), split here into a fitting part and a
+        held-out part (``held_out``, ``seed``) where something is chosen; or a ``(fit, held_out)`` pair of Batches
+        already split (e.g. ``fedmerge.common.task.probe_batches``, the slices a federation uses).
     Method options go in ``method_kwargs`` (e.g. OT's ``cost``/``reg``, ZipIt!'s ``alpha``/``beta``); ZipIt!'s
     ``alpha`` and ``beta`` left out are chosen on the held-out probe slice over :data:`ZIPIT_GRID`, as gamma is
     (see :func:`selection_candidates`; the choice is in ``MergeInfo.params``).

@@ -29,15 +29,13 @@ def run_demo(cfg: FedConfig, backend: str = "inline", baselines=("avg", "permute
     print(format_result(result))
 
     out = Path(cfg.out)
-    models = []
-    for part in sorted(int(p) for p in result["accuracy"]["clients_by_partition"]):
+    models, parts = [], sorted(int(p) for p in result["accuracy"]["clients_by_partition"])
+    for part in parts:
         m = build_global_model(cfg)
         m.load_state_dict(load_state(out / "clients" / f"client_{part}.safetensors"))
         models.append(m.eval())
-    fit, held = probe_batches(cfg)
-    from fedmerge.common.probe import Batches
-
-    probe = Batches(list(fit.batches) + list(held.batches))
+    probe = probe_batches(cfg)   # the federation's own fitting / held-out slices, so the offline CCA is its merge
+    weights = [float(result["rounds"][-1]["client_metrics"][str(p)]["num-examples"]) for p in parts]
     test = test_loader(cfg)
     from fedmerge.common.merge import has_batchnorm
 
@@ -49,7 +47,7 @@ def run_demo(cfg: FedConfig, backend: str = "inline", baselines=("avg", "permute
             t = time.time()
             merged, info = merge_models(models, probe, method=method, reference=cfg.reference_value,
                                         gamma=cfg.gamma_value, return_info=True, seed=cfg.seed,
-                                        held_out=cfg.held_out, repair=rep)
+                                        held_out=cfg.held_out, repair=rep, weights=weights)
             acc = evaluate(merged, test)["accuracy"]
             progress.info("offline %s%s: test accuracy %.2f%% (%.1f s)", method, " + REPAIR" if rep else "",
                           100 * acc, time.time() - t)

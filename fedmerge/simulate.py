@@ -84,8 +84,9 @@ def format_result(result: dict) -> str:
     lines.append(f"rounds {result['rounds_completed']}, clients merged {result['clients_merged']}, "
                  f"rejected {len(result['clients_rejected'])}, reference {result['reference']}, "
                  f"gamma {result['gamma']}")
-    lines.append(f"time: training {t['training']:.1f}s, statistics {t['statistics']:.1f}s, transforms "
-                 f"{t['transforms']:.2f}s, total {t['total']:.1f}s")
+    lines.append(f"time: training {t['training']:.1f}s (the slowest client of each round; all clients together "
+                 f"{t.get('training_sum_over_clients', t['training']):.1f}s), statistics {t['statistics']:.1f}s, "
+                 f"transforms {t['transforms']:.2f}s, total {t['total']:.1f}s")
     ups = result.get("upload_over_model_size", {})
     if ups:
         lines.append("upload per client per round / model size: " +

@@ -197,7 +197,7 @@ class CCAMerge(FedAvg):
     repair / repair_target: REPAIR after the merge, restoring each merged unit's statistics to the
         ``"average"`` of the aligned clients' (default) or to the ``"reference"`` client's (the paper's App. D).
     max_examples: bound on each client's ``num-examples``: an int, a ``{partition: size}`` mapping or a
-        callable ``partition -> size`` (the partition sizes the server knows). Default: 2^40 (integers only).
+        callable ``partition -> size`` (the partition sizes the server knows). Default: 10^9, with a warning.
     norm_bound: a client's weight norm must lie within this factor of the median over the round's clients and
         the server's global model (``None``: off). norm_action: ``"reject"`` the client or ``"clip"`` its update.
     node_partitions: a fixed ``{node id: partition}`` map (otherwise fixed by each node's first reply).
@@ -433,7 +433,9 @@ class CCAMerge(FedAvg):
         if self.stats_where == "clients":
             if self.probe_digest is not None:
                 check_echo(rd, "probe-digest", self.probe_digest,
-                           "statistics computed on a different probe (probe digest differs)")
+                           "statistics computed on a different probe (probe digest differs; the server's probe is "
+                           f"{self.fit.num_samples + self.held.num_samples} inputs, of which the clients' statistics "
+                           f"use {self.fit.num_samples}: every client needs the same probe inputs in the same order)")
             own, enc = decode_statistics(rd, "own-stats", decode_moments, self.spec, "own", "own statistics")
             check_moments(own, self.expected_counts, {g: psd_tolerance(e["dtype"]) for g, e in enc.items()})
             return ClientUpdate(node, part, state, metrics, own, enc)
@@ -803,6 +805,12 @@ class CCAMerge(FedAvg):
                                "its own statistics (reference mismatch)")
             if ref_problem is None:
                 break
+            if not cross and others and all(u.partition in failed for u in others):
+                why = {failed[u.partition] for u in others} | {ref_problem}
+                raise RoundFailedError(
+                    f"no client answered the cross-statistics query ({'; '.join(sorted(why))}); every ClientApp must "
+                    f"answer '{QUERY_CROSS}' (fedmerge.client.make_client_app does, or @app.query() with "
+                    "fedmerge.client.cross_reply)")
             self._reject(rec, ref.node, "cross-statistics", f"as reference: {ref_problem}")
             kept.remove(ref)
             if len(kept) < self.min_clients:

@@ -276,3 +276,27 @@ def test_repair_target_through_the_strategy(tmp_path):
     with pytest.raises(ValueError, match="repair_target"):
         CCAMerge(model_fn=lambda: build_global_model(tiny()), example_input=torch.zeros(2, 3, 32, 32), gamma=0.1,
                  repair_target="median")
+
+
+def test_clients_without_the_query_handler_fail_the_round_with_one_clear_reason(tmp_path):
+    """ClientApps that never registered the cross-statistics query: the round fails once, saying that no client
+    answered the query and what a ClientApp must register, instead of blaming one reference after another."""
+    from flwr.clientapp import ClientApp
+
+    from fedmerge.server.strategy import RoundFailedError
+
+    cfg = tiny(out=str(tmp_path), num_clients=2, arch="mlp", gamma="0.1", reference="0")
+    full = task_client_app(cfg.to_run_config())
+    app = ClientApp()
+
+    @app.train()
+    def train_only(msg, context):
+        return full(msg, context)
+
+    grid = InlineGrid(app, 2)
+    strategy = CCAMerge(model_fn=lambda: build_global_model(cfg), probe=probe_batches(cfg), gamma=0.1, reference=0,
+                        on_failed_round="raise")
+    with pytest.raises(RoundFailedError, match="no client answered the cross-statistics query .*No query function "
+                                               "registered.*must answer 'query.cross_stats'"):
+        strategy.start(grid, ArrayRecord(), num_rounds=1)
+    assert [r["phase"] for r in strategy.history[0].clients_rejected] == []
