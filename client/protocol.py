@@ -31,6 +31,7 @@ import torch.nn as nn
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedmerge.common import progress
 from fedmerge.common.compress import decode_moments, encode_cross, encode_moments
 from fedmerge.common.graph import derive_spec
 from fedmerge.common.probe import Batches, as_batches, probe_digest
@@ -159,8 +160,12 @@ def make_client_app(model_fn: Callable[[], nn.Module], train_fn: Callable, probe
         metrics = {"seconds-train": time.perf_counter() - t, **(metrics or {})}
         model = model.cpu().eval()
         context.state[LOCAL_KEY] = ArrayRecord({k: v.detach().cpu() for k, v in model.state_dict().items()})
-        return train_reply(msg, model, num_examples=num_examples, partition_id=pid, probe=probe_fn(context),
-                           metrics=metrics, dtype=stats_dtype, rank=stats_rank, device=device)
+        reply = train_reply(msg, model, num_examples=num_examples, partition_id=pid, probe=probe_fn(context),
+                            metrics=metrics, dtype=stats_dtype, rank=stats_rank, device=device)
+        progress.info("client %d round %s: trained in %.1f s on %d examples; statistics %.1f s", pid,
+                      config.get("server-round", "?"), metrics["seconds-train"], int(num_examples),
+                      reply.content["metrics"]["seconds-stats"])
+        return reply
 
     @app.query("cross_stats")
     def cross_handler(msg: Message, context: Context) -> Message:

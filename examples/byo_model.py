@@ -1,5 +1,7 @@
 """Bring your own model: your CNN (with BatchNorm), your data, your training loop; three label-skewed clients
 each train from their own initialisation and the server merges them with CCA Merge in one Flower round."""
+import sys
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -52,7 +54,8 @@ def main(grid, context):
     strategy = CCAMerge(model_fn=MyNet, probe=PROBE, method="cca", num_clients=3, min_clients=2,
                         max_examples=8000, on_failed_round="raise")
     result = strategy.start(grid, ArrayRecord(), num_rounds=1)
-    torch.save(result.arrays.to_torch_state_dict(), "byo_model.pt")      # the merged model
+    if len(sys.argv) > 1:                                           # optional: where to save the merged model
+        torch.save(result.arrays.to_torch_state_dict(), sys.argv[1])
     test = load_dataset("cifar10-mini", "test")
     xt, yt = to_tensor(test.x, test.name), torch.from_numpy(test.y)
     for name, state in [("merged", result.arrays.to_torch_state_dict()), *strategy.last_states.items()]:

@@ -575,12 +575,14 @@ def test_bring_your_own_model_example_runs_on_flowers_simulation(tmp_path):
     import sys
     from pathlib import Path
     example = Path(__file__).resolve().parents[1] / "examples" / "byo_model.py"
-    p = subprocess.run([sys.executable, str(example)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    p = subprocess.run([sys.executable, str(example), str(tmp_path / "byo_model.pt")], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     lines = [ln for ln in p.stdout.splitlines() if "test accuracy" in ln]
     assert [ln.split(":")[0] for ln in lines] == ["merged", "0", "1", "2"]
     assert all(0.0 <= float(ln.rsplit(" ", 1)[1]) <= 1.0 for ln in lines)
     state = torch.load(tmp_path / "byo_model.pt")
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["byo_model.pt"]   # writes nothing else into the cwd
     assert state and all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
 
 
