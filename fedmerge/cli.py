@@ -28,6 +28,10 @@ def _add_federation_args(p: argparse.ArgumentParser, defaults: dict) -> None:
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--method", default=d("method", "cca"),
                    help="cca | gcca | avg | permute | weight_matching | ot | zipit | merge_many")
+    p.add_argument("--method-schedule", default=d("method_schedule", ""), metavar="M1,M2,...|auto",
+                   help="method per round, the last repeating (e.g. 'cca,avg': CCA in round 1, plain averaging "
+                        "from the merged model afterwards); 'auto': --method while clients start from their own "
+                        "initialisations, avg once they start from the global model; '': --method every round")
     p.add_argument("--reference", default="best", help="'best' or a client index")
     p.add_argument("--gamma", default="auto", help="'auto' or a number (CCA regularisation)")
     p.add_argument("--bn-reset", default="auto", choices=["auto", "true", "false"])
@@ -68,7 +72,8 @@ def _config(a: argparse.Namespace):
 
     return FedConfig(dataset=a.dataset, data_root=a.data_root, split=a.split, alpha=a.alpha,
                      num_clients=a.clients, arch=a.arch, width=a.width, epochs=a.epochs, lr=a.lr,
-                     batch_size=a.batch_size, num_server_rounds=a.rounds, method=a.method, reference=a.reference,
+                     batch_size=a.batch_size, num_server_rounds=a.rounds, method=a.method,
+                     method_schedule=a.method_schedule, reference=a.reference,
                      gamma=a.gamma, bn_reset=a.bn_reset, repair=a.repair, np_merge=a.np_merge, probe_size=a.probe_size,
                      probe_from_union=a.probe_from_union, stats_on_server=a.stats_on_server,
                      stats_dtype=a.stats_dtype, stats_rank=a.stats_rank, norm_bound=a.norm_bound,

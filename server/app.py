@@ -58,7 +58,7 @@ def run_federation(grid: Grid, cfg: FedConfig) -> dict:
         weighted=cfg.weighted, num_clients=cfg.num_clients, min_clients=cfg.min_clients,
         stats_on_server=cfg.stats_on_server, query_timeout=cfg.timeout, held_out=cfg.held_out, seed=cfg.seed,
         device=cfg.device or None, max_examples=lambda part: _partition_size(cfg, part, strategy),
-        norm_bound=cfg.norm_bound or None, norm_action=cfg.norm_action,
+        norm_bound=cfg.norm_bound or None, norm_action=cfg.norm_action, method_schedule=cfg.method_schedule or None,
         **({"np_merge": True} if cfg.np_merge else {}))
     test = test_loader(cfg)
     evals: dict[int, dict] = {}
@@ -275,6 +275,8 @@ def _result(cfg: FedConfig, strategy: CCAMerge, evals: dict, ensemble, t0: float
     client_list = [v for v in clients.values() if v is not None]
     return {
         "method": cfg.method,
+        "method_schedule": cfg.method_schedule,
+        "methods_per_round": {str(h.round): h.method for h in hist},
         "num_clients": cfg.num_clients,
         "rounds_completed": len(done),
         "partial": partial,
