@@ -123,6 +123,8 @@ def _partition_size(cfg: FedConfig, part: int, strategy: CCAMerge) -> int:
 
 
 _RESUME_IGNORED = {"num_server_rounds", "resume", "out", "faults", "timeout", "device", "min_clients"}
+# config keys added after runs were saved: a state.json without one ran with this value
+_RESUME_LEGACY = {"method_schedule": "", "augment": True}
 
 
 def _checkpoint(cfg: FedConfig, out: Path, strategy: CCAMerge, evals: dict, model, server_round: int) -> None:
@@ -176,6 +178,7 @@ def _read_state(path: Path, cfg: FedConfig) -> dict:
         if not isinstance(st[key], typ) or isinstance(st[key], bool):
             bad(key, f"must be a {typ.__name__}")
     saved = st["config"]
+    saved = {**{k: v for k, v in _RESUME_LEGACY.items() if k not in saved}, **saved}
     diff = {k: (saved.get(k), v) for k, v in cfg.to_dict().items() if k not in _RESUME_IGNORED and saved.get(k) != v}
     if diff:
         raise ValueError(f"resume: the run in {path.parent} was made with a different configuration: "

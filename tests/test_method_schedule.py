@@ -110,3 +110,22 @@ def test_cca_then_avg_federation(tmp_path):
     for k, v in g3_in.items():
         avg = (n0 * s0[k].double() + n1 * s1[k].double()) / (n0 + n1)
         assert torch.allclose(v.double(), avg, atol=1e-6), k
+
+
+def test_resume_of_a_run_saved_before_the_schedule_existed(tmp_path):
+    """A state.json without ``method_schedule`` / ``augment`` ran with '' / True: resuming it with those
+    values continues; with another schedule it is a different configuration."""
+    import json
+
+    kw = dict(TINY, method="avg", common_init=True, out=str(tmp_path))
+    run_federation(InlineGrid(task_client_app(FedConfig(**kw).to_run_config()), 2), FedConfig(**kw, num_server_rounds=1))
+    state = json.loads((tmp_path / "state.json").read_text())
+    for k in ("method_schedule", "augment"):
+        state["config"].pop(k)
+    (tmp_path / "state.json").write_text(json.dumps(state))
+    with pytest.raises(ValueError, match="method_schedule"):
+        cfg = FedConfig(**kw, num_server_rounds=2, resume=True, method_schedule="cca,avg")
+        run_federation(InlineGrid(task_client_app(cfg.to_run_config()), 2), cfg)
+    cfg = FedConfig(**kw, num_server_rounds=2, resume=True)
+    result = run_federation(InlineGrid(task_client_app(cfg.to_run_config()), 2), cfg)
+    assert result["rounds_completed"] == 2 and result["methods_per_round"] == {"1": "avg", "2": "avg"}
