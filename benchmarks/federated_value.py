@@ -253,8 +253,10 @@ def _rt(v: list) -> str:
 def build_markdown(payload: dict) -> str:
     a = payload["settings"]
     lines = [f"# Federated value of CCA Merge: one-shot and few-round ({a['dataset']}, {a['arch']} x{a['width']:g})\n",
-             f"Data: {payload.get('data_note', a['dataset'])}; every client at most {a['max_train']} training images "
-             f"(a seeded subset of its partition), probe {a['probe_size']} images held out from all clients (20% held "
+             f"Data: {payload.get('data_note', a['dataset'])}; "
+             + (f"every client at most {a['max_train']} training images (a seeded subset of its partition)"
+                if a['max_train'] else "every client trains on its whole partition")
+             + f", probe {a['probe_size']} images held out from all clients (20% held "
              f"out again to choose gamma and the reference, never the test set), test: {a['max_test'] or 'all'} "
              f"seeded test images. Training: SGD lr {a['lr']:g} (warm-up + linear decay per round), batch "
              f"{a['batch_size']}, augmentation {'on' if a['augment'] else 'off'}. Seeds {a['seed_list']} "

@@ -64,7 +64,8 @@ class FedConfig:
     embedding_dim: int = 0             # class-embedding head size for split=disjoint (0 = num_classes)
     # merging
     method: str = "cca"
-    method_schedule: str = ""          # per-round methods "cca,avg" (last repeats), "auto", or "" (method always)
+    method_schedule: str = "auto"      # "auto": method while clients start from own inits, then avg; "cca,avg"
+                                       # (per round, the last repeating); "": method in every round
     reference: str = "best"            # "best" or a client index as a string
     gamma: str = "auto"                # "auto" or a number
     bn_reset: str = "auto"             # "auto" (when the model has BatchNorm), "true", "false"

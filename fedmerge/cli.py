@@ -28,10 +28,11 @@ def _add_federation_args(p: argparse.ArgumentParser, defaults: dict) -> None:
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--method", default=d("method", "cca"),
                    help="cca | gcca | avg | permute | weight_matching | ot | zipit | merge_many")
-    p.add_argument("--method-schedule", default=d("method_schedule", ""), metavar="M1,M2,...|auto",
-                   help="method per round, the last repeating (e.g. 'cca,avg': CCA in round 1, plain averaging "
-                        "from the merged model afterwards); 'auto': --method while clients start from their own "
-                        "initialisations, avg once they start from the global model; '': --method every round")
+    p.add_argument("--method-schedule", default=d("method_schedule", "auto"), metavar="auto|M1,M2,...|''",
+                   help="method per round. auto (default): --method while clients start from their own "
+                        "initialisations (round 1 without --common-init), plain averaging once they all start from "
+                        "the merged model; M1,M2,...: one per round, the last repeating (e.g. cca,avg); '': --method "
+                        "in every round")
     p.add_argument("--reference", default="best", help="'best' or a client index")
     p.add_argument("--gamma", default="auto", help="'auto' or a number (CCA regularisation)")
     p.add_argument("--bn-reset", default="auto", choices=["auto", "true", "false"])

@@ -84,9 +84,12 @@ class _KeepingGrid(InlineGrid):
         return replies
 
 
-def test_cca_then_avg_federation(tmp_path):
+@pytest.mark.parametrize("schedule", ["cca,avg", None])   # None: the service's default, "auto"
+def test_cca_then_avg_federation(tmp_path, schedule):
     torch.set_num_threads(1)
-    cfg = FedConfig(**TINY, num_server_rounds=3, method_schedule="cca,avg", out=str(tmp_path))
+    kw = {} if schedule is None else {"method_schedule": schedule}
+    cfg = FedConfig(**TINY, num_server_rounds=3, out=str(tmp_path), **kw)
+    assert cfg.method_schedule == (schedule or "auto")
     grid = _KeepingGrid(task_client_app(cfg.to_run_config()), 2)
     result = run_federation(grid, cfg)
     assert result["methods_per_round"] == {"1": "cca", "2": "avg", "3": "avg"}
@@ -112,19 +115,27 @@ def test_cca_then_avg_federation(tmp_path):
         assert torch.allclose(v.double(), avg, atol=1e-6), k
 
 
+def test_auto_averages_from_a_common_initialisation():
+    cfg = FedConfig(**TINY, common_init=True)
+    fit, held = probe_batches(cfg)
+    s = CCAMerge(model_fn=lambda: build_global_model(cfg), probe=(fit, held), method="cca", method_schedule="auto")
+    # round 1 with a common initial model: every client starts from the same weights
+    assert s.method_for_round(1, from_global=True) == "avg"
+
+
 def test_resume_of_a_run_saved_before_the_schedule_existed(tmp_path):
     """A state.json without ``method_schedule`` / ``augment`` ran with '' / True: resuming it with those
-    values continues; with another schedule it is a different configuration."""
+    values continues; with the new default ('auto') it is a different configuration, and says so."""
     import json
 
-    kw = dict(TINY, method="avg", common_init=True, out=str(tmp_path))
+    kw = dict(TINY, method="avg", common_init=True, out=str(tmp_path), method_schedule="")
     run_federation(InlineGrid(task_client_app(FedConfig(**kw).to_run_config()), 2), FedConfig(**kw, num_server_rounds=1))
     state = json.loads((tmp_path / "state.json").read_text())
     for k in ("method_schedule", "augment"):
         state["config"].pop(k)
     (tmp_path / "state.json").write_text(json.dumps(state))
-    with pytest.raises(ValueError, match="method_schedule"):
-        cfg = FedConfig(**kw, num_server_rounds=2, resume=True, method_schedule="cca,avg")
+    with pytest.raises(ValueError, match="method_schedule: saved '', now 'auto'"):
+        cfg = FedConfig(**{**kw, "method_schedule": "auto"}, num_server_rounds=2, resume=True)
         run_federation(InlineGrid(task_client_app(cfg.to_run_config()), 2), cfg)
     cfg = FedConfig(**kw, num_server_rounds=2, resume=True)
     result = run_federation(InlineGrid(task_client_app(cfg.to_run_config()), 2), cfg)
