@@ -216,10 +216,12 @@ def summarise_few_round(recs: list[dict], settings, arms) -> list[dict]:
     for split, alpha in settings:
         rs = [r for r in recs if r["split"] == split and r["alpha"] == alpha]
         seeds = sorted({r["seed"] for r in rs if r["arm"] == "fedavg"})
+        if not seeds:   # no target without the fedavg arm
+            continue
         setting = {"split": split, "alpha": alpha, "seeds": seeds, "arms": {}}
         targets = {s: next(r for r in rs if r["arm"] == "fedavg" and r["seed"] == s)["final_accuracy"] for s in seeds}
         setting["target"] = mean_std([100 * t for t in targets.values()]) if targets else None
-        bests = {s: max(x["global_accuracy"] for x in next(r for r in rs if r["arm"] == "fedavg" and r["seed"] == s)[
+        bests = {s: max(x["global_accuracy"] or 0.0 for x in next(r for r in rs if r["arm"] == "fedavg" and r["seed"] == s)[
             "rounds"]) for s in seeds}
         setting["target_best"] = mean_std([100 * t for t in bests.values()]) if bests else None
         for arm in arms:
@@ -227,7 +229,10 @@ def summarise_few_round(recs: list[dict], settings, arms) -> list[dict]:
             if not ar:
                 continue
             nr = len(ar[0]["rounds"])
-            curve = [mean_std([100 * r["rounds"][i]["global_accuracy"] for r in ar]) for i in range(nr)]
+            # a failed round keeps the previous global model (its accuracy is that model's); a failed round 1 has
+            # none: that seed is left out of the round's mean (n in the curve)
+            curve = [_mean_std_or_none([100 * r["rounds"][i]["global_accuracy"] for r in ar
+                                        if r["rounds"][i]["global_accuracy"] is not None]) for i in range(nr)]
             mib = [float(np.mean([r["rounds"][i]["cumulative_upload_bytes"] for r in ar])) / 2 ** 20 for i in range(nr)]
             hits = [rounds_to(r, targets[r["seed"]]) for r in ar]
             setting["arms"][arm] = {
@@ -237,13 +242,23 @@ def summarise_few_round(recs: list[dict], settings, arms) -> list[dict]:
                 "curve": curve, "cumulative_mib": mib,
                 "clients_round1": mean_std([100 * r["rounds"][0]["clients_mean_accuracy"] for r in ar]),
                 "final": mean_std([100 * r["final_accuracy"] for r in ar]),
-                "best": mean_std([100 * max(x["global_accuracy"] for x in r["rounds"]) for r in ar]),
+                "best": mean_std([100 * max(x["global_accuracy"] or 0.0 for x in r["rounds"]) for r in ar]),
+                "failed_rounds": [[x["round"] for x in r["rounds"] if not x["ok"]] for r in ar],
                 "rounds_to_target": [h[0] for h in hits],
                 "rounds_to_fedavg_best": [rounds_to(r, bests[r["seed"]])[0] for r in ar],
                 "mib_to_target": [None if h[1] is None else h[1] / 2 ** 20 for h in hits],
                 "total_mib": mib[-1]}
         out.append(setting)
     return out
+
+
+def _mean_std_or_none(values):
+    return mean_std(values) if values else None
+
+
+def _ms(s) -> str:
+    """mean ± std, with n when some seeds are missing (a failed first round has no global model)."""
+    return "–" if s is None else fmt_mean_std(s)
 
 
 def _rt(v: list) -> str:
@@ -290,16 +305,20 @@ def build_markdown(payload: dict) -> str:
                          f"{fmt_mean_std(s['target'])}%; FedAvg's best round {fmt_mean_std(s['target_best'])}%)\n")
             rows = []
             for arm, v in s["arms"].items():
-                rows.append([f"`{arm}`", v["rounds"], fmt_mean_std(v["clients_round1"]), fmt_mean_std(v["curve"][0]),
+                rows.append([f"`{arm}`", v["rounds"], fmt_mean_std(v["clients_round1"]), _ms(v["curve"][0]),
                              fmt_mean_std(v["final"]), fmt_mean_std(v["best"]), _rt(v["rounds_to_target"]),
                              _rt([None if m is None else f"{m:.1f}" for m in v["mib_to_target"]]),
-                             _rt(v["rounds_to_fedavg_best"]), f"{v['total_mib']:.1f}"])
+                             _rt(v["rounds_to_fedavg_best"]), _rt([",".join(map(str, f)) or "0" for f in
+                                                                   v["failed_rounds"]]).replace(", ", " / "),
+                             f"{v['total_mib']:.1f}"])
             lines.append(md_table(["arm", "rounds", "round-1 clients %", "round 1 global %", "final %",
                                    "best round %", "rounds to target", "MiB to target", "rounds to FedAvg's best",
-                                   "total MiB"], rows))
+                                   "failed rounds per seed", "total MiB"], rows))
             nmax = max(v["rounds"] for v in s["arms"].values())
             hdr = ["round"] + [f"`{arm}`" for arm in s["arms"]]
-            rows = [[i + 1] + [fmt_mean_std(v["curve"][i]) if i < v["rounds"] else "" for v in s["arms"].values()]
+            rows = [[i + 1] + [(_ms(v["curve"][i]) + ("" if v["curve"][i] is None or v["curve"][i]["n"] == len(v["seeds"])
+                                                     else f" (n={v['curve'][i]['n']})")) if i < v["rounds"] else ""
+                               for v in s["arms"].values()]
                     for i in range(nmax)]
             lines.append("\nGlobal test accuracy % per round:\n")
             lines.append(md_table(hdr, rows))
@@ -308,14 +327,31 @@ def build_markdown(payload: dict) -> str:
 
 
 def plot_one_shot(rows: list[dict], path: Path) -> None:
-    from .plots import bar_chart
+    """Grouped bars (mean ± std over seeds) per (split, N): clients' mean, one-shot FedAvg, Permute, CCA, ensemble."""
+    from matplotlib.figure import Figure
 
-    cats = [f"{split_label(r['split'], r['alpha'])}\nN={r['clients']}" for r in rows]
-    series = {k: [r[k]["mean"] for r in rows] for k in ("clients_mean", "avg", "permute", "cca", "ensemble")}
-    names = {"clients_mean": "clients (mean)", "avg": "avg (one-shot FedAvg)", "permute": "permute", "cca": "CCA",
-             "ensemble": "ensemble"}
-    bar_chart(path, cats, {names[k]: v for k, v in series.items()}, title="One-shot federation (mean over seeds)",
-              annotate=False)
+    keys = [("clients_mean", "clients (mean)"), ("avg", "avg = one-shot FedAvg"), ("permute", "permute"),
+            ("cca", "CCA (federated)"), ("ensemble", "ensemble")]
+    fig = Figure(figsize=(max(8.0, 1.05 * len(rows) + 2), 4.4))
+    ax = fig.subplots()
+    w = 0.8 / len(keys)
+    for j, (k, name) in enumerate(keys):
+        xs = [i - 0.4 + w * (j + 0.5) for i in range(len(rows))]
+        ax.bar(xs, [r[k]["mean"] for r in rows], width=w * 0.95, yerr=[r[k]["std"] or 0.0 for r in rows],
+               capsize=1.5, error_kw={"lw": 0.7}, label=name, color=f"C{j}")
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels([f"{split_label(r['split'], r['alpha']).replace(' (generalised)', '')}\nN={r['clients']}"
+                        for r in rows], fontsize=7)
+    ax.set_ylim(0, 100)
+    ax.set_ylabel("test accuracy %")
+    ax.grid(True, axis="y", alpha=0.3)
+    n = sorted({len(r["seeds"]) for r in rows})
+    ax.set_title(f"One-shot federation: one merge of independently trained clients (mean ± std, n = "
+                 f"{'/'.join(map(str, n))} seeds)", fontsize=9)
+    ax.legend(fontsize=7, ncol=5, loc="upper center", bbox_to_anchor=(0.5, -0.14))
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
 
 
 def plot_few_round(settings: list[dict], path: Path) -> None:
@@ -328,8 +364,8 @@ def plot_few_round(settings: list[dict], path: Path) -> None:
     axes = fig.subplots(2, len(ss), squeeze=False)
     for j, s in enumerate(ss):
         for i, (arm, v) in enumerate(s["arms"].items()):
-            m = np.array([c["mean"] for c in v["curve"]])
-            sd = np.array([c["std"] or 0.0 for c in v["curve"]])
+            m = np.array([np.nan if c is None else c["mean"] for c in v["curve"]])
+            sd = np.array([0.0 if c is None else (c["std"] or 0.0) for c in v["curve"]])
             x = np.arange(1, len(m) + 1)
             for ax, xs in ((axes[0][j], x), (axes[1][j], np.array(v["cumulative_mib"]))):
                 ax.plot(xs, m, "o-", ms=3, color=f"C{i}", label=ARMS[arm][4])
