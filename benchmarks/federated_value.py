@@ -187,7 +187,7 @@ def few_round_run(args, split: str, alpha: float, arm: str, seed: int, log) -> d
 
 
 def rounds_to(rec: dict, target: float) -> tuple[int | None, int | None]:
-    """(first round whose global accuracy >= target, MiB-free cumulative upload bytes by then) or (None, None)."""
+    """(first round whose global accuracy >= target, cumulative upload bytes by then), or (None, None)."""
     for x in rec["rounds"]:
         if x["global_accuracy"] is not None and x["global_accuracy"] >= target - 1e-12:
             return x["round"], x["cumulative_upload_bytes"]

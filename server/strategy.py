@@ -338,6 +338,10 @@ class CCAMerge(FedAvg):
             return "avg" if from_global else self.base_method
         return s[min(max(server_round, 1), len(s)) - 1]
 
+    def _schedule_text(self) -> str:
+        s = self.method_schedule
+        return "none" if s is None else s if isinstance(s, str) else ",".join(s)
+
     def _use_method(self, method: str) -> None:
         """Make ``method`` this round's: what it needs and where its statistics are computed."""
         self.method = method
@@ -372,8 +376,7 @@ class CCAMerge(FedAvg):
 
     def summary(self) -> None:
         log(INFO, "\t├──> CCAMerge: method=%s reference=%s gamma=%s statistics=%s%s", self.method, self.reference,
-            self.gamma, self.stats_where, "" if self.method_schedule is None else
-            f" schedule={self.method_schedule if isinstance(self.method_schedule, str) else ','.join(self.method_schedule)}")
+            self.gamma, self.stats_where, "" if self.method_schedule is None else f" schedule={self._schedule_text()}")
         log(INFO, "\t└──> merge spec: %d groups, %d layers; min clients %d; norm bound %s (%s)", len(self.spec.groups),
             len(self.spec.layers), self.min_clients, self.norm_bound, self.norm_action)
 
@@ -454,8 +457,7 @@ class CCAMerge(FedAvg):
         self._global = {k: v.detach().cpu() for k, v in arrays.to_torch_state_dict().items()} if len(arrays) else None
         self._use_method(self.method_for_round(server_round, self._global is not None))
         if self.method_schedule is not None:
-            log(INFO, "round %d: method %s (schedule %s)", server_round, self.method,
-                self.method_schedule if isinstance(self.method_schedule, str) else ",".join(self.method_schedule))
+            log(INFO, "round %d: method %s (schedule %s)", server_round, self.method, self._schedule_text())
         nodes = self._sample(grid)
         self._sampled = set(nodes)
         if self.method == "avg" and self._global is None:
