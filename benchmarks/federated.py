@@ -160,8 +160,9 @@ def run_arm(name: str, base: dict, args, out: Path, log) -> tuple[dict, Schedule
     arm_out = out / name
     if arm_out.exists():
         shutil.rmtree(arm_out)
-    cfg = FedConfig(**base, method=method, common_init=common_init, num_server_rounds=args.rounds,
-                    epochs=args.first_epochs, out=str(arm_out))
+    # method_schedule "": the arm's method in every round (the service's default "auto" averages after round 1)
+    cfg = FedConfig(**base, method=method, method_schedule="", common_init=common_init,
+                    num_server_rounds=args.rounds, epochs=args.first_epochs, out=str(arm_out))
     grid = ScheduledGrid(cfg.to_run_config(),
                          lambda r: args.first_epochs if r == 1 else args.round_epochs, cfg.num_clients)
     t = time.time()

@@ -10,7 +10,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, fields
 from functools import lru_cache
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -21,9 +21,13 @@ from .probe import Batches, as_batches
 from .splits import make_split
 
 __all__ = ["FedConfig", "build_global_model", "client_partition", "probe_batches", "test_loader",
-           "train_loader", "METHOD_CHOICES", "FAULT_KINDS", "parse_faults"]
+           "train_loader", "METHOD_CHOICES", "FAULT_KINDS", "parse_faults", "parse_method_schedule"]
 
 METHOD_CHOICES = ("avg", "permute", "weight_matching", "ot", "zipit", "merge_many", "cca", "gcca")
+#: ``method_schedule="auto"``: the configured method in a round whose clients start from their own
+#: initialisations (no global weights sent: round 1 without ``common_init``), plain averaging in a round whose
+#: clients all start from the global model.
+SCHEDULE_AUTO = "auto"
 #: Fault kinds the built-in ClientApp can inject (``--inject-fault KIND[@ROUND]:CLIENT``), each one a way a
 #: client can fail or attack: training-phase ``nan`` (a NaN weight), ``shape`` (a weight of another shape),
 #: ``bytes`` (a payload that holds another shape than the Array declares), ``huge`` (an upload over the cap),
@@ -56,9 +60,12 @@ class FedConfig:
     batch_size: int = 64
     seed: int = 0
     common_init: bool = False          # round 1 from one shared init (True) or each client's own seed
+    augment: bool = True               # random crop (+ flip for RGB) in local training
     embedding_dim: int = 0             # class-embedding head size for split=disjoint (0 = num_classes)
     # merging
     method: str = "cca"
+    method_schedule: str = "auto"      # "auto": method while clients start from own inits, then avg; "cca,avg"
+                                       # (per round, the last repeating); "": method in every round
     reference: str = "best"            # "best" or a client index as a string
     gamma: str = "auto"                # "auto" or a number
     bn_reset: str = "auto"             # "auto" (when the model has BatchNorm), "true", "false"
@@ -88,6 +95,7 @@ class FedConfig:
 
         if self.method not in METHOD_CHOICES:
             raise ValueError(f"method must be one of {METHOD_CHOICES}, got {self.method!r}")
+        parse_method_schedule(self.method_schedule)
         dataset_info(self.dataset)  # raises for an unknown data set
         from .splits import ALIASES
         if self.split not in SPLITS and self.split not in ALIASES:
@@ -164,6 +172,33 @@ class FedConfig:
         """This client's faults as ``KIND`` or ``KIND@ROUND``."""
         return [f"{kind}@{rnd}" if rnd else kind for kind, rnd, who in parse_faults(self.faults)
                 if who is None or who == client]
+
+
+def parse_method_schedule(spec, methods: Sequence[str] = METHOD_CHOICES) -> tuple[str, ...] | str | None:
+    """A per-round method schedule: ``None`` or ``""`` -> ``None`` (the configured method in every round);
+    ``"auto"`` -> ``"auto"``; ``"cca,avg"`` or ``["cca", "avg"]`` -> ``("cca", "avg")``: round r uses entry
+    ``min(r, len) - 1``, so the last entry repeats. A name outside ``methods`` or an empty entry is an error."""
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        text = spec.strip()
+        if not text:
+            return None
+        if text.lower() == SCHEDULE_AUTO:
+            return SCHEDULE_AUTO
+        items = [t.strip() for t in text.split(",")]
+    else:
+        items = [str(t).strip() if isinstance(t, str) else t for t in spec]
+    if not items:
+        return None
+    for t in items:
+        if not isinstance(t, str) or not t:
+            raise ValueError(f"method schedule {spec!r}: every entry must be a method name, got {t!r}")
+        if t == SCHEDULE_AUTO:
+            raise ValueError(f"method schedule {spec!r}: 'auto' is a whole schedule, not one round's method")
+        if t not in methods:
+            raise ValueError(f"method schedule {spec!r}: unknown method {t!r}; choose from {', '.join(methods)}")
+    return tuple(items)
 
 
 def parse_faults(spec: str) -> list[tuple[str, int | None, int | None]]:
@@ -254,7 +289,7 @@ def client_partition(cfg: FedConfig, partition_id: int, num_partitions: int) -> 
 def train_loader(cfg: FedConfig, partition_id: int, num_partitions: int, seed: int = 0):
     idx = client_partition(cfg, partition_id, num_partitions)
     return make_loader(_train_set(cfg.dataset, cfg.data_root), idx, batch_size=cfg.batch_size, train=True,
-                       seed=seed)
+                       seed=seed, augment=cfg.augment)
 
 
 def probe_batches(cfg: FedConfig, batch_size: int = 250) -> tuple[Batches, Batches]:

@@ -28,6 +28,11 @@ def _add_federation_args(p: argparse.ArgumentParser, defaults: dict) -> None:
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--method", default=d("method", "cca"),
                    help="cca | gcca | avg | permute | weight_matching | ot | zipit | merge_many")
+    p.add_argument("--method-schedule", default=d("method_schedule", "auto"), metavar="auto|M1,M2,...|''",
+                   help="method per round. auto (default): --method while clients start from their own "
+                        "initialisations (round 1 without --common-init), plain averaging once they all start from "
+                        "the merged model; M1,M2,...: one per round, the last repeating (e.g. cca,avg); '': --method "
+                        "in every round")
     p.add_argument("--reference", default="best", help="'best' or a client index")
     p.add_argument("--gamma", default="auto", help="'auto' or a number (CCA regularisation)")
     p.add_argument("--bn-reset", default="auto", choices=["auto", "true", "false"])
@@ -72,8 +77,10 @@ def _config(a: argparse.Namespace):
 
     return FedConfig(dataset=a.dataset, data_root=a.data_root, split=a.split, alpha=a.alpha,
                      num_clients=a.clients, arch=a.arch, width=a.width, epochs=a.epochs, lr=a.lr,
-                     batch_size=a.batch_size, num_server_rounds=a.rounds, method=a.method, reference=a.reference,
-                     gamma=a.gamma, bn_reset=a.bn_reset, repair=a.repair, repair_target=a.repair_target, np_merge=a.np_merge, probe_size=a.probe_size,
+                     batch_size=a.batch_size, num_server_rounds=a.rounds, method=a.method,
+                     method_schedule=a.method_schedule, reference=a.reference, gamma=a.gamma,
+                     bn_reset=a.bn_reset, repair=a.repair, repair_target=a.repair_target, np_merge=a.np_merge,
+                     probe_size=a.probe_size,
                      probe_from_union=a.probe_from_union, stats_on_server=a.stats_on_server,
                      stats_dtype=a.stats_dtype, stats_rank=a.stats_rank, norm_bound=a.norm_bound,
                      norm_action=a.norm_action,

@@ -59,7 +59,7 @@ def run_federation(grid: Grid, cfg: FedConfig) -> dict:
         repair_target=cfg.repair_target, weighted=cfg.weighted, num_clients=cfg.num_clients,
         min_clients=cfg.min_clients, stats_on_server=cfg.stats_on_server, query_timeout=cfg.timeout, held_out=cfg.held_out, seed=cfg.seed,
         device=cfg.device or None, max_examples=lambda part: _partition_size(cfg, part, strategy),
-        norm_bound=cfg.norm_bound or None, norm_action=cfg.norm_action,
+        norm_bound=cfg.norm_bound or None, norm_action=cfg.norm_action, method_schedule=cfg.method_schedule or None,
         **({"np_merge": True} if cfg.np_merge else {}))
     test = test_loader(cfg)
     evals: dict[int, dict] = {}
@@ -127,6 +127,8 @@ def _partition_size(cfg: FedConfig, part: int, strategy: CCAMerge) -> int:
 
 
 _RESUME_IGNORED = {"num_server_rounds", "resume", "out", "faults", "timeout", "device", "min_clients"}
+# config keys added after runs were saved: a state.json without one ran with this value
+_RESUME_LEGACY = {"method_schedule": "", "augment": True}
 
 
 def _checkpoint(cfg: FedConfig, out: Path, strategy: CCAMerge, evals: dict, model, server_round: int) -> None:
@@ -180,6 +182,7 @@ def _read_state(path: Path, cfg: FedConfig) -> dict:
         if not isinstance(st[key], typ) or isinstance(st[key], bool):
             bad(key, f"must be a {typ.__name__}")
     saved = st["config"]
+    saved = {**{k: v for k, v in _RESUME_LEGACY.items() if k not in saved}, **saved}
     diff = {k: (saved.get(k), v) for k, v in cfg.to_dict().items() if k not in _RESUME_IGNORED and saved.get(k) != v}
     if diff:
         raise ValueError(f"resume: the run in {path.parent} was made with a different configuration: "
@@ -279,6 +282,8 @@ def _result(cfg: FedConfig, strategy: CCAMerge, evals: dict, ensemble, t0: float
     client_list = [v for v in clients.values() if v is not None]
     return {
         "method": cfg.method,
+        "method_schedule": cfg.method_schedule,
+        "methods_per_round": {str(h.round): h.method for h in hist},
         "num_clients": cfg.num_clients,
         "rounds_completed": len(done),
         "partial": partial,

@@ -55,6 +55,7 @@ from fedmerge.common.merge import (GAMMA_GRID, METHODS, REPAIR_TARGETS, has_batc
                                    selection_candidates)
 from fedmerge.common.probe import Batches, as_batches, probe_digest
 from fedmerge.common.records import weights_digest
+from fedmerge.common.task import SCHEDULE_AUTO, parse_method_schedule
 from fedmerge.common.stats import (Statistics, collect_statistics, cross_statistics, own_statistics,
                                    samples_per_input)
 
@@ -77,6 +78,7 @@ class RoundRecord:
 
     round: int
     ok: bool = False
+    method: str | None = None                                     # the method this round merged with
     error: str | None = None
     clients_merged: list[int] = field(default_factory=list)       # partition ids
     clients_rejected: list[dict] = field(default_factory=list)    # {node, partition, phase, reason}
@@ -97,7 +99,7 @@ class RoundRecord:
     def from_dict(cls, d: dict) -> "RoundRecord":
         """From ``to_dict``'s output (a resumed run's state.json), every field's type checked (ValueError)."""
         _check_record(d)
-        kw = {k: d[k] for k in ("error", "reference", "gamma") if k in d}
+        kw = {k: d[k] for k in ("error", "reference", "gamma", "method") if k in d}
         kw.update({k: {int(p): v for p, v in dict(d.get(k, {})).items()} for k in cls._INT_KEYED})
         return cls(round=int(d["round"]), ok=bool(d["ok"]), clients_merged=[int(p) for p in d.get("clients_merged", [])],
                    clients_rejected=[dict(r) for r in d.get("clients_rejected", [])],
@@ -105,7 +107,8 @@ class RoundRecord:
                    merge_info=dict(d.get("merge_info", {})), **kw)
 
     def to_dict(self) -> dict:
-        out = {"round": self.round, "ok": self.ok, "error": self.error, "clients_merged": self.clients_merged,
+        out = {"round": self.round, "ok": self.ok, "method": self.method, "error": self.error,
+               "clients_merged": self.clients_merged,
                "clients_rejected": self.clients_rejected, "blamed": self.blamed, "reference": self.reference,
                "gamma": self.gamma, "timings": self.timings, "merge_info": self.merge_info}
         out.update({k: {str(p): v for p, v in getattr(self, k).items()} for k in self._INT_KEYED})
@@ -126,6 +129,7 @@ def _check_record(d) -> None:
     need(isinstance(d.get("round"), int) and not isinstance(d.get("round"), bool), "round", "an integer")
     need(isinstance(d.get("ok"), bool), "ok", "true or false")
     need(d.get("error") is None or isinstance(d.get("error"), str), "error", "a string or null")
+    need(d.get("method") is None or d.get("method") in METHODS, "method", "a known method or null")
     for k in ("reference", "gamma"):
         need(d.get(k) is None or _number(d.get(k)), k, "a number or null")
     for k in ("clients_merged", "blamed"):
@@ -203,6 +207,12 @@ class CCAMerge(FedAvg):
     node_partitions: a fixed ``{node id: partition}`` map (otherwise fixed by each node's first reply).
     on_failed_round: ``"keep"`` the previous global model and go on (Flower's behaviour), or ``"raise"``
         :class:`RoundFailedError` out of ``start`` (a script then fails loudly; the round is in ``history``).
+    method_schedule: the method of each round. ``None`` (default): ``method`` in every round. ``"auto"``:
+        ``method`` in a round whose clients start from their own initialisations (no global weights sent, as
+        in round 1 without a common initial model), plain averaging (``avg``) once they all start from the
+        global model. A sequence (or ``"cca,avg"``): entry r-1 in round r, the last entry repeating; an
+        unknown name is a ValueError. An ``avg`` round asks clients for no statistics (weights only); every
+        reply check applies in every round. ``method_kwargs`` go to every scheduled method.
     """
 
     def __init__(self, model_fn: Callable[[], nn.Module] | nn.Module, probe: Any = None, *, method: str = "cca",
@@ -216,9 +226,11 @@ class CCAMerge(FedAvg):
                  max_examples: int | Mapping[int, int] | Callable[[int], int] | None = None,
                  norm_bound: float | None = 10.0, norm_action: str = "reject",
                  node_partitions: Mapping[int, int] | None = None, max_reference_retries: int = 2,
-                 on_failed_round: str = "keep", **method_kwargs) -> None:
+                 on_failed_round: str = "keep", method_schedule: Sequence[str] | str | None = None,
+                 **method_kwargs) -> None:
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
+        self.method_schedule = parse_method_schedule(method_schedule, tuple(METHODS))
         if min_clients < 1:
             raise ValueError("min_clients must be >= 1")
         if norm_action not in NORM_ACTIONS:
@@ -246,13 +258,8 @@ class CCAMerge(FedAvg):
         self.max_reference_retries, self.on_failed_round = max_reference_retries, on_failed_round
         self.method_kwargs = method_kwargs
         self.train_config = dict(train_config or {})
-        self.needs = METHODS[method].needs
-        if self.needs == "stats_all" or (stats_on_server and self.needs == "stats"):
-            self.stats_where = "server"
-        elif self.needs == "stats":
-            self.stats_where = "clients"
-        else:
-            self.stats_where = "none"
+        self.base_method = method
+        self._use_method(method)
 
         self.template = self.model_fn().cpu().eval()
         self.fit: Batches | None = None
@@ -268,10 +275,13 @@ class CCAMerge(FedAvg):
         if example is None:
             raise ValueError("CCAMerge needs a probe or an example_input to derive the merge spec")
         self.spec: MergeSpec = derive_spec(self.template, example)
-        self._check_needs_probe()
-        if norm_action == "clip" and self.fit is None and self.stats_where == "clients":
-            raise ValueError("norm_action='clip' needs a server probe: a clipped client's statistics are recomputed "
-                             "by the server from the clipped weights")
+        for m in self.scheduled_methods():   # every method the schedule may use must be possible
+            self._use_method(m)
+            self._check_needs_probe()
+            if norm_action == "clip" and self.fit is None and self.stats_where == "clients":
+                raise ValueError("norm_action='clip' needs a server probe: a clipped client's statistics are "
+                                 "recomputed by the server from the clipped weights")
+        self._use_method(self.scheduled_methods()[0])
         self.keys = {k: (tuple(v.shape), v.dtype) for k, v in self.template.state_dict().items()}
         self.model_bytes = sum(v.numel() * v.element_size() for v in self.template.state_dict().values())
         self.max_upload_bytes = max_upload_bytes or int(8 * self.model_bytes + self._stats_bytes_bound() + 2 ** 20)
@@ -298,6 +308,43 @@ class CCAMerge(FedAvg):
         self._grid: Grid | None = None
         self._round_start = 0.0
 
+    # --- the method of each round -------------------------------------------------------------------------
+    def scheduled_methods(self) -> tuple[str, ...]:
+        """Every method a round may use (the configured one first, unless an explicit schedule replaces it)."""
+        s = self.method_schedule
+        if s is None:
+            return (self.base_method,)
+        if s == SCHEDULE_AUTO:
+            return (self.base_method, "avg")
+        return tuple(dict.fromkeys(s))
+
+    def method_for_round(self, server_round: int, from_global: bool) -> str:
+        """The method of round ``server_round`` (1-based, resumed rounds included): the configured method
+        without a schedule; with ``"auto"`` the configured method when the clients start from their own
+        initialisations (``from_global`` false: no global weights sent) and plain averaging when they all start
+        from the global model; with an explicit schedule its entry ``min(round, len) - 1``."""
+        s = self.method_schedule
+        if s is None:
+            return self.base_method
+        if s == SCHEDULE_AUTO:
+            return "avg" if from_global else self.base_method
+        return s[min(max(server_round, 1), len(s)) - 1]
+
+    def _schedule_text(self) -> str:
+        s = self.method_schedule
+        return "none" if s is None else s if isinstance(s, str) else ",".join(s)
+
+    def _use_method(self, method: str) -> None:
+        """Make ``method`` this round's: what it needs and where its statistics are computed."""
+        self.method = method
+        self.needs = METHODS[method].needs
+        if self.needs == "stats_all" or (self.stats_on_server and self.needs == "stats"):
+            self.stats_where = "server"
+        elif self.needs == "stats":
+            self.stats_where = "clients"
+        else:
+            self.stats_where = "none"
+
     # --- set-up checks ----------------------------------------------------------------------------------
     def _check_needs_probe(self) -> None:
         if self.fit is not None:
@@ -320,8 +367,8 @@ class CCAMerge(FedAvg):
         return sum(8 * (2 * g.dim * g.dim + 3 * g.dim + 2) for g in self.spec.groups.values())
 
     def summary(self) -> None:
-        log(INFO, "\t├──> CCAMerge: method=%s reference=%s gamma=%s statistics=%s", self.method, self.reference,
-            self.gamma, self.stats_where)
+        log(INFO, "\t├──> CCAMerge: method=%s reference=%s gamma=%s statistics=%s%s", self.method, self.reference,
+            self.gamma, self.stats_where, "" if self.method_schedule is None else f" schedule={self._schedule_text()}")
         log(INFO, "\t└──> merge spec: %d groups, %d layers; min clients %d; norm bound %s (%s)", len(self.spec.groups),
             len(self.spec.layers), self.min_clients, self.norm_bound, self.norm_action)
 
@@ -400,6 +447,9 @@ class CCAMerge(FedAvg):
         self._grid = grid
         self._round_start = time.time()
         self._global = {k: v.detach().cpu() for k, v in arrays.to_torch_state_dict().items()} if len(arrays) else None
+        self._use_method(self.method_for_round(server_round, self._global is not None))
+        if self.method_schedule is not None:
+            log(INFO, "round %d: method %s (schedule %s)", server_round, self.method, self._schedule_text())
         nodes = self._sample(grid)
         self._sampled = set(nodes)
         if self.method == "avg" and self._global is None:
@@ -460,7 +510,7 @@ class CCAMerge(FedAvg):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.round_offset
-        rec = RoundRecord(round=server_round)
+        rec = RoundRecord(round=server_round, method=self.method)
         self.history.append(rec)
         t_round = time.time()
         accepted: list[ClientUpdate] = []

@@ -231,7 +231,7 @@ def test_soak_twenty_rounds_with_random_faults(tmp_path):
     planned = [(k, int(r), int(rng.integers(1, 3))) for k, r in zip(kinds, rounds)]  # clients 1..2 (0 = reference)
     faults = ",".join(f"{k}@{r}:{c}" for k, r, c in planned)
     cfg = tiny(out=str(tmp_path), faults=faults, reference="0", gamma="0.1", num_server_rounds=20, max_train=128,
-               max_test=100)
+               max_test=100, method_schedule="")   # CCA (and its statistics query) in every round
     result = run_federation(InlineGrid(task_client_app(cfg.to_run_config()), 3), cfg)
     got = sorted((r["round"], r["partition"]) for r in result["clients_rejected"])
     assert got == sorted((r, c) for _, r, c in planned)
