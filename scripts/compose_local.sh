@@ -8,11 +8,12 @@
 # Engine: Docker where a Docker engine answers (`docker info`), else Podman, installed with apt-get when missing
 # (root). On the Podman path the compose file runs through podman-compose (a pinned release from PyPI in a venv
 # of its own), containers run with runc and cgroupfs and without default ulimits (a containers.conf of this
-# script's, via CONTAINERS_CONF), and where no container registry is reachable the base image is built locally
-# once (debootstrap of Debian bookworm, which has Python 3.11; cached as localhost/fedmerge-base:bookworm) and
-# passed to docker/Dockerfile as BASE_IMAGE. The image build sees the host's pip settings (index, find-links,
-# constraints, certificate bundle, the local folders they name; read-only) and the host's network, so pip inside
-# it installs what pip on the host would. The compose file itself is used unchanged.
+# script's, via CONTAINERS_CONF). Unless BASE_IMAGE names one, the base image is built locally once, without any
+# container registry (debootstrap of Debian bookworm, which has Python 3.11; cached as
+# localhost/fedmerge-base:bookworm), and passed to docker/Dockerfile as BASE_IMAGE. Where the host has pip
+# settings, the image build sees them (index, find-links, constraints, certificate bundle and the local folders
+# they name, read-only) and the host's network, so pip inside it installs what pip on the host would. The
+# compose files themselves are used unchanged.
 #
 # Steps: build the image; start the SuperLink and wait for its compose health check; start the SuperNodes; start
 # `submit` (flwr run) and wait for it to exit (--timeout); read result.json from the SuperLink's `runs` volume and
@@ -190,10 +191,15 @@ if [ "$ENGINE" = podman ] && [ -z "${BASE_IMAGE:-}" ]; then
         fi
         rootfs=$(mktemp -d "$STATE/rootfs.XXXXXX")
         say "building the base image $BASE_TAG: debootstrap bookworm from $mirror (about 1-2 min)"
-        if ! debootstrap --variant=minbase --include=python3,python3-pip,python3-venv bookworm "$rootfs" "$mirror" \
-                > "$STATE/debootstrap.log" 2>&1; then
-            tail -n 20 "$STATE/debootstrap.log" >&2; rm -rf "$rootfs"; die "debootstrap failed (log: $STATE/debootstrap.log)"
-        fi
+        for attempt in 1 2; do  # a second try for a dropped download; then give up
+            debootstrap --variant=minbase --include=python3,python3-pip,python3-venv bookworm "$rootfs" "$mirror" \
+                > "$STATE/debootstrap.log" 2>&1 && break
+            if [ "$attempt" = 2 ]; then
+                tail -n 20 "$STATE/debootstrap.log" >&2; rm -rf "$rootfs"
+                die "debootstrap failed twice (log: $STATE/debootstrap.log)"
+            fi
+            say "debootstrap failed; trying once more"; rm -rf "$rootfs"; rootfs=$(mktemp -d "$STATE/rootfs.XXXXXX")
+        done
         # like the official image: `python`/`pip` on PATH and pip allowed to install into the system Python
         ln -sf python3 "$rootfs/usr/bin/python"
         rm -f "$rootfs"/usr/lib/python3*/EXTERNALLY-MANAGED
@@ -347,13 +353,15 @@ T_RUN=$(since "$t_run")
 code=$($ENGINE inspect -f '{{.State.ExitCode}}' "$sub")
 say "flwr run ended (exit $code) ${T_RUN}s after compose up"
 [ "$code" = 0 ] || die "the submit service (flwr run) exited with $code"
+$ENGINE logs "$sub" > "$OUT/submit.log" 2>&1 || true
 $ENGINE exec "$sl" cat "/app/runs/$RUN_NAME/result.json" > "$OUT/result.json" || \
     die "no /app/runs/$RUN_NAME/result.json in the SuperLink's runs volume"
+SUPERLINK_ARGS=$($ENGINE inspect -f '{{json .Config.Cmd}}' "$sl")
 
 python3 - "$OUT" "$NUM_SUPERNODES" "$ENGINE" "$($ENGINE --version)" "$T_BASE" "$T_BUILD" "$IMAGE_SIZE" \
-        "$T_HEALTHY" "$T_RUN" "$TLS" "$PROJECT" <<'EOF'
+        "$T_HEALTHY" "$T_RUN" "$TLS" "$PROJECT" "$SUPERLINK_ARGS" <<'EOF'
 import json, math, re, sys
-out, n, engine, version, t_base, t_build, size, t_healthy, t_run, tls, project = sys.argv[1:]
+out, n, engine, version, t_base, t_build, size, t_healthy, t_run, tls, project, sl_args = sys.argv[1:]
 n = int(n)
 result = json.load(open(f"{out}/result.json"))
 merged = result.get("clients_merged")
@@ -378,6 +386,7 @@ report = {"engine": engine, "engine_version": version, "tls": tls == "1", "num_s
           "superlink_healthy_seconds": float(t_healthy), "run_seconds": float(t_run),
           "peak_memory_mib": {k.removeprefix(f"{project}_").removeprefix(f"{project}-"): round(v, 1)
                               for k, v in sorted(peak.items())},
+          "superlink_command": json.loads(sl_args),
           "method": result.get("method"), "clients_merged": merged, "accuracy_merged": acc,
           "checks": "failed: " + "; ".join(errors) if errors else "passed"}
 json.dump(report, open(f"{out}/compose_local.json", "w"), indent=2)
