@@ -354,8 +354,11 @@ code=$($ENGINE inspect -f '{{.State.ExitCode}}' "$sub")
 say "flwr run ended (exit $code) ${T_RUN}s after compose up"
 [ "$code" = 0 ] || die "the submit service (flwr run) exited with $code"
 $ENGINE logs "$sub" > "$OUT/submit.log" 2>&1 || true
-$ENGINE exec "$sl" cat "/app/runs/$RUN_NAME/result.json" > "$OUT/result.json" || \
-    die "no /app/runs/$RUN_NAME/result.json in the SuperLink's runs volume"
+# `flwr run --stream` exits 0 even when the ServerApp failed: its error is in the streamed log
+if ! $ENGINE exec "$sl" cat "/app/runs/$RUN_NAME/result.json" > "$OUT/result.json" 2>/dev/null; then
+    why=$(grep -E '^[A-Za-z_.]*(Error|Exception): ' "$OUT/submit.log" | tail -n 1 || true)
+    die "no /app/runs/$RUN_NAME/result.json in the SuperLink's runs volume${why:+: the ServerApp failed: $why}"
+fi
 SUPERLINK_ARGS=$($ENGINE inspect -f '{{json .Config.Cmd}}' "$sl")
 
 python3 - "$OUT" "$NUM_SUPERNODES" "$ENGINE" "$($ENGINE --version)" "$T_BASE" "$T_BUILD" "$IMAGE_SIZE" \
