@@ -102,7 +102,7 @@ apt_install() {  # apt_install PKG...: Debian packages, for the Podman path only
     if [ ! -f "$STATE/.apt-updated" ]; then
         DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null && mkdir -p "$STATE" && touch "$STATE/.apt-updated"
     fi
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@" >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" >/dev/null
 }
 now() { date +%s.%N; }
 since() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$1" "$(now)"; }
@@ -126,8 +126,9 @@ else
     command -v podman >/dev/null || need+=(podman)
     # crun, Podman's default runtime, fails here on cgroups in hybrid mode and on setrlimit; runc works
     command -v runc >/dev/null || need+=(runc)
-    # network names (service DNS) on Podman 4 need netavark + aardvark-dns
+    # network names (service DNS) on Podman 4 need netavark + aardvark-dns; netavark sets up NAT with iptables
     [ -x /usr/lib/podman/aardvark-dns ] || [ -x /usr/libexec/podman/aardvark-dns ] || need+=(netavark aardvark-dns)
+    command -v iptables >/dev/null || [ -x /usr/sbin/iptables ] || need+=(iptables)
     [ ${#need[@]} -eq 0 ] || apt_install "${need[@]}"
     if [ -z "${CONTAINERS_CONF:-}" ]; then
         cgm=systemd
