@@ -130,7 +130,9 @@ else
     [ -x /usr/lib/podman/aardvark-dns ] || [ -x /usr/libexec/podman/aardvark-dns ] || need+=(netavark aardvark-dns)
     command -v iptables >/dev/null || [ -x /usr/sbin/iptables ] || need+=(iptables)
     [ ${#need[@]} -eq 0 ] || apt_install "${need[@]}"
-    if [ -z "${CONTAINERS_CONF:-}" ]; then
+    if [ -n "${CONTAINERS_CONF:-}" ]; then
+        [ -f "$CONTAINERS_CONF" ] || die "CONTAINERS_CONF=$CONTAINERS_CONF does not exist (unset it to let this script write one)"
+    else
         cgm=systemd
         [ "$(cat /proc/1/comm 2>/dev/null)" = systemd ] || cgm=cgroupfs  # no systemd to hand cgroups to
         cat > "$STATE/containers.conf" <<EOF
@@ -207,7 +209,8 @@ if [ "$ENGINE" = podman ] && [ -z "${BASE_IMAGE:-}" ]; then
         rm -rf "$rootfs"/var/cache/apt/*.bin "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
         tar -C "$rootfs" -c . | podman import -q \
             --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
-            --change 'ENV LANG=C.UTF-8' --change 'CMD ["python3"]' - "$BASE_TAG" >/dev/null
+            --change 'ENV LANG=C.UTF-8' --change 'CMD ["python3"]' - "$BASE_TAG" >/dev/null || \
+            { rm -rf "$rootfs"; die "podman import of the base file system failed (output above)"; }
         rm -rf "$rootfs"
         T_BASE=$(since "$t0")
         say "base image built in ${T_BASE}s"
