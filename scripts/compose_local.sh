@@ -100,7 +100,9 @@ apt_install() {  # apt_install PKG...: Debian packages, for the Podman path only
     can_install || die "missing: $* (install it, or run as root on Debian/Ubuntu so that this script can)"
     say "apt-get install $*"
     if [ ! -f "$STATE/.apt-updated" ]; then
-        DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null && mkdir -p "$STATE" && touch "$STATE/.apt-updated"
+        DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null || { sleep 10; apt-get update -q >/dev/null; } || \
+            die "apt-get update failed twice"
+        mkdir -p "$STATE" && touch "$STATE/.apt-updated"
     fi
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" >/dev/null
 }
