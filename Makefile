@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.fedmerge-installed
 FEDMERGE_DATA ?= $(wildcard $(abspath ../shared/data))
 export FEDMERGE_DATA
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench install clean compose compose-tls
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,14 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q --timeout=900 $(PYTEST_ARGS)
+
+# docker/compose.yaml run for real, one CCA round with NUM_SUPERNODES (default 3) SuperNodes, checked and torn down:
+# Docker where an engine answers, else Podman (installed with apt-get when missing); see docker/README.md
+compose:
+	bash scripts/compose_local.sh $(COMPOSE_ARGS)
+
+compose-tls:
+	bash scripts/compose_local.sh --tls $(COMPOSE_ARGS)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks --scale cpu --out results/cpu

@@ -154,9 +154,18 @@ def test_one_image_built_once_and_shared(files):
     assert "runs:/app/runs" in svc["superlink"]["volumes"] and "runs" in _raw(*files)["volumes"]
 
 
+def test_base_image_is_a_build_argument_with_the_dockerfiles_default():
+    for files in COMBOS:
+        assert _services(*files)["superlink"]["build"]["args"]["BASE_IMAGE"] == "python:3.11-slim"
+    args = _services(*BASE, env={"BASE_IMAGE": "localhost/fedmerge-base:bookworm"})["superlink"]["build"]["args"]
+    assert args["BASE_IMAGE"] == "localhost/fedmerge-base:bookworm"
+
+
 def test_number_of_supernodes_is_one_variable():
     raw = _raw(*BASE)["services"]
     assert str(raw["supernode"]["deploy"]["replicas"]) == "${NUM_SUPERNODES:-2}"
+    # Compose's default mode, spelled out: podman-compose creates the replicas only when it is
+    assert raw["supernode"]["deploy"]["mode"] == "replicated"
     assert "num-clients=${NUM_SUPERNODES:-2}" in raw["submit"]["command"][-1]
     for files in COMBOS:  # the overrides keep it (authenticated nodes are services of their own: one per key)
         if files != AUTH:
@@ -320,6 +329,9 @@ def test_dockerfile_copies_existing_files_and_installs_the_package():
     assert '"torch==2.14.1" "torchvision==0.29.1"' in runs
     args = dict(rest.split("=", 1) for word, rest in ins if word == "ARG")
     assert args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
+    # the base image is a build argument declared before FROM, defaulting to the official slim Python image
+    assert ins[0] == ("ARG", "BASE_IMAGE=python:3.11-slim") and ins[1] == ("FROM", "${BASE_IMAGE}")
+    assert [w for w, _ in ins].count("FROM") == 1
     assert '--index-url "${TORCH_INDEX_URL}"' in runs
     assert ("USER", "flwr") in ins
 
