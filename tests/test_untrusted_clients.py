@@ -575,8 +575,10 @@ def test_bring_your_own_model_example_runs_on_flowers_simulation(tmp_path):
     import sys
     from pathlib import Path
     example = Path(__file__).resolve().parents[1] / "examples" / "byo_model.py"
+    import os
+    env = {**os.environ, "RAY_worker_niceness": "0"}   # Ray's default (nice 15) starves the clients on a busy machine
     p = subprocess.run([sys.executable, str(example), str(tmp_path / "byo_model.pt")], cwd=tmp_path,
-                       capture_output=True, text=True, timeout=600)
+                       capture_output=True, text=True, timeout=600, env=env)
     assert p.returncode == 0, p.stderr[-3000:]
     lines = [ln for ln in p.stdout.splitlines() if "test accuracy" in ln]
     assert [ln.split(":")[0] for ln in lines] == ["merged", "0", "1", "2"]
