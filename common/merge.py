@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import matching
-from .align import merge_states
+from .align import fold_batchnorm, merge_states, unit_batchnorm
 from .graph import FIXED, MergeSpec, derive_spec
 from .probe import Batches, as_batches
 from .stats import Moments, Statistics, collect_statistics
@@ -87,6 +87,7 @@ class MergeInfo:
     bn_reset: bool = False
     repair: bool = False
     repair_target: str | None = None  # "average" | "reference" when repair is on
+    bn_fold: bool = False  # BatchNorms folded into their producers before aligning
     timings: dict[str, float] = field(default_factory=dict)
     np_merge: dict = field(default_factory=dict)
 
@@ -202,7 +203,7 @@ def merge_models(models: Sequence[nn.Module], probe: Any, method: str = "cca", r
                  weights: Sequence[float] | None = None, *, repair_target: str = "average", device=None,
                  held_out: float = 0.2, seed: int = 0,
                  gamma_grid: Sequence[float] = GAMMA_GRID, return_info: bool = False, np_merge: bool | dict = False,
-                 residual_sites: str = "all", **method_kwargs):
+                 residual_sites: str = "all", bn_fold: bool = False, **method_kwargs):
     """Merge ``models`` (one architecture, any traceable model of supported layers) into one.
 
     method: ``avg``, ``permute``, ``weight_matching``, ``ot``, ``zipit``, ``merge_many``, ``cca``, ``gcca``.
@@ -222,6 +223,10 @@ def merge_models(models: Sequence[nn.Module], probe: Any, method: str = "cca", r
     weights: per-model averaging weights (e.g. client sample counts), normalised.
     np_merge: after alignment, learn per-parameter merge coefficients on the labelled probe (NP Merge;
         True or a dict of options for :func:`fedmerge.common.npmerge.np_merge`).
+    bn_fold: fold every BatchNorm into the conv/linear that feeds it before aligning (exact for any transform;
+        without it BatchNorm vectors are transformed like units, exact only for permutations and rescalings),
+        and no BatchNorm reset afterwards (the merged model is the average of the aligned folded models; with
+        ``repair`` the folded BatchNorms are set to the REPAIR targets). For nets with BatchNorm.
     residual_sites: where residual streams are measured (:func:`fedmerge.common.graph.derive_spec`): ``"all"``
         their states after every block, pooled, or ``"last"`` the stream's end only.
     Returns the merged model (same class as ``models[0]``), and a :class:`MergeInfo` if ``return_info``.
@@ -266,7 +271,7 @@ def merge_models(models: Sequence[nn.Module], probe: Any, method: str = "cca", r
         models[reference], states, spec, stats, method=method, reference=reference,
         gamma=("auto" if auto_gamma else (None if isinstance(gamma, str) else gamma)), weights=w, bn_reset=bn_reset,
         repair=repair, repair_target=repair_target, reset_batches=fit, eval_batches=held, eval_target=ensemble, gamma_grid=gamma_grid, device=dev,
-        repair_models=models, np_merge=np_merge, **method_kwargs)
+        repair_models=models, np_merge=np_merge, bn_fold=bn_fold, **method_kwargs)
     info.reference_scores = ref_scores
     info.timings = {**timings, **info.timings, "total": time.perf_counter() - t0}
     return (merged, info) if return_info else merged
@@ -296,19 +301,25 @@ def merge_from_statistics(template: nn.Module, states, spec: MergeSpec, stats: S
                           reset_batches: Batches | None = None,
                           eval_batches: Batches | None = None, eval_target: torch.Tensor | None = None,
                           gamma_grid: Sequence[float] = GAMMA_GRID, device=None, repair_models=None,
-                          np_merge: bool | dict = False, **method_kwargs) -> tuple[nn.Module, MergeInfo]:
+                          np_merge: bool | dict = False, bn_fold: bool = False,
+                          **method_kwargs) -> tuple[nn.Module, MergeInfo]:
     """Merge given parameter dicts from precomputed statistics; ``template`` gives the architecture.
     ``repair_target`` as in :func:`merge_models` (REPAIR to the average, or to the reference's statistics)."""
     _check_repair_target(repair_target)
     dev = _device(device)
     n = len(states)
     w = weights or [1.0 / n] * n
-    bn = has_batchnorm(template) if bn_reset is None else bool(bn_reset)
+    fold = bool(bn_fold) and has_batchnorm(template)
+    bn = (has_batchnorm(template) if bn_reset is None else bool(bn_reset)) and not fold
     if bn and reset_batches is None:
         raise ValueError("bn_reset needs probe batches to re-estimate BatchNorm statistics")
     bn_eps = {name: m.eps for name, m in template.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    if fold:
+        states = [fold_batchnorm(s, spec, bn_eps) for s in states]
     info = MergeInfo(method=method, reference=reference, bn_reset=bn, repair=repair,
-                     repair_target=repair_target if repair else None)
+                     repair_target=repair_target if repair else None, bn_fold=fold)
+    if fold and np_merge:
+        raise ValueError("bn_fold and np_merge cannot be combined (NP Merge learns the BatchNorm parameters)")
     timings = {"transforms": 0.0, "apply": 0.0, "bn_reset": 0.0, "repair": 0.0}
 
     def build(params: dict):
@@ -317,6 +328,8 @@ def merge_from_statistics(template: nn.Module, states, spec: MergeSpec, stats: S
         timings["transforms"] += time.perf_counter() - t
         t = time.perf_counter()
         merged_sd = merge_states(states, spec, alignment, w, reference, bn_eps)
+        if fold:
+            merged_sd = unit_batchnorm(merged_sd, spec, bn_eps)
         model = copy.deepcopy(template).cpu()
         model.load_state_dict(merged_sd)
         timings["apply"] += time.perf_counter() - t
@@ -325,7 +338,7 @@ def merge_from_statistics(template: nn.Module, states, spec: MergeSpec, stats: S
             if repair_models is None or reset_batches is None:
                 raise ValueError("repair needs the endpoint models and probe batches")
             apply_repair(model, repair_models, spec, alignment, w, reset_batches, dev, target=repair_target,
-                         reference=reference)
+                         reference=reference, folded_bn=fold)
             timings["repair"] += time.perf_counter() - t
         if bn:
             t = time.perf_counter()
@@ -401,7 +414,7 @@ class _Repaired(nn.Module):
     def __init__(self, layer: nn.Module, mean: torch.Tensor, std: torch.Tensor):
         super().__init__()
         self.layer = layer
-        bn_cls = nn.BatchNorm2d if isinstance(layer, nn.Conv2d) else nn.BatchNorm1d
+        bn_cls = nn.BatchNorm2d if isinstance(layer, (nn.Conv2d, nn.BatchNorm2d)) else nn.BatchNorm1d
         self.bn = bn_cls(mean.numel(), momentum=None).to(layer.weight.device)
         self.bn.weight.data.copy_(std.float())
         self.bn.bias.data.copy_(mean.float())
@@ -410,9 +423,12 @@ class _Repaired(nn.Module):
         return self.bn(self.layer(x))
 
 
-def _producers_for_repair(spec: MergeSpec) -> list[str]:
-    return [l.name for l in spec.layers.values()
-            if l.kind in ("conv", "linear") and l.out[0].group != FIXED and l.norm is None]
+def _producers_for_repair(spec: MergeSpec, folded_bn: bool = False) -> list[str]:
+    """The layers whose outputs REPAIR restores: conv/linear without a BatchNorm; with ``folded_bn`` also the
+    folded BatchNorms (pure shifts after :func:`~fedmerge.common.align.fold_batchnorm`), whose outputs are
+    their producers' folded outputs."""
+    return [l.norm if l.norm is not None else l.name for l in spec.layers.values()
+            if l.kind in ("conv", "linear") and l.out[0].group != FIXED and (l.norm is None or folded_bn)]
 
 
 @torch.no_grad()
@@ -441,7 +457,8 @@ def _output_moments(model: nn.Module, names: list[str], batches: Batches, device
 
 @torch.no_grad()
 def apply_repair(merged: nn.Module, models: Sequence[nn.Module], spec: MergeSpec, alignment, weights,
-                 batches: Batches, device, target: str = "average", reference: int = 0) -> nn.Module:
+                 batches: Batches, device, target: str = "average", reference: int = 0,
+                 folded_bn: bool = False) -> nn.Module:
     """REPAIR (Jordan et al., 2023): give every merged unit a target pre-activation mean and variance, by a
     temporary BatchNorm re-estimated on the probe and folded into the layer.
 
@@ -452,7 +469,7 @@ def apply_repair(merged: nn.Module, models: Sequence[nn.Module], spec: MergeSpec
     statistics). All BatchNorms are estimated in one pass (train mode, batch statistics), as upstream REPAIR
     does: a unit's input in that pass is normalised with its batch's statistics, not the folded ones, so units
     after the first repaired layer match their target up to that difference."""
-    names = _producers_for_repair(spec)
+    names = _producers_for_repair(spec, folded_bn)
     if not names:
         return merged
     tw = repair_target_weights(weights, target, reference)

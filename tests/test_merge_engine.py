@@ -448,3 +448,54 @@ def test_repair_target_weights_and_unknown_targets():
     assert info.repair and info.repair_target == "reference"
     _, info = merge_models([a, b], x, method="avg", return_info=True)
     assert not info.repair and info.repair_target is None
+
+
+def test_fold_batchnorm_keeps_the_function():
+    """fold_batchnorm (eval mode) computes the same function: weights scaled per unit, each BatchNorm a pure
+    shift; unit_batchnorm restores the constant parts after an alignment moved them. float64: agreement to
+    round-off (measured ~1e-15)."""
+    from fedmerge.common.align import fold_batchnorm, unit_batchnorm
+
+    x = X.double()
+    for arch in ("resnet", "vgg"):
+        a = MODELS[arch]().double().eval()
+        spec = derive_spec(a, x)
+        eps = {n: m.eps for n, m in a.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+        if not eps:
+            continue
+        folded = fold_batchnorm(a.state_dict(), spec, eps)
+        f = copy.deepcopy(a)
+        f.load_state_dict(folded)
+        with torch.no_grad():
+            assert rel_err(f(x), a(x)) <= 1e-10, arch
+        for name in eps:
+            assert torch.equal(folded[name + ".weight"], torch.ones_like(folded[name + ".weight"]))
+            assert torch.equal(folded[name + ".running_mean"], torch.zeros_like(folded[name + ".running_mean"]))
+        moved = {k: v * 3 if k.endswith((".weight", ".running_var")) and k.rsplit(".", 1)[0] in eps else v
+                 for k, v in folded.items()}
+        assert all(torch.equal(unit_batchnorm(moved, spec, eps)[k], folded[k]) for k in folded)
+
+
+@pytest.mark.parametrize("method", ["permute", "cca"])
+@pytest.mark.parametrize("repair", [False, True])
+def test_bn_fold_merge_with_permuted_copy_is_exact(method, repair):
+    """With bn_fold the merge of a BatchNorm net and its permuted copy is the net itself (no BatchNorm reset
+    re-standardises the units); with REPAIR the targets are the net's own statistics, met up to REPAIR's
+    eps = 1e-5 against unit variances of order 1 (<= 1e-3 relative)."""
+    a = MODELS["resnet"]()
+    b = equivalent_copy(a, X, "perm")
+    merged, info = merge_models([a, b], X, method=method, gamma=0.1, bn_fold=True, repair=repair, return_info=True)
+    assert info.bn_fold and not info.bn_reset
+    with torch.no_grad():
+        assert rel_err(merged(X), a(X)) <= (1e-3 if repair else 1e-4)
+
+
+def test_bn_fold_changes_a_cca_merge_of_different_models_and_rejects_np_merge():
+    a, b = MODELS["resnet"](), randomize_bn(TinyResNet(), seed=5)
+    with torch.no_grad():
+        plain = merge_models([a, b], X, method="cca", gamma=0.1)(X)
+        folded = merge_models([a, b], X, method="cca", gamma=0.1, bn_fold=True)(X)
+    assert torch.isfinite(folded).all() and rel_err(folded, plain) > 1e-3
+    with pytest.raises(ValueError, match="bn_fold and np_merge"):
+        merge_models([a, b], (X, torch.zeros(len(X), dtype=torch.long)), method="cca", gamma=0.1, bn_fold=True,
+                     np_merge=True)
