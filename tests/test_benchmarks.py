@@ -296,3 +296,17 @@ def test_residual_sites_benchmark(tmp_path):
         (s, m, p) for s in ("all", "last") for m in ("cca", "permute") for p in ("none", "BN reset")}
     assert all(r["accuracy"]["n"] == 2 for r in payload["rows"])
     assert "| last | cca | BN reset |" in (tmp_path / "residual_sites.md").read_text()
+
+
+def test_bn_fold_benchmark(tmp_path):
+    from benchmarks import bn_fold
+
+    bn_fold.main(["--seeds", "2", "--steps", "3", "--splits", "skew", "--max-train", "1200", "--max-test", "200",
+                  "--out", str(tmp_path)])
+    payload = json.loads((tmp_path / "bn_fold.json").read_text())
+    assert [(r["split"], r["seed"]) for r in payload["runs"]] == [("skew", 0), ("skew", 1)]
+    assert len(payload["runs"][0]["merges"]) == 8
+    md = (tmp_path / "bn_fold.md").read_text()
+    assert "| skew | cca, BN folded + REPAIR |" in md and "±" in md
+    with pytest.raises(SystemExit):
+        bn_fold.main(["--splits", "dirichlet", "--out", str(tmp_path)])
