@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import matching
-from .align import merge_states
+from .align import align_state
 from .graph import FIXED, MergeSpec, derive_spec
 from .probe import Batches, as_batches
 from .stats import Moments, Statistics, collect_statistics
@@ -302,23 +302,82 @@ def merge_from_statistics(template: nn.Module, states, spec: MergeSpec, stats: S
     bn_eps = {name: m.eps for name, m in template.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
     info = MergeInfo(method=method, reference=reference, bn_reset=bn, repair=repair,
                      repair_target=repair_target if repair else None)
-    timings = {"transforms": 0.0, "apply": 0.0, "bn_reset": 0.0, "repair": 0.0}
+    timings = {"transforms": 0.0, "apply": 0.0, "bn_reset": 0.0, "repair": 0.0, "evaluate": 0.0}
+    if repair and (repair_models is None or reset_batches is None):
+        raise ValueError("repair needs the endpoint models and probe batches")
 
-    def build(params: dict):
+    candidates = selection_candidates(method, gamma, method_kwargs, gamma_grid)
+    if candidates:
+        if eval_batches is None:
+            raise ValueError(f"choosing {' and '.join(candidates[0])} (gamma='auto', or ZipIt!'s alpha/beta left "
+                             "out) needs a held-out probe slice; pass the values to fix them")
+        settings = candidates
+    else:
+        info.gamma = float(gamma) if METHODS[method].tunable_gamma else None
+        settings = [{"gamma": info.gamma} if METHODS[method].tunable_gamma else {}]
+    repair_names = _producers_for_repair(spec) if repair else []
+    repair_w = repair_target_weights(w, repair_target, reference) if repair else [0.0] * n
+    moments: dict[int, dict[str, Moments]] = {}
+
+    def add_targets(targets: dict, i: int, row: dict) -> None:
+        """Model i's aligned output statistics into REPAIR's targets; its moments do not depend on the setting,
+        so each model runs over the probe once whatever the number of settings."""
+        if not repair or repair_w[i] == 0:
+            return
         t = time.perf_counter()
-        alignment = compute_alignment(method, spec, stats, states, reference, **method_kwargs, **params)
-        timings["transforms"] += time.perf_counter() - t
+        if i not in moments:
+            m = repair_models[i]
+            orig = next(iter(m.parameters())).device
+            moments[i] = _output_moments(m, repair_names, reset_batches, dev)
+            m.to(orig)
+        _add_repair_targets(targets, spec, repair_names, row, moments[i], repair_w[i])
+        timings["repair"] += time.perf_counter() - t
+
+    def merged_states():
+        """(setting, merged parameters, REPAIR targets) for every setting, in order. Models are aligned and
+        averaged one at a time into a running sum (never N aligned copies). CCA: model by model, every setting
+        from one decomposition of each covariance (:func:`~fedmerge.common.matching.cca_rows`); other methods:
+        setting by setting, one alignment at a time."""
+        if METHODS[method].target == ".matching:match_cca" and stats is not None:
+            rows = matching.cca_rows(stats, spec, reference, [p["gamma"] for p in settings], **method_kwargs)
+            sums: list = [None] * len(settings)
+            targets: list[dict] = [{} for _ in settings]
+            for i in range(n):
+                t = time.perf_counter()
+                row = next(rows)
+                timings["transforms"] += time.perf_counter() - t
+                for c in range(len(settings)):
+                    t = time.perf_counter()
+                    sums[c] = _accumulate(sums[c], _aligned(states[i], spec, row[c], bn_eps), w[i])
+                    timings["apply"] += time.perf_counter() - t
+                    add_targets(targets[c], i, row[c])
+                del row
+            for c, params in enumerate(settings):
+                total, sums[c] = sums[c], None
+                yield params, _finish_average(total, states[reference]), targets[c]
+            return
+        for params in settings:
+            t = time.perf_counter()
+            alignment = compute_alignment(method, spec, stats, states, reference, **method_kwargs, **params)
+            timings["transforms"] += time.perf_counter() - t
+            total, targets = None, {}
+            for i in range(n):
+                row = {g: pairs[i] for g, pairs in alignment.items()}
+                t = time.perf_counter()
+                total = _accumulate(total, _aligned(states[i], spec, row, bn_eps), w[i])
+                timings["apply"] += time.perf_counter() - t
+                add_targets(targets, i, row)
+            del alignment
+            yield params, _finish_average(total, states[reference]), targets
+
+    def build(merged_sd, targets) -> nn.Module:
         t = time.perf_counter()
-        merged_sd = merge_states(states, spec, alignment, w, reference, bn_eps)
         model = copy.deepcopy(template).cpu()
         model.load_state_dict(merged_sd)
         timings["apply"] += time.perf_counter() - t
         if repair:
             t = time.perf_counter()
-            if repair_models is None or reset_batches is None:
-                raise ValueError("repair needs the endpoint models and probe batches")
-            apply_repair(model, repair_models, spec, alignment, w, reset_batches, dev, target=repair_target,
-                         reference=reference)
+            _repair_to(model, repair_names, targets, reset_batches, dev)
             timings["repair"] += time.perf_counter() - t
         if bn:
             t = time.perf_counter()
@@ -326,30 +385,27 @@ def merge_from_statistics(template: nn.Module, states, spec: MergeSpec, stats: S
             timings["bn_reset"] += time.perf_counter() - t
         return model
 
-    candidates = selection_candidates(method, gamma, method_kwargs, gamma_grid)
-    if candidates:
-        if eval_batches is None:
-            raise ValueError(f"choosing {' and '.join(candidates[0])} (gamma='auto', or ZipIt!'s alpha/beta left "
-                             "out) needs a held-out probe slice; pass the values to fix them")
+    t0 = time.perf_counter()
+    best = None
+    for params, merged_sd, targets in merged_states():
+        model = build(merged_sd, targets)
+        del merged_sd
+        if not candidates:
+            best = (None, params, model)
+            continue
         t = time.perf_counter()
-        best = None
-        for params in candidates:
-            model = build(params)
-            score = probe_score(probe_logits(model, eval_batches, dev), eval_batches, eval_target)
-            info.param_scores.append((params, score))
-            if best is None or score > best[0]:
-                best = (score, params, model)
-        info.params = best[1]
+        score = probe_score(probe_logits(model, eval_batches, dev), eval_batches, eval_target)
+        timings["evaluate"] += time.perf_counter() - t
+        info.param_scores.append((params, score))
+        if best is None or score > best[0]:
+            best = (score, params, model)
+    merged, used = best[2], best[1]
+    if candidates:
+        info.params = used
         if METHODS[method].tunable_gamma:
-            info.gamma = best[1]["gamma"]
+            info.gamma = used["gamma"]
             info.gamma_scores = {p["gamma"]: sc for p, sc in info.param_scores}
-        timings["select_gamma" if METHODS[method].tunable_gamma else "select_params"] = time.perf_counter() - t
-        merged = best[2]
-        used = best[1]
-    else:
-        info.gamma = float(gamma) if METHODS[method].tunable_gamma else None
-        used = {"gamma": info.gamma} if METHODS[method].tunable_gamma else {}
-        merged = build(used)
+        timings["select_gamma" if METHODS[method].tunable_gamma else "select_params"] = time.perf_counter() - t0
     if np_merge:
         if repair:
             raise ValueError("np_merge and repair are alternatives: choose one")
@@ -432,6 +488,38 @@ def _output_moments(model: nn.Module, names: list[str], batches: Batches, device
     return {n: Moments(m.n, m.mean.cpu(), m.m2.cpu()) for n, m in acc.items()}
 
 
+def _aligned(state, spec: MergeSpec, row: dict, bn_eps) -> dict:
+    """One model's parameters in the shared basis, from its ``{group: (T, T^-1)}``."""
+    return align_state(state, spec, {g: p[0] for g, p in row.items()}, {g: p[1] for g, p in row.items()}, bn_eps)
+
+
+def _accumulate(total: dict | None, state: dict, weight: float) -> dict:
+    """Running weighted sum of the floating-point entries in float64, in model order (the sum
+    :func:`~fedmerge.common.align.average_states` forms, without holding the summands)."""
+    if total is None:
+        total = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in state.items() if v.is_floating_point()}
+    for k, acc in total.items():
+        acc += weight * state[k].to(torch.float64)
+    return total
+
+
+def _finish_average(total: dict, reference_state: dict) -> dict:
+    """The averaged parameters in the reference's dtypes; integer buffers (BN counters) from the reference."""
+    return {k: total[k].to(v.dtype) if v.is_floating_point() else v.clone() for k, v in reference_state.items()}
+
+
+def _add_repair_targets(targets: dict, spec: MergeSpec, names: list[str], row: dict, moms: dict[str, Moments],
+                        weight: float) -> None:
+    """Add one model's output statistics, seen through its transforms ``row`` (mean ``T mu``, variance
+    ``diag(T C T^T)``), with ``weight`` to REPAIR's per-layer targets."""
+    for n in names:
+        t = row[spec.layers[n].out[0].group][0]
+        mean = t @ moms[n].mean
+        var = torch.clamp(torch.einsum("ij,jk,ik->i", t, moms[n].cov, t), min=0)
+        pm, pv = targets.get(n, (torch.zeros(0), torch.zeros(0)))
+        targets[n] = (mean * weight + (pm if pm.numel() else 0), var * weight + (pv if pv.numel() else 0))
+
+
 @torch.no_grad()
 def apply_repair(merged: nn.Module, models: Sequence[nn.Module], spec: MergeSpec, alignment, weights,
                  batches: Batches, device, target: str = "average", reference: int = 0) -> nn.Module:
@@ -449,19 +537,22 @@ def apply_repair(merged: nn.Module, models: Sequence[nn.Module], spec: MergeSpec
     if not names:
         return merged
     tw = repair_target_weights(weights, target, reference)
-    targets = {n: (torch.zeros(0), torch.zeros(0)) for n in names}
+    targets: dict = {}
     for i, m in enumerate(models):
         if tw[i] == 0:
             continue  # no share in the target: no forward pass
         orig = next(iter(m.parameters())).device
         moms = _output_moments(m, names, batches, device)
         m.to(orig)
-        for n in names:
-            t = alignment[spec.layers[n].out[0].group][i][0]
-            mean = t @ moms[n].mean
-            var = torch.clamp(torch.einsum("ij,jk,ik->i", t, moms[n].cov, t), min=0)
-            pm, pv = targets[n]
-            targets[n] = (mean * tw[i] + (pm if pm.numel() else 0), var * tw[i] + (pv if pv.numel() else 0))
+        _add_repair_targets(targets, spec, names, {g: pairs[i] for g, pairs in alignment.items()}, moms, tw[i])
+    return _repair_to(merged, names, targets, batches, device)
+
+
+@torch.no_grad()
+def _repair_to(merged: nn.Module, names: list[str], targets: dict, batches: Batches, device) -> nn.Module:
+    """Fold REPAIR's per-layer (mean, variance) ``targets`` into ``merged`` (see :func:`apply_repair`)."""
+    if not names:
+        return merged
     mods = dict(merged.named_modules())
     wrapped = {}
     for n in names:
