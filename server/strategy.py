@@ -55,8 +55,8 @@ from fedmerge.common.merge import (GAMMA_GRID, METHODS, has_batchnorm, merge_fro
                                    selection_candidates)
 from fedmerge.common.probe import Batches, as_batches, probe_digest
 from fedmerge.common.records import weights_digest
-from fedmerge.common.stats import (Statistics, collect_statistics, cross_statistics, own_statistics,
-                                   samples_per_input)
+from fedmerge.common.stats import (ReferenceActivations, Statistics, collect_statistics, cross_statistics,
+                                   own_statistics, samples_per_input)
 
 from .checks import (MAX_EXAMPLES, ClientMetrics, CrossCheckFailed, ReplyRejected, check_cross, check_echo,
                      check_cross_matches, check_moments, check_own_matches,
@@ -847,19 +847,27 @@ class CCAMerge(FedAvg):
                 self._reject(rec, node, "cross-statistics", "a second reply from this node in this phase")
             else:
                 got[node] = msg
+        del replies   # each reply is dropped once read (got.pop below): statistics are not held twice
         cross, failed, ref_problem, cross_check_failed = {}, {}, None, set()
+        t = time.time()
         ref_model = self._model(ref.state) if self.fit is not None else None   # the server's own cross blocks
+        ref_acts = None
+        if ref_model is not None:
+            try:   # its activations once for every client's block (recomputed per client, as before, if this fails)
+                ref_acts = ReferenceActivations(ref_model, self.fit, self.spec, device=self._dev())
+            except Exception:  # noqa: BLE001 - each client's recomputation then reports the problem as before
+                ref_acts = None
         for u in kept:
             if u.clipped:   # its upload describes other weights: the server computes its cross block itself
                 if u is not ref:
                     try:
                         cross[u.partition] = cross_statistics(ref_model, self._model(u.state), self.fit, self.spec,
-                                                              device=self._dev())
+                                                              device=self._dev(), cache=ref_acts)
                     except Exception as exc:  # noqa: BLE001 - e.g. non-finite activations of the clipped weights
                         failed[u.partition] = f"cross statistics of the clipped weights ({type(exc).__name__}: {exc})"
                 continue
             try:
-                c = self._read_cross_reply(rec, got.get(u.node), u, ref, digest, ref_model)
+                c = self._read_cross_reply(rec, got.get(u.node), u, ref, digest, ref_model, ref_acts)
             except Exception as exc:  # noqa: BLE001 - ReplyRejected or anything else: this client only
                 reason = str(exc) if isinstance(exc, ReplyRejected) else f"unreadable reply ({type(exc).__name__}: {exc})"
                 if u is ref:
@@ -869,13 +877,14 @@ class CCAMerge(FedAvg):
                     if isinstance(exc, CrossCheckFailed):
                         cross_check_failed.add(u.partition)
                 continue
-            self._account(rec, u.partition, got[u.node].content, None, "cross-stats")
+            self._account(rec, u.partition, got.pop(u.node).content, None, "cross-stats")
             if u is not ref:
                 cross[u.partition] = c
+        rec.timings["verify_cross_statistics"] = rec.timings.get("verify_cross_statistics", 0.0) + time.time() - t
         return cross, failed, ref_problem, cross_check_failed
 
     def _read_cross_reply(self, rec: RoundRecord, msg: Message | None, u: ClientUpdate, ref: ClientUpdate, digest: str,
-                          ref_model: nn.Module | None):
+                          ref_model: nn.Module | None, ref_acts: ReferenceActivations | None = None):
         if msg is None:
             raise ReplyRejected("no reply to the cross-statistics query (timed out)")
         if msg.has_error():
@@ -893,7 +902,8 @@ class CCAMerge(FedAvg):
         if ref_model is not None and u is not ref:
             # with a server probe the cross block is recomputed from the two uploaded models, checked and used:
             # it decides CCA's rotation, which no consistency check can pin down
-            computed = cross_statistics(ref_model, self._model(u.state), self.fit, self.spec, device=self._dev())
+            computed = cross_statistics(ref_model, self._model(u.state), self.fit, self.spec, device=self._dev(),
+                                        cache=ref_acts)
             check_cross_matches(c, computed, wire)
             c = computed
         if "seconds-cross-stats" in metrics.values and u.partition in rec.client_metrics:

@@ -11,11 +11,11 @@ from fedmerge.common.align import align_state
 from fedmerge.common.graph import FIXED, UnsupportedModelError, derive_spec
 from fedmerge.common.graph import Group, MergeSpec
 from fedmerge.common.matching import cca_pair, cca_rows, match_cca
-from fedmerge.common.merge import GAMMA_GRID
-from fedmerge.common.merge import reset_bn_stats
+from fedmerge.common.merge import GAMMA_GRID, reset_bn_stats
 from fedmerge.common.probe import as_batches
-from fedmerge.common.stats import (CrossMoments, Moments, Statistics, cross_from_arrays, cross_statistics, cross_to_arrays,
-                                   moments_from_arrays, moments_to_arrays, own_statistics)
+from fedmerge.common.stats import (CrossMoments, Moments, ReferenceActivations, Statistics, cross_from_arrays,
+                                   cross_statistics, cross_to_arrays, moments_from_arrays, moments_to_arrays,
+                                   own_statistics)
 from toy_models import ConcatNet, TinyMLP, TinyResNet, TinyVGG, randomize_bn
 
 torch.manual_seed(0)
@@ -505,3 +505,20 @@ def test_repair_target_weights_and_unknown_targets():
     assert info.repair and info.repair_target == "reference"
     _, info = merge_models([a, b], x, method="avg", return_info=True)
     assert not info.repair and info.repair_target is None
+
+
+def test_reference_activations_once_give_the_same_cross_statistics():
+    """The server's cross-check recomputation reuses the reference's activations for every client: the blocks
+    are bitwise those of a fresh pass (the same activations, the same products); over the memory cap nothing is
+    cached and the per-model pass runs as before."""
+    a, b = MODELS["resnet"](), randomize_bn(TinyResNet(), seed=5)
+    probe = as_batches(X, 32)
+    spec = derive_spec(a, X)
+    fresh = cross_statistics(a, b, probe, spec)
+    cache = ReferenceActivations(a, probe, spec)
+    assert cache.chunks is not None and cache.bytes > 0
+    for c in (cache, ReferenceActivations(a, probe, spec, max_bytes=cache.bytes - 1)):
+        got = cross_statistics(a, b, probe, spec, cache=c)
+        assert all(torch.equal(got[g].c, fresh[g].c) and torch.equal(got[g].mean_a, fresh[g].mean_a)
+                   and torch.equal(got[g].mean_b, fresh[g].mean_b) and got[g].n == fresh[g].n for g in spec.groups)
+    assert ReferenceActivations(a, probe, spec, max_bytes=cache.bytes - 1).chunks is None
