@@ -340,7 +340,7 @@ def transport(encodings: Sequence[Mapping[int, Mapping]]) -> dict[int, tuple[boo
 
 def check_cross(cross: Mapping[int, Any], own_ref: Mapping[int, Any], own_b: Mapping[int, Any],
                 counts: Mapping[int, int] | None, what: str = "cross statistics",
-                wire: Mapping[int, tuple[bool, float]] | None = None) -> None:
+                wire: Mapping[int, tuple[bool, float]] | None = None, whiteners: dict | None = None) -> None:
     """Cross blocks against the reference's and the client's own blocks (see the module docstring).
 
     Raises ``ReplyRejected`` whose message starts with ``"reference mismatch"`` when the means disagree with
@@ -349,7 +349,9 @@ def check_cross(cross: Mapping[int, Any], own_ref: Mapping[int, Any], own_b: Map
     float64). Low rank: the correlation bound is :data:`LOW_RANK_CORR_TOL`. Half precision: the transport
     error of a dense d x d block is |e_ij| <= u r_i q_j (row and column scales), random in sign, so the
     whitened error's spectral norm is about u sqrt(d): the bound grows by 4 u sqrt(d), and the elementwise
-    Cauchy-Schwarz test, which that error can cross for near-dead units, is left to float32/float64 blocks."""
+    Cauchy-Schwarz test, which that error can cross for near-dead units, is left to float32/float64 blocks.
+    ``whiteners``: a dict kept across the clients of one exchange, where the reference's whitening matrices
+    are computed once (its own blocks are the same for every client)."""
     for g, c in cross.items():
         name = f"{what}, group {g}"
         low_rank, unit = (wire or {}).get(g, (False, WIRE_UNIT["float64"]))
@@ -376,8 +378,14 @@ def check_cross(cross: Mapping[int, Any], own_ref: Mapping[int, Any], own_b: Map
         bound = torch.sqrt(torch.outer(va, vb))
         if unit <= WIRE_UNIT["float32"] and bool((c.c.abs() > (1 + tol) * bound + 1e-300).any()):
             raise CrossCheckFailed(f"{name}: cross covariance exceeds the Cauchy-Schwarz bound of the own blocks")
-        w = _whitener(a.m2, WHITEN_GAMMA) @ c.c @ _whitener(b.m2, WHITEN_GAMMA) * math.sqrt(
+        if whiteners is None or whiteners.get(g, (None,))[0] is not a.m2:
+            wa = _whitener(a.m2, WHITEN_GAMMA)
+            if whiteners is not None:
+                whiteners[g] = (a.m2, wa)
+        else:
+            wa = whiteners[g][1]
+        w = wa @ c.c @ _whitener(b.m2, WHITEN_GAMMA) * math.sqrt(
             max(a.n - 1, 1) * max(b.n - 1, 1)) / max(c.n - 1, 1)
-        top = float(torch.linalg.matrix_norm(w, ord=2))
+        top = float(torch.linalg.svdvals(w)[0])   # the spectral norm
         if top > 1 + tol:
             raise CrossCheckFailed(f"{name}: canonical correlation {top:.3f} > 1 (joint covariance not PSD)")

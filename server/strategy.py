@@ -851,7 +851,7 @@ class CCAMerge(FedAvg):
         cross, failed, ref_problem, cross_check_failed = {}, {}, None, set()
         t = time.time()
         ref_model = self._model(ref.state) if self.fit is not None else None   # the server's own cross blocks
-        ref_acts = None
+        ref_acts, whiteners = None, {}
         if ref_model is not None:
             try:   # its activations once for every client's block (recomputed per client, as before, if this fails)
                 ref_acts = ReferenceActivations(ref_model, self.fit, self.spec, device=self._dev())
@@ -867,7 +867,7 @@ class CCAMerge(FedAvg):
                         failed[u.partition] = f"cross statistics of the clipped weights ({type(exc).__name__}: {exc})"
                 continue
             try:
-                c = self._read_cross_reply(rec, got.get(u.node), u, ref, digest, ref_model, ref_acts)
+                c = self._read_cross_reply(rec, got.get(u.node), u, ref, digest, ref_model, ref_acts, whiteners)
             except Exception as exc:  # noqa: BLE001 - ReplyRejected or anything else: this client only
                 reason = str(exc) if isinstance(exc, ReplyRejected) else f"unreadable reply ({type(exc).__name__}: {exc})"
                 if u is ref:
@@ -884,7 +884,8 @@ class CCAMerge(FedAvg):
         return cross, failed, ref_problem, cross_check_failed
 
     def _read_cross_reply(self, rec: RoundRecord, msg: Message | None, u: ClientUpdate, ref: ClientUpdate, digest: str,
-                          ref_model: nn.Module | None, ref_acts: ReferenceActivations | None = None):
+                          ref_model: nn.Module | None, ref_acts: ReferenceActivations | None = None,
+                          whiteners: dict | None = None):
         if msg is None:
             raise ReplyRejected("no reply to the cross-statistics query (timed out)")
         if msg.has_error():
@@ -898,7 +899,7 @@ class CCAMerge(FedAvg):
                    "cross statistics computed against another reference (reference digest differs)")
         c, enc = decode_statistics(rd, "cross-stats", decode_cross, self.spec, "cross", "cross statistics")
         wire = transport([enc, ref.own_encoding, u.own_encoding])
-        check_cross(c, ref.own, u.own, self.expected_counts, wire=wire)
+        check_cross(c, ref.own, u.own, self.expected_counts, wire=wire, whiteners=whiteners)
         if ref_model is not None and u is not ref:
             # with a server probe the cross block is recomputed from the two uploaded models, checked and used:
             # it decides CCA's rotation, which no consistency check can pin down
