@@ -229,9 +229,10 @@ class CCAPair:
         return t, t_inv
 
 
-def cca_rows(stats: Statistics, spec: MergeSpec, reference: int, gammas, regularization: str = "trace"):
-    """CCA transforms model by model (a generator over models in index order): for model i, a list with one
-    ``{group: (T, T^-1)}`` per gamma in ``gammas``. The reference's covariance is decomposed once per group for
+def cca_rows(stats: Statistics, spec: MergeSpec, reference: int, gammas, regularization: str = "trace",
+             models=None):
+    """CCA transforms model by model (a generator over ``models``, default every model in index order): for
+    model i, a list with one ``{group: (T, T^-1)}`` per gamma in ``gammas``. The reference's covariance is decomposed once per group for
     all models, every other model's once per group for all gammas; nothing of model i is kept after its row.
     The same transforms as :func:`match_cca` at each gamma, N * groups eigendecompositions instead of
     3 * N * groups * len(gammas)."""
@@ -242,7 +243,7 @@ def cca_rows(stats: Statistics, spec: MergeSpec, reference: int, gammas, regular
     if regularization not in REGULARIZATIONS:
         raise ValueError(f"regularization must be 'corr' or 'trace', got {regularization!r}")
     refs: dict[int, CCABasis] = {}
-    for i in range(stats.num_models):
+    for i in (range(stats.num_models) if models is None else models):
         rows: list[dict[int, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in gammas]
         for g, grp in spec.groups.items():
             if i == reference:

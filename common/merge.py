@@ -89,6 +89,7 @@ class MergeInfo:
     repair_target: str | None = None  # "average" | "reference" when repair is on
     timings: dict[str, float] = field(default_factory=dict)
     np_merge: dict = field(default_factory=dict)
+    selected_on: list[int] | None = None  # gamma_clients: the models whose merge chose gamma (None: all)
 
 
 def _validate(models: Sequence[nn.Module], weights) -> list[float]:
@@ -200,7 +201,7 @@ def merge_models(models: Sequence[nn.Module], probe: Any, method: str = "cca", r
                  weights: Sequence[float] | None = None, *, repair_target: str = "average", device=None,
                  held_out: float = 0.2, seed: int = 0,
                  gamma_grid: Sequence[float] = GAMMA_GRID, return_info: bool = False, np_merge: bool | dict = False,
-                 **method_kwargs):
+                 gamma_clients: int | None = None, **method_kwargs):
     """Merge ``models`` (one architecture, any traceable model of supported layers) into one.
 
     method: ``avg``, ``permute``, ``weight_matching``, ``ot``, ``zipit``, ``merge_many``, ``cca``, ``gcca``.
@@ -217,6 +218,11 @@ def merge_models(models: Sequence[nn.Module], probe: Any, method: str = "cca", r
     weights: per-model averaging weights (e.g. client sample counts), normalised.
     np_merge: after alignment, learn per-parameter merge coefficients on the labelled probe (NP Merge;
         True or a dict of options for :func:`fedmerge.common.npmerge.np_merge`).
+    gamma_clients: CCA with ``gamma="auto"`` only: choose gamma by merging the reference with ``gamma_clients - 1``
+        of the other models (evenly spaced in index order, weights renormalised) instead of all of them, then
+        merge every model with the chosen gamma. The grid costs one SVD per model, group and gamma: with
+        ``k < N`` the choice costs ``k`` models' worth of them instead of ``N`` (a different choice is possible:
+        it is made on fewer models). ``None`` (default): all models; an integer below 2 is an error.
     Returns the merged model (same class as ``models[0]``), and a :class:`MergeInfo` if ``return_info``.
     """
     if method not in METHODS:
@@ -259,7 +265,7 @@ def merge_models(models: Sequence[nn.Module], probe: Any, method: str = "cca", r
         models[reference], states, spec, stats, method=method, reference=reference,
         gamma=("auto" if auto_gamma else (None if isinstance(gamma, str) else gamma)), weights=w, bn_reset=bn_reset,
         repair=repair, repair_target=repair_target, reset_batches=fit, eval_batches=held, eval_target=ensemble, gamma_grid=gamma_grid, device=dev,
-        repair_models=models, np_merge=np_merge, **method_kwargs)
+        repair_models=models, np_merge=np_merge, gamma_clients=gamma_clients, **method_kwargs)
     info.reference_scores = ref_scores
     info.timings = {**timings, **info.timings, "total": time.perf_counter() - t0}
     return (merged, info) if return_info else merged
@@ -289,9 +295,11 @@ def merge_from_statistics(template: nn.Module, states, spec: MergeSpec, stats: S
                           reset_batches: Batches | None = None,
                           eval_batches: Batches | None = None, eval_target: torch.Tensor | None = None,
                           gamma_grid: Sequence[float] = GAMMA_GRID, device=None, repair_models=None,
-                          np_merge: bool | dict = False, **method_kwargs) -> tuple[nn.Module, MergeInfo]:
+                          np_merge: bool | dict = False, gamma_clients: int | None = None,
+                          **method_kwargs) -> tuple[nn.Module, MergeInfo]:
     """Merge given parameter dicts from precomputed statistics; ``template`` gives the architecture.
-    ``repair_target`` as in :func:`merge_models` (REPAIR to the average, or to the reference's statistics)."""
+    ``repair_target`` as in :func:`merge_models` (REPAIR to the average, or to the reference's statistics).
+    ``gamma_clients``: see :func:`merge_models`."""
     _check_repair_target(repair_target)
     dev = _device(device)
     n = len(states)
@@ -315,14 +323,16 @@ def merge_from_statistics(template: nn.Module, states, spec: MergeSpec, stats: S
     else:
         info.gamma = float(gamma) if METHODS[method].tunable_gamma else None
         settings = [{"gamma": info.gamma} if METHODS[method].tunable_gamma else {}]
+    plan = METHODS[method].target == ".matching:match_cca" and stats is not None
+    subset = _selection_subset(n, reference, gamma_clients, method, plan)
+    subset = subset if candidates else None
     repair_names = _producers_for_repair(spec) if repair else []
-    repair_w = repair_target_weights(w, repair_target, reference) if repair else [0.0] * n
     moments: dict[int, dict[str, Moments]] = {}
 
-    def add_targets(targets: dict, i: int, row: dict) -> None:
+    def add_targets(targets: dict, i: int, row: dict, weight: float) -> None:
         """Model i's aligned output statistics into REPAIR's targets; its moments do not depend on the setting,
         so each model runs over the probe once whatever the number of settings."""
-        if not repair or repair_w[i] == 0:
+        if not repair or weight == 0:
             return
         t = time.perf_counter()
         if i not in moments:
@@ -330,27 +340,32 @@ def merge_from_statistics(template: nn.Module, states, spec: MergeSpec, stats: S
             orig = next(iter(m.parameters())).device
             moments[i] = _output_moments(m, repair_names, reset_batches, dev)
             m.to(orig)
-        _add_repair_targets(targets, spec, repair_names, row, moments[i], repair_w[i])
+        _add_repair_targets(targets, spec, repair_names, row, moments[i], weight)
         timings["repair"] += time.perf_counter() - t
 
-    def merged_states():
-        """(setting, merged parameters, REPAIR targets) for every setting, in order. Models are aligned and
-        averaged one at a time into a running sum (never N aligned copies). CCA: model by model, every setting
-        from one decomposition of each covariance (:func:`~fedmerge.common.matching.cca_rows`); other methods:
-        setting by setting, one alignment at a time."""
-        if METHODS[method].target == ".matching:match_cca" and stats is not None:
-            rows = matching.cca_rows(stats, spec, reference, [p["gamma"] for p in settings], **method_kwargs)
+    def merged_states(models: list[int], settings: list[dict]):
+        """(setting, merged parameters, REPAIR targets) of ``models`` (indices; the reference among them, their
+        weights renormalised) for every setting, in order. Models are aligned and averaged one at a time into a
+        running sum (never N aligned copies). CCA: model by model, every setting from one decomposition of each
+        covariance (:func:`~fedmerge.common.matching.cca_rows`); other methods: setting by setting, one
+        alignment at a time."""
+        total_w = sum(w[i] for i in models) if len(models) < n else 1.0   # all: the weights as given
+        wts = {i: w[i] / total_w for i in models}
+        tw = dict(zip(models, repair_target_weights([wts[i] for i in models], repair_target, models.index(reference))))
+        if plan:
+            rows = matching.cca_rows(stats, spec, reference, [p["gamma"] for p in settings], models=models,
+                                     **method_kwargs)
             sums: list = [None] * len(settings)
             targets: list[dict] = [{} for _ in settings]
-            for i in range(n):
+            for i in models:
                 t = time.perf_counter()
                 row = next(rows)
                 timings["transforms"] += time.perf_counter() - t
                 for c in range(len(settings)):
                     t = time.perf_counter()
-                    sums[c] = _accumulate(sums[c], _aligned(states[i], spec, row[c], bn_eps), w[i])
+                    sums[c] = _accumulate(sums[c], _aligned(states[i], spec, row[c], bn_eps), wts[i])
                     timings["apply"] += time.perf_counter() - t
-                    add_targets(targets[c], i, row[c])
+                    add_targets(targets[c], i, row[c], tw[i])
                 del row
             for c, params in enumerate(settings):
                 total, sums[c] = sums[c], None
@@ -361,12 +376,12 @@ def merge_from_statistics(template: nn.Module, states, spec: MergeSpec, stats: S
             alignment = compute_alignment(method, spec, stats, states, reference, **method_kwargs, **params)
             timings["transforms"] += time.perf_counter() - t
             total, targets = None, {}
-            for i in range(n):
+            for i in models:
                 row = {g: pairs[i] for g, pairs in alignment.items()}
                 t = time.perf_counter()
-                total = _accumulate(total, _aligned(states[i], spec, row, bn_eps), w[i])
+                total = _accumulate(total, _aligned(states[i], spec, row, bn_eps), wts[i])
                 timings["apply"] += time.perf_counter() - t
-                add_targets(targets, i, row)
+                add_targets(targets, i, row, tw[i])
             del alignment
             yield params, _finish_average(total, states[reference]), targets
 
@@ -387,7 +402,8 @@ def merge_from_statistics(template: nn.Module, states, spec: MergeSpec, stats: S
 
     t0 = time.perf_counter()
     best = None
-    for params, merged_sd, targets in merged_states():
+    everyone = list(range(n))
+    for params, merged_sd, targets in merged_states(subset or everyone, settings):
         model = build(merged_sd, targets)
         del merged_sd
         if not candidates:
@@ -406,6 +422,13 @@ def merge_from_statistics(template: nn.Module, states, spec: MergeSpec, stats: S
             info.gamma = used["gamma"]
             info.gamma_scores = {p["gamma"]: sc for p, sc in info.param_scores}
         timings["select_gamma" if METHODS[method].tunable_gamma else "select_params"] = time.perf_counter() - t0
+    if subset is not None:   # chosen on a subset: now every model with the chosen setting
+        info.selected_on = subset
+        del merged, best
+        t = time.perf_counter()
+        (_, merged_sd, targets), = merged_states(everyone, [used])
+        merged = build(merged_sd, targets)
+        timings["merge_all"] = time.perf_counter() - t
     if np_merge:
         if repair:
             raise ValueError("np_merge and repair are alternatives: choose one")
@@ -430,6 +453,30 @@ def merge_from_statistics(template: nn.Module, states, spec: MergeSpec, stats: S
 
 
 # --- REPAIR -------------------------------------------------------------------------------------------------
+def check_gamma_clients(k, method: str) -> None:
+    """``gamma_clients`` must be None or an integer >= 2, with method ``cca`` (ValueError otherwise)."""
+    if k is None:
+        return
+    if isinstance(k, bool) or not isinstance(k, int) or k < 2:
+        raise ValueError(f"gamma_clients must be an integer >= 2 or None (all models), got {k!r}")
+    if method != "cca":
+        raise ValueError(f"gamma_clients applies to method 'cca' (all-to-one, from statistics), not {method!r}")
+
+
+def _selection_subset(n: int, reference: int, k, method: str, plan: bool) -> list[int] | None:
+    """The models whose merge chooses gamma when ``gamma_clients=k``: the reference and k - 1 others evenly
+    spaced over the rest in index order (None: all of them)."""
+    if k is None:
+        return None
+    check_gamma_clients(k, method)
+    if not plan:
+        raise ValueError("gamma_clients needs CCA statistics")
+    if k >= n:
+        return None
+    others = [i for i in range(n) if i != reference]
+    return sorted([reference] + [others[(j * len(others)) // (k - 1)] for j in range(k - 1)])
+
+
 def _check_repair_target(target) -> None:
     if target not in REPAIR_TARGETS:
         raise ValueError(f"unknown repair_target {target!r}; choose one of {list(REPAIR_TARGETS)}")

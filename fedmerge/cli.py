@@ -30,6 +30,9 @@ def _add_federation_args(p: argparse.ArgumentParser, defaults: dict) -> None:
                    help="cca | gcca | avg | permute | weight_matching | ot | zipit | merge_many")
     p.add_argument("--reference", default="best", help="'best' or a client index")
     p.add_argument("--gamma", default="auto", help="'auto' or a number (CCA regularisation)")
+    p.add_argument("--gamma-clients", type=int, default=0,
+                   help="CCA, --gamma auto: choose gamma by merging the reference with this many - 1 clients, then "
+                        "merge all with it (0 = choose on all clients)")
     p.add_argument("--bn-reset", default="auto", choices=["auto", "true", "false"])
     p.add_argument("--repair", action="store_true")
     p.add_argument("--np-merge", action="store_true",
@@ -69,7 +72,7 @@ def _config(a: argparse.Namespace):
     return FedConfig(dataset=a.dataset, data_root=a.data_root, split=a.split, alpha=a.alpha,
                      num_clients=a.clients, arch=a.arch, width=a.width, epochs=a.epochs, lr=a.lr,
                      batch_size=a.batch_size, num_server_rounds=a.rounds, method=a.method, reference=a.reference,
-                     gamma=a.gamma, bn_reset=a.bn_reset, repair=a.repair, np_merge=a.np_merge, probe_size=a.probe_size,
+                     gamma=a.gamma, gamma_clients=a.gamma_clients, bn_reset=a.bn_reset, repair=a.repair, np_merge=a.np_merge, probe_size=a.probe_size,
                      probe_from_union=a.probe_from_union, stats_on_server=a.stats_on_server,
                      stats_dtype=a.stats_dtype, stats_rank=a.stats_rank, norm_bound=a.norm_bound,
                      norm_action=a.norm_action,

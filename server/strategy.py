@@ -51,8 +51,8 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedmerge.common.compress import decode_cross, decode_moments
 from fedmerge.common.graph import MergeSpec, derive_spec
-from fedmerge.common.merge import (GAMMA_GRID, METHODS, has_batchnorm, merge_from_statistics, probe_logits, probe_score,
-                                   selection_candidates)
+from fedmerge.common.merge import (GAMMA_GRID, METHODS, check_gamma_clients, has_batchnorm, merge_from_statistics,
+                                   probe_logits, probe_score, selection_candidates)
 from fedmerge.common.probe import Batches, as_batches, probe_digest
 from fedmerge.common.records import weights_digest
 from fedmerge.common.stats import (ReferenceActivations, Statistics, collect_statistics, cross_statistics,
@@ -277,6 +277,7 @@ class CCAMerge(FedAvg):
             raise ValueError("CCAMerge needs a probe or an example_input to derive the merge spec")
         self.spec: MergeSpec = derive_spec(self.template, example)
         self._check_needs_probe()
+        check_gamma_clients(method_kwargs.get("gamma_clients"), method)
         if norm_action == "clip" and self.fit is None and self.stats_where == "clients":
             raise ValueError("norm_action='clip' needs a server probe: a clipped client's statistics are recomputed "
                              "by the server from the clipped weights")
@@ -718,7 +719,8 @@ class CCAMerge(FedAvg):
         rec.reference = ref_u.partition
         rec.gamma = info.gamma
         rec.merge_info.update({"gamma_scores": {str(k): v for k, v in info.gamma_scores.items()},
-                               "params": info.params,
+                               "params": info.params, "gamma_selected_on": None if info.selected_on is None else
+                               [accepted[i].partition for i in info.selected_on],
                                "bn_reset": info.bn_reset, "repair": info.repair, "weights": weights})
         log(INFO, "round %d: merged %d clients with %s (reference client %d by %s, gamma %s)", server_round,
             len(accepted), self.method, rec.reference, rule, info.gamma)

@@ -11,7 +11,7 @@ from fedmerge.common.align import align_state
 from fedmerge.common.graph import FIXED, UnsupportedModelError, derive_spec
 from fedmerge.common.graph import Group, MergeSpec
 from fedmerge.common.matching import cca_pair, cca_rows, match_cca
-from fedmerge.common.merge import GAMMA_GRID, reset_bn_stats
+from fedmerge.common.merge import GAMMA_GRID, merge_from_statistics, reset_bn_stats
 from fedmerge.common.probe import as_batches
 from fedmerge.common.stats import (CrossMoments, Moments, ReferenceActivations, Statistics, cross_from_arrays,
                                    cross_statistics, cross_to_arrays, moments_from_arrays, moments_to_arrays,
@@ -522,3 +522,29 @@ def test_reference_activations_once_give_the_same_cross_statistics():
         assert all(torch.equal(got[g].c, fresh[g].c) and torch.equal(got[g].mean_a, fresh[g].mean_a)
                    and torch.equal(got[g].mean_b, fresh[g].mean_b) and got[g].n == fresh[g].n for g in spec.groups)
     assert ReferenceActivations(a, probe, spec, max_bytes=cache.bytes - 1).chunks is None
+
+
+def test_gamma_chosen_on_a_subset_of_the_models():
+    """gamma_clients=k: gamma is chosen by merging the reference with k - 1 other models, then every model is
+    merged with it: the result is the merge at that fixed gamma. k >= N is the default (every model), bitwise;
+    values other than None or an integer >= 2, and methods other than CCA, are errors."""
+    models = [_seeded(lambda: TinyVGG().eval(), s)() for s in range(6)]
+    y = torch.randint(0, 5, (X.shape[0],), generator=torch.Generator().manual_seed(0))
+    full, info = merge_models(models, (X, y), method="cca", reference=2, return_info=True)
+    same, info_same = merge_models(models, (X, y), method="cca", reference=2, return_info=True, gamma_clients=6)
+    assert info_same.selected_on is None and info_same.gamma == info.gamma
+    assert all(torch.equal(a, b) for a, b in zip(full.state_dict().values(), same.state_dict().values()))
+    sub, info_sub = merge_models(models, (X, y), method="cca", reference=2, return_info=True, gamma_clients=3)
+    assert len(info_sub.selected_on) == 3 and 2 in info_sub.selected_on and len(info_sub.gamma_scores) == 6
+    assert "merge_all" in info_sub.timings
+    fit, held = as_batches((X, y)).split(0.2, 0)   # as merge_models splits the probe
+    spec = derive_spec(models[0], X)
+    stats = collect_statistics(models, fit, reference=2, spec=spec)
+    fixed, _ = merge_from_statistics(models[2], [m.state_dict() for m in models], spec, stats, method="cca",
+                                     reference=2, gamma=info_sub.gamma, reset_batches=fit, eval_batches=held)
+    assert all(torch.equal(a, b) for a, b in zip(sub.state_dict().values(), fixed.state_dict().values()))
+    for bad in (1, 0, -3, True, 2.5, "3"):
+        with pytest.raises(ValueError, match="gamma_clients"):
+            merge_models(models[:3], (X, y), method="cca", gamma_clients=bad)
+    with pytest.raises(ValueError, match="gamma_clients applies to method 'cca'"):
+        merge_models(models[:3], (X, y), method="gcca", gamma_clients=2)
