@@ -508,6 +508,8 @@ class CCAMerge(FedAvg):
             if self.on_failed_round == "raise":
                 raise
             return None, None
+        finally:   # configure_train to the merged model (or the failure): what the round cost, clients included
+            rec.timings["round"] = time.time() - self._round_start
 
     def _account(self, rec: RoundRecord, part: int, rd: RecordDict, weights_key: str | None, stats_key: str) -> None:
         ars = rd.array_records
