@@ -11,6 +11,7 @@ P_B = S_BB^-1/2 V; the transform mapping B's units onto A's is T = (P_B P_A^-1)^
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Callable
 
 import numpy as np
@@ -229,35 +230,66 @@ class CCAPair:
         return t, t_inv
 
 
+@contextmanager
+def single_threaded():
+    """torch's intra-op threads set to 1 for the block (and restored). Dense LAPACK on matrices of a few hundred
+    rows (eigh, SVD) runs in many short parallel regions: on a machine whose cores are busy (shared, or running
+    the clients) two threads measured 4-6x slower than one for the CCA transforms of 512-unit layers
+    (docs/results.md, "Scale"). The merge runs its per-model linear algebra single-threaded and spreads the models
+    over threads instead, so that the transforms also do not depend on the thread count."""
+    prev = torch.get_num_threads()
+    if prev != 1:
+        torch.set_num_threads(1)
+    try:
+        yield prev
+    finally:
+        if prev != 1:
+            torch.set_num_threads(prev)
+
+
+class CCARows:
+    """Every model's CCA transforms onto the reference for a list of gammas, one model at a time (:meth:`row`,
+    safe to call from several threads): the reference's covariance is decomposed once per group (here), every
+    other model's once per group for all gammas."""
+
+    def __init__(self, stats: Statistics, spec: MergeSpec, reference: int, gammas, regularization: str = "trace"):
+        self.gammas = [float(g) for g in gammas]
+        for gamma in self.gammas:
+            if not gamma >= 0:
+                raise ValueError(f"gamma must be >= 0, got {gamma}")
+        if regularization not in REGULARIZATIONS:
+            raise ValueError(f"regularization must be 'corr' or 'trace', got {regularization!r}")
+        self.stats, self.spec, self.reference, self.regularization = stats, spec, reference, regularization
+        self.refs = {g: CCABasis(stats.own[reference][g].cov, regularization) for g in spec.groups} \
+            if stats.num_models > 1 else {}
+
+    def row(self, i: int) -> list[dict[int, tuple[torch.Tensor, torch.Tensor]]]:
+        """Model i's ``{group: (T, T^-1)}`` for each gamma (identities for the reference)."""
+        rows: list[dict[int, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in self.gammas]
+        for g, grp in self.spec.groups.items():
+            if i == self.reference:
+                eye = torch.eye(grp.dim, dtype=DTYPE)
+                for r in rows:
+                    r[g] = (eye, eye)
+                continue
+            _, s_bb, s_ab = self.stats.pair(self.reference, i, g)
+            pair = CCAPair(self.refs[g], CCABasis(s_bb, self.regularization), s_ab)
+            for r, gamma in zip(rows, self.gammas):
+                r[g] = pair.transforms(gamma)
+        return rows
+
+
 def cca_rows(stats: Statistics, spec: MergeSpec, reference: int, gammas, regularization: str = "trace",
              models=None):
     """CCA transforms model by model (a generator over ``models``, default every model in index order): for
-    model i, a list with one ``{group: (T, T^-1)}`` per gamma in ``gammas``. The reference's covariance is decomposed once per group for
-    all models, every other model's once per group for all gammas; nothing of model i is kept after its row.
+    model i, a list with one ``{group: (T, T^-1)}`` per gamma in ``gammas`` (:class:`CCARows`). The reference's
+    covariance is decomposed once per group for all models, every other model's once per group for all gammas;
+    nothing of model i is kept after its row.
     The same transforms as :func:`match_cca` at each gamma, N * groups eigendecompositions instead of
     3 * N * groups * len(gammas)."""
-    gammas = [float(g) for g in gammas]
-    for gamma in gammas:
-        if not gamma >= 0:
-            raise ValueError(f"gamma must be >= 0, got {gamma}")
-    if regularization not in REGULARIZATIONS:
-        raise ValueError(f"regularization must be 'corr' or 'trace', got {regularization!r}")
-    refs: dict[int, CCABasis] = {}
+    rows = CCARows(stats, spec, reference, gammas, regularization)
     for i in (range(stats.num_models) if models is None else models):
-        rows: list[dict[int, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in gammas]
-        for g, grp in spec.groups.items():
-            if i == reference:
-                eye = torch.eye(grp.dim, dtype=DTYPE)
-                for row in rows:
-                    row[g] = (eye, eye)
-                continue
-            s_aa, s_bb, s_ab = stats.pair(reference, i, g)
-            if g not in refs:
-                refs[g] = CCABasis(s_aa, regularization)
-            pair = CCAPair(refs[g], CCABasis(s_bb, regularization), s_ab)
-            for row, gamma in zip(rows, gammas):
-                row[g] = pair.transforms(gamma)
-        yield rows
+        yield rows.row(i)
 
 
 def match_cca(stats: Statistics, spec: MergeSpec, reference: int = 0, gamma: float = 0.1,

@@ -17,6 +17,8 @@ import importlib
 import itertools
 import math
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -353,20 +355,32 @@ def merge_from_statistics(template: nn.Module, states, spec: MergeSpec, stats: S
         wts = {i: w[i] / total_w for i in models}
         tw = dict(zip(models, repair_target_weights([wts[i] for i in models], repair_target, models.index(reference))))
         if plan:
-            rows = matching.cca_rows(stats, spec, reference, [p["gamma"] for p in settings], models=models,
-                                     **method_kwargs)
+            t = time.perf_counter()
+            workers = torch.get_num_threads()
+            with matching.single_threaded():
+                rows = matching.CCARows(stats, spec, reference, [p["gamma"] for p in settings], **method_kwargs)
+            timings["transforms"] += time.perf_counter() - t
+
+            def one(i: int):   # model i's transforms and its aligned parameters for every setting (a worker)
+                t0 = time.perf_counter()
+                row = rows.row(i)
+                t1 = time.perf_counter()
+                aligned = [_aligned(states[i], spec, r, bn_eps) for r in row]
+                return row, aligned, t1 - t0, time.perf_counter() - t1
+
             sums: list = [None] * len(settings)
             targets: list[dict] = [{} for _ in settings]
-            for i in models:
-                t = time.perf_counter()
-                row = next(rows)
-                timings["transforms"] += time.perf_counter() - t
-                for c in range(len(settings)):
+            with matching.single_threaded(), ThreadPoolExecutor(workers) as pool:
+                for i, (row, aligned, dt_transforms, dt_apply) in zip(models, _in_order(pool, one, models, workers)):
+                    timings["transforms"] += dt_transforms   # summed over the workers
+                    timings["apply"] += dt_apply
                     t = time.perf_counter()
-                    sums[c] = _accumulate(sums[c], _aligned(states[i], spec, row[c], bn_eps), wts[i])
+                    for c in range(len(settings)):   # in model order, whichever worker finished first
+                        sums[c] = _accumulate(sums[c], aligned[c], wts[i])
                     timings["apply"] += time.perf_counter() - t
-                    add_targets(targets[c], i, row[c], tw[i])
-                del row
+                    for c in range(len(settings)):
+                        add_targets(targets[c], i, row[c], tw[i])
+                    del row, aligned
             for c, params in enumerate(settings):
                 total, sums[c] = sums[c], None
                 yield params, _finish_average(total, states[reference]), targets[c]
@@ -533,6 +547,17 @@ def _output_moments(model: nn.Module, names: list[str], batches: Batches, device
         for h in hooks:
             h.remove()
     return {n: Moments(m.n, m.mean.cpu(), m.m2.cpu()) for n, m in acc.items()}
+
+
+def _in_order(pool: ThreadPoolExecutor, fn, items, window: int):
+    """``fn`` over ``items`` on ``pool``, results yielded in the items' order, at most ``window`` + 1 in flight (so
+    that at most that many models' results are held at once)."""
+    items = iter(items)
+    running = deque(pool.submit(fn, x) for x in itertools.islice(items, max(1, window)))
+    while running:
+        done = running.popleft()
+        running.extend(pool.submit(fn, x) for x in itertools.islice(items, 1))
+        yield done.result()
 
 
 def _aligned(state, spec: MergeSpec, row: dict, bn_eps) -> dict:

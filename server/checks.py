@@ -35,6 +35,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedmerge.common.compress import WHITEN_GAMMA, block_encoding
+from fedmerge.common.matching import single_threaded
 from fedmerge.common.records import WireError, decode_array, record_to_arrays
 
 __all__ = ["ReplyRejected", "CrossCheckFailed", "ClientMetrics", "record_bytes", "check_size", "read_int", "read_metrics",
@@ -257,7 +258,8 @@ def check_moments(own: Mapping[int, Any], counts: Mapping[int, int] | None, tole
         tr = float(torch.trace(m.m2))
         if not tr > 0:
             raise ReplyRejected(f"{name}: covariance is zero (no unit varies on the probe)")
-        lam = float(torch.linalg.eigvalsh((m.m2 + m.m2.T) / 2)[0])
+        with single_threaded():   # a small dense eigensolve: see fedmerge.common.matching.single_threaded
+            lam = float(torch.linalg.eigvalsh((m.m2 + m.m2.T) / 2)[0])
         if lam < -tolerance[g] * tr:
             raise ReplyRejected(f"{name}: covariance is not positive semidefinite (smallest eigenvalue "
                                 f"{lam:.3g}, allowed >= {-tolerance[g] * tr:.3g})")
@@ -378,14 +380,15 @@ def check_cross(cross: Mapping[int, Any], own_ref: Mapping[int, Any], own_b: Map
         bound = torch.sqrt(torch.outer(va, vb))
         if unit <= WIRE_UNIT["float32"] and bool((c.c.abs() > (1 + tol) * bound + 1e-300).any()):
             raise CrossCheckFailed(f"{name}: cross covariance exceeds the Cauchy-Schwarz bound of the own blocks")
-        if whiteners is None or whiteners.get(g, (None,))[0] is not a.m2:
-            wa = _whitener(a.m2, WHITEN_GAMMA)
-            if whiteners is not None:
-                whiteners[g] = (a.m2, wa)
-        else:
-            wa = whiteners[g][1]
-        w = wa @ c.c @ _whitener(b.m2, WHITEN_GAMMA) * math.sqrt(
-            max(a.n - 1, 1) * max(b.n - 1, 1)) / max(c.n - 1, 1)
-        top = float(torch.linalg.svdvals(w)[0])   # the spectral norm
+        with single_threaded():   # small dense eigensolves: see fedmerge.common.matching.single_threaded
+            if whiteners is None or whiteners.get(g, (None,))[0] is not a.m2:
+                wa = _whitener(a.m2, WHITEN_GAMMA)
+                if whiteners is not None:
+                    whiteners[g] = (a.m2, wa)
+            else:
+                wa = whiteners[g][1]
+            w = wa @ c.c @ _whitener(b.m2, WHITEN_GAMMA) * math.sqrt(
+                max(a.n - 1, 1) * max(b.n - 1, 1)) / max(c.n - 1, 1)
+            top = float(torch.linalg.svdvals(w)[0])   # the spectral norm
         if top > 1 + tol:
             raise CrossCheckFailed(f"{name}: canonical correlation {top:.3f} > 1 (joint covariance not PSD)")

@@ -162,6 +162,22 @@ def _subset(stats: Statistics, keep: list[int]) -> Statistics:
                       reference=ref)
 
 
+class _Models(Sequence):
+    """The clients' models, each built from its weights when it is read (REPAIR reads each once): not N more
+    model copies at once."""
+
+    def __init__(self, states: list, build: Callable[[dict], nn.Module]):
+        self.states, self.build = states, build
+
+    def __len__(self) -> int:
+        return len(self.states)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self.build(s) for s in self.states[i]]
+        return self.build(self.states[i])
+
+
 class _DropLog(logging.Filter):
     def __init__(self, text: str):
         super().__init__()
@@ -749,7 +765,7 @@ class CCAMerge(FedAvg):
             gamma=self.gamma if METHODS[self.method].tunable_gamma else None, weights=weights,
             bn_reset=self.bn_reset, repair=self.repair, reset_batches=self.fit, eval_batches=self.held,
             eval_target=self._ensemble_target(accepted), gamma_grid=self.gamma_grid, device=self._dev(),
-            repair_models=[self._model(s) for s in states] if self.repair else None, **self.method_kwargs)
+            repair_models=_Models(states, self._model) if self.repair else None, **self.method_kwargs)
         if not self._within_bound(rec, merged.state_dict()):
             raise FloatingPointError(f"the merged weight norm {weight_norm(merged.state_dict()):.4g} exceeds "
                                      f"{self.norm_bound:g} x the anchor {rec.merge_info['norm_anchor']:.4g}")
