@@ -11,6 +11,7 @@ P_B = S_BB^-1/2 V; the transform mapping B's units onto A's is T = (P_B P_A^-1)^
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Callable
 
 import numpy as np
@@ -157,8 +158,146 @@ def _cca_core(s_aa, s_bb, s_ab, prior=None):
     return t, t_inv
 
 
+# --- CCA over a grid of gammas: every covariance decomposed once ----------------------------------------------
+REGULARIZATIONS = ("trace", "corr")
+
+
+class CCABasis:
+    """What CCA needs of one model's covariance at one group, whatever gamma: the eigendecomposition of the
+    symmetrised covariance (standardised for ``"corr"``), the ridge's scale (``tr(S)/d`` for ``"trace"``, 1 for
+    ``"corr"``), the unit scales (``"corr"``) and the dead units. ``S + gamma * scale * I`` has the same
+    eigenvectors as ``S`` and its eigenvalues shifted by ``gamma * scale``, so one ``eigh`` serves every gamma
+    (and, for the reference, every model aligned onto it)."""
+
+    def __init__(self, s: torch.Tensor, regularization: str = "trace"):
+        if regularization not in REGULARIZATIONS:
+            raise ValueError(f"regularization must be 'corr' or 'trace', got {regularization!r}")
+        s = s.to(DTYPE)
+        d = s.shape[0]
+        scales, dead = _unit_scales(s)
+        self.dead = torch.nonzero(dead).flatten()
+        if regularization == "corr":
+            self.sd, self.scale = scales, 1.0
+            s = s / torch.outer(scales, scales)
+        else:
+            self.sd, self.scale = None, max(float(torch.trace(s)) / d, 1e-300)
+        self.evals, self.evecs = torch.linalg.eigh((s + s.T) / 2)
+
+    def roots(self, gamma: float) -> torch.Tensor:
+        """Square roots of the regularised covariance's eigenvalues, floored as :func:`_sym_powers` floors them
+        (condition number <= 1e8)."""
+        e = self.evals + gamma * self.scale
+        return torch.sqrt(torch.clamp(e, min=torch.clamp(e.max(), min=1e-300) * 1e-8))
+
+
+class CCAPair:
+    """One (reference A, model B) pair at one group, for any number of gammas: with A's and B's eigenbases
+    ``Q_A``, ``Q_B`` (:class:`CCABasis`), ``S_A^-1/2 S_AB S_B^-1/2 = Q_A (D_A K D_B) Q_B^T`` with the fixed
+    ``K = Q_A^T S_AB Q_B`` and diagonal ``D = (Lambda + gamma * scale)^-1/2``, so each gamma costs one SVD of
+    ``D_A K D_B`` and four products; :meth:`transforms` equals :func:`cca_pair` (the same closed form, the
+    undetermined directions completed by the same dead-unit prior, expressed in the eigenbases)."""
+
+    def __init__(self, a: CCABasis, b: CCABasis, s_ab: torch.Tensor):
+        if (a.sd is None) != (b.sd is None):
+            raise ValueError("both bases of a CCA pair need the same regularization")
+        self.a, self.b = a, b
+        s_ab = s_ab.to(DTYPE)
+        cross = s_ab if a.sd is None else s_ab / torch.outer(a.sd, b.sd)
+        self.k = a.evecs.T @ cross @ b.evecs
+        m = min(len(a.dead), len(b.dead))   # dead units of B onto dead units of A, positively, in order
+        self.prior = a.evecs[a.dead[:m]].T @ b.evecs[b.dead[:m]] if m else None   # Q_A^T P Q_B
+
+    def transforms(self, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
+        if not gamma >= 0:
+            raise ValueError(f"gamma must be >= 0, got {gamma}")
+        ra, rb = self.a.roots(gamma), self.b.roots(gamma)
+        u, sv, vh = torch.linalg.svd(self.k / ra[:, None] / rb[None, :])
+        null = sv <= sv.max().clamp_min(1e-300) * 1e-9
+        if bool(null.any()):  # as _cca_core: the best orthogonal map towards the prior pairing
+            u0, v0 = u[:, null], vh[null].T
+            k = u0.T @ self.prior @ v0 if self.prior is not None else torch.zeros(u0.shape[1], v0.shape[1], dtype=DTYPE)
+            q = _polar(k) if float(k.abs().max()) > 0 else torch.eye(k.shape[0], dtype=k.dtype)
+            live = ~null
+            rot = u[:, live] @ vh[live] + u0 @ q @ v0.T
+        else:
+            rot = u @ vh
+        qa, qb = self.a.evecs, self.b.evecs
+        t = qa @ (ra[:, None] * rot / rb[None, :]) @ qb.T
+        t_inv = qb @ (rb[:, None] * rot.T / ra[None, :]) @ qa.T
+        if self.a.sd is not None:   # back to raw units (see cca_pair)
+            sd_a, sd_b = self.a.sd, self.b.sd
+            t, t_inv = sd_a[:, None] * t / sd_b[None, :], sd_b[:, None] * t_inv / sd_a[None, :]
+        return t, t_inv
+
+
+@contextmanager
+def single_threaded():
+    """torch's intra-op threads set to 1 for the block (and restored). Dense LAPACK on matrices of a few hundred
+    rows (eigh, SVD) runs in many short parallel regions: on a machine whose cores are busy (shared, or running
+    the clients) two threads measured 4-6x slower than one for the CCA transforms of 512-unit layers
+    (docs/results.md, "Scale"). The merge runs its per-model linear algebra single-threaded and spreads the models
+    over threads instead, so that the transforms also do not depend on the thread count."""
+    prev = torch.get_num_threads()
+    if prev != 1:
+        torch.set_num_threads(1)
+    try:
+        yield prev
+    finally:
+        if prev != 1:
+            torch.set_num_threads(prev)
+
+
+class CCARows:
+    """Every model's CCA transforms onto the reference for a list of gammas, one model at a time (:meth:`row`,
+    safe to call from several threads): the reference's covariance is decomposed once per group (here), every
+    other model's once per group for all gammas."""
+
+    def __init__(self, stats: Statistics, spec: MergeSpec, reference: int, gammas, regularization: str = "trace"):
+        self.gammas = [float(g) for g in gammas]
+        for gamma in self.gammas:
+            if not gamma >= 0:
+                raise ValueError(f"gamma must be >= 0, got {gamma}")
+        if regularization not in REGULARIZATIONS:
+            raise ValueError(f"regularization must be 'corr' or 'trace', got {regularization!r}")
+        self.stats, self.spec, self.reference, self.regularization = stats, spec, reference, regularization
+        self.refs = {g: CCABasis(stats.own[reference][g].cov, regularization) for g in spec.groups} \
+            if stats.num_models > 1 else {}
+
+    def row(self, i: int) -> list[dict[int, tuple[torch.Tensor, torch.Tensor]]]:
+        """Model i's ``{group: (T, T^-1)}`` for each gamma (identities for the reference)."""
+        rows: list[dict[int, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in self.gammas]
+        for g, grp in self.spec.groups.items():
+            if i == self.reference:
+                eye = torch.eye(grp.dim, dtype=DTYPE)
+                for r in rows:
+                    r[g] = (eye, eye)
+                continue
+            _, s_bb, s_ab = self.stats.pair(self.reference, i, g)
+            pair = CCAPair(self.refs[g], CCABasis(s_bb, self.regularization), s_ab)
+            for r, gamma in zip(rows, self.gammas):
+                r[g] = pair.transforms(gamma)
+        return rows
+
+
+def cca_rows(stats: Statistics, spec: MergeSpec, reference: int, gammas, regularization: str = "trace",
+             models=None):
+    """CCA transforms model by model (a generator over ``models``, default every model in index order): for
+    model i, a list with one ``{group: (T, T^-1)}`` per gamma in ``gammas`` (:class:`CCARows`). The reference's
+    covariance is decomposed once per group for all models, every other model's once per group for all gammas;
+    nothing of model i is kept after its row.
+    The same transforms as :func:`match_cca` at each gamma, N * groups eigendecompositions instead of
+    3 * N * groups * len(gammas)."""
+    rows = CCARows(stats, spec, reference, gammas, regularization)
+    for i in (range(stats.num_models) if models is None else models):
+        yield rows.row(i)
+
+
 def match_cca(stats: Statistics, spec: MergeSpec, reference: int = 0, gamma: float = 0.1,
               regularization: str = "trace") -> Alignment:
-    """CCA Merge all-to-one: every model's units mapped onto the reference's canonical directions."""
-    return _all_to_one(stats, spec, reference,
-                       lambda a, b, ab: cca_pair(a, b, ab, gamma=gamma, regularization=regularization))
+    """CCA Merge all-to-one: every model's units mapped onto the reference's canonical directions (the
+    reference's covariance decomposed once for all models: :func:`cca_rows`)."""
+    out: Alignment = {g: [] for g in spec.groups}
+    for (row,) in cca_rows(stats, spec, reference, [gamma], regularization):
+        for g, pair in row.items():
+            out[g].append(pair)
+    return out

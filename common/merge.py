@@ -17,6 +17,8 @@ import importlib
 import itertools
 import math
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -25,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import matching
-from .align import fold_batchnorm, merge_states, unit_batchnorm
+from .align import align_state, fold_batchnorm, unit_batchnorm
 from .graph import FIXED, MergeSpec, derive_spec
 from .probe import Batches, as_batches
 from .stats import Moments, Statistics, collect_statistics
@@ -90,6 +92,7 @@ class MergeInfo:
     bn_fold: bool = False  # BatchNorms folded into their producers before aligning
     timings: dict[str, float] = field(default_factory=dict)
     np_merge: dict = field(default_factory=dict)
+    selected_on: list[int] | None = None  # gamma_clients: the models whose merge chose gamma (None: all)
 
 
 def _validate(models: Sequence[nn.Module], weights) -> list[float]:
@@ -203,7 +206,8 @@ def merge_models(models: Sequence[nn.Module], probe: Any, method: str = "cca", r
                  weights: Sequence[float] | None = None, *, repair_target: str = "average", device=None,
                  held_out: float = 0.2, seed: int = 0,
                  gamma_grid: Sequence[float] = GAMMA_GRID, return_info: bool = False, np_merge: bool | dict = False,
-                 residual_sites: str = "all", bn_fold: bool = False, **method_kwargs):
+                 residual_sites: str = "all", bn_fold: bool = False, gamma_clients: int | None = None,
+                 **method_kwargs):
     """Merge ``models`` (one architecture, any traceable model of supported layers) into one.
 
     method: ``avg``, ``permute``, ``weight_matching``, ``ot``, ``zipit``, ``merge_many``, ``cca``, ``gcca``.
@@ -229,6 +233,11 @@ def merge_models(models: Sequence[nn.Module], probe: Any, method: str = "cca", r
         ``repair`` the folded BatchNorms are set to the REPAIR targets). For nets with BatchNorm.
     residual_sites: where residual streams are measured (:func:`fedmerge.common.graph.derive_spec`): ``"all"``
         their states after every block, pooled, or ``"last"`` the stream's end only.
+    gamma_clients: CCA with ``gamma="auto"`` only: choose gamma by merging the reference with ``gamma_clients - 1``
+        of the other models (evenly spaced in index order, weights renormalised) instead of all of them, then
+        merge every model with the chosen gamma. The grid costs one SVD per model, group and gamma: with
+        ``k < N`` the choice costs ``k`` models' worth of them instead of ``N`` (a different choice is possible:
+        it is made on fewer models). ``None`` (default): all models; an integer below 2 is an error.
     Returns the merged model (same class as ``models[0]``), and a :class:`MergeInfo` if ``return_info``.
     """
     if method not in METHODS:
@@ -271,7 +280,7 @@ def merge_models(models: Sequence[nn.Module], probe: Any, method: str = "cca", r
         models[reference], states, spec, stats, method=method, reference=reference,
         gamma=("auto" if auto_gamma else (None if isinstance(gamma, str) else gamma)), weights=w, bn_reset=bn_reset,
         repair=repair, repair_target=repair_target, reset_batches=fit, eval_batches=held, eval_target=ensemble, gamma_grid=gamma_grid, device=dev,
-        repair_models=models, np_merge=np_merge, bn_fold=bn_fold, **method_kwargs)
+        repair_models=models, np_merge=np_merge, bn_fold=bn_fold, gamma_clients=gamma_clients, **method_kwargs)
     info.reference_scores = ref_scores
     info.timings = {**timings, **info.timings, "total": time.perf_counter() - t0}
     return (merged, info) if return_info else merged
@@ -301,10 +310,11 @@ def merge_from_statistics(template: nn.Module, states, spec: MergeSpec, stats: S
                           reset_batches: Batches | None = None,
                           eval_batches: Batches | None = None, eval_target: torch.Tensor | None = None,
                           gamma_grid: Sequence[float] = GAMMA_GRID, device=None, repair_models=None,
-                          np_merge: bool | dict = False, bn_fold: bool = False,
+                          np_merge: bool | dict = False, bn_fold: bool = False, gamma_clients: int | None = None,
                           **method_kwargs) -> tuple[nn.Module, MergeInfo]:
     """Merge given parameter dicts from precomputed statistics; ``template`` gives the architecture.
-    ``repair_target`` as in :func:`merge_models` (REPAIR to the average, or to the reference's statistics)."""
+    ``repair_target`` as in :func:`merge_models` (REPAIR to the average, or to the reference's statistics).
+    ``gamma_clients``: see :func:`merge_models`."""
     _check_repair_target(repair_target)
     dev = _device(device)
     n = len(states)
@@ -320,14 +330,95 @@ def merge_from_statistics(template: nn.Module, states, spec: MergeSpec, stats: S
                      repair_target=repair_target if repair else None, bn_fold=fold)
     if fold and np_merge:
         raise ValueError("bn_fold and np_merge cannot be combined (NP Merge learns the BatchNorm parameters)")
-    timings = {"transforms": 0.0, "apply": 0.0, "bn_reset": 0.0, "repair": 0.0}
+    timings = {"transforms": 0.0, "apply": 0.0, "bn_reset": 0.0, "repair": 0.0, "evaluate": 0.0}
+    if repair and (repair_models is None or reset_batches is None):
+        raise ValueError("repair needs the endpoint models and probe batches")
 
-    def build(params: dict):
+    candidates = selection_candidates(method, gamma, method_kwargs, gamma_grid)
+    if candidates:
+        if eval_batches is None:
+            raise ValueError(f"choosing {' and '.join(candidates[0])} (gamma='auto', or ZipIt!'s alpha/beta left "
+                             "out) needs a held-out probe slice; pass the values to fix them")
+        settings = candidates
+    else:
+        info.gamma = float(gamma) if METHODS[method].tunable_gamma else None
+        settings = [{"gamma": info.gamma} if METHODS[method].tunable_gamma else {}]
+    plan = METHODS[method].target == ".matching:match_cca" and stats is not None
+    subset = _selection_subset(n, reference, gamma_clients, method, plan)
+    subset = subset if candidates else None
+    repair_names = _producers_for_repair(spec, folded_bn=fold) if repair else []
+    moments: dict[int, dict[str, Moments]] = {}
+
+    def add_targets(targets: dict, i: int, row: dict, weight: float) -> None:
+        """Model i's aligned output statistics into REPAIR's targets; its moments do not depend on the setting,
+        so each model runs over the probe once whatever the number of settings."""
+        if not repair or weight == 0:
+            return
         t = time.perf_counter()
-        alignment = compute_alignment(method, spec, stats, states, reference, **method_kwargs, **params)
-        timings["transforms"] += time.perf_counter() - t
+        if i not in moments:
+            m = repair_models[i]
+            orig = next(iter(m.parameters())).device
+            moments[i] = _output_moments(m, repair_names, reset_batches, dev)
+            m.to(orig)
+        _add_repair_targets(targets, spec, repair_names, row, moments[i], weight)
+        timings["repair"] += time.perf_counter() - t
+
+    def merged_states(models: list[int], settings: list[dict]):
+        """(setting, merged parameters, REPAIR targets) of ``models`` (indices; the reference among them, their
+        weights renormalised) for every setting, in order. Models are aligned and averaged one at a time into a
+        running sum (never N aligned copies). CCA: model by model, every setting from one decomposition of each
+        covariance (:func:`~fedmerge.common.matching.cca_rows`); other methods: setting by setting, one
+        alignment at a time."""
+        total_w = sum(w[i] for i in models) if len(models) < n else 1.0   # all: the weights as given
+        wts = {i: w[i] / total_w for i in models}
+        tw = dict(zip(models, repair_target_weights([wts[i] for i in models], repair_target, models.index(reference))))
+        if plan:
+            t = time.perf_counter()
+            workers = torch.get_num_threads()
+            with matching.single_threaded():
+                rows = matching.CCARows(stats, spec, reference, [p["gamma"] for p in settings], **method_kwargs)
+            timings["transforms"] += time.perf_counter() - t
+
+            def one(i: int):   # model i's transforms and its aligned parameters for every setting (a worker)
+                t0 = time.perf_counter()
+                row = rows.row(i)
+                t1 = time.perf_counter()
+                aligned = [_aligned(states[i], spec, r, bn_eps) for r in row]
+                return row, aligned, t1 - t0, time.perf_counter() - t1
+
+            sums: list = [None] * len(settings)
+            targets: list[dict] = [{} for _ in settings]
+            with matching.single_threaded(), ThreadPoolExecutor(workers) as pool:
+                for i, (row, aligned, dt_transforms, dt_apply) in zip(models, _in_order(pool, one, models, workers)):
+                    timings["transforms"] += dt_transforms   # summed over the workers
+                    timings["apply"] += dt_apply
+                    t = time.perf_counter()
+                    for c in range(len(settings)):   # in model order, whichever worker finished first
+                        sums[c] = _accumulate(sums[c], aligned[c], wts[i])
+                    timings["apply"] += time.perf_counter() - t
+                    for c in range(len(settings)):
+                        add_targets(targets[c], i, row[c], tw[i])
+                    del row, aligned
+            for c, params in enumerate(settings):
+                total, sums[c] = sums[c], None
+                yield params, _finish_average(total, states[reference]), targets[c]
+            return
+        for params in settings:
+            t = time.perf_counter()
+            alignment = compute_alignment(method, spec, stats, states, reference, **method_kwargs, **params)
+            timings["transforms"] += time.perf_counter() - t
+            total, targets = None, {}
+            for i in models:
+                row = {g: pairs[i] for g, pairs in alignment.items()}
+                t = time.perf_counter()
+                total = _accumulate(total, _aligned(states[i], spec, row, bn_eps), wts[i])
+                timings["apply"] += time.perf_counter() - t
+                add_targets(targets, i, row, tw[i])
+            del alignment
+            yield params, _finish_average(total, states[reference]), targets
+
+    def build(merged_sd, targets) -> nn.Module:
         t = time.perf_counter()
-        merged_sd = merge_states(states, spec, alignment, w, reference, bn_eps)
         if fold:
             merged_sd = unit_batchnorm(merged_sd, spec, bn_eps)
         model = copy.deepcopy(template).cpu()
@@ -335,10 +426,7 @@ def merge_from_statistics(template: nn.Module, states, spec: MergeSpec, stats: S
         timings["apply"] += time.perf_counter() - t
         if repair:
             t = time.perf_counter()
-            if repair_models is None or reset_batches is None:
-                raise ValueError("repair needs the endpoint models and probe batches")
-            apply_repair(model, repair_models, spec, alignment, w, reset_batches, dev, target=repair_target,
-                         reference=reference, folded_bn=fold)
+            _repair_to(model, repair_names, targets, reset_batches, dev)
             timings["repair"] += time.perf_counter() - t
         if bn:
             t = time.perf_counter()
@@ -346,30 +434,35 @@ def merge_from_statistics(template: nn.Module, states, spec: MergeSpec, stats: S
             timings["bn_reset"] += time.perf_counter() - t
         return model
 
-    candidates = selection_candidates(method, gamma, method_kwargs, gamma_grid)
-    if candidates:
-        if eval_batches is None:
-            raise ValueError(f"choosing {' and '.join(candidates[0])} (gamma='auto', or ZipIt!'s alpha/beta left "
-                             "out) needs a held-out probe slice; pass the values to fix them")
+    t0 = time.perf_counter()
+    best = None
+    everyone = list(range(n))
+    for params, merged_sd, targets in merged_states(subset or everyone, settings):
+        model = build(merged_sd, targets)
+        del merged_sd
+        if not candidates:
+            best = (None, params, model)
+            continue
         t = time.perf_counter()
-        best = None
-        for params in candidates:
-            model = build(params)
-            score = probe_score(probe_logits(model, eval_batches, dev), eval_batches, eval_target)
-            info.param_scores.append((params, score))
-            if best is None or score > best[0]:
-                best = (score, params, model)
-        info.params = best[1]
+        score = probe_score(probe_logits(model, eval_batches, dev), eval_batches, eval_target)
+        timings["evaluate"] += time.perf_counter() - t
+        info.param_scores.append((params, score))
+        if best is None or score > best[0]:
+            best = (score, params, model)
+    merged, used = best[2], best[1]
+    if candidates:
+        info.params = used
         if METHODS[method].tunable_gamma:
-            info.gamma = best[1]["gamma"]
+            info.gamma = used["gamma"]
             info.gamma_scores = {p["gamma"]: sc for p, sc in info.param_scores}
-        timings["select_gamma" if METHODS[method].tunable_gamma else "select_params"] = time.perf_counter() - t
-        merged = best[2]
-        used = best[1]
-    else:
-        info.gamma = float(gamma) if METHODS[method].tunable_gamma else None
-        used = {"gamma": info.gamma} if METHODS[method].tunable_gamma else {}
-        merged = build(used)
+        timings["select_gamma" if METHODS[method].tunable_gamma else "select_params"] = time.perf_counter() - t0
+    if subset is not None:   # chosen on a subset: now every model with the chosen setting
+        info.selected_on = subset
+        del merged, best
+        t = time.perf_counter()
+        (_, merged_sd, targets), = merged_states(everyone, [used])
+        merged = build(merged_sd, targets)
+        timings["merge_all"] = time.perf_counter() - t
     if np_merge:
         if repair:
             raise ValueError("np_merge and repair are alternatives: choose one")
@@ -394,6 +487,30 @@ def merge_from_statistics(template: nn.Module, states, spec: MergeSpec, stats: S
 
 
 # --- REPAIR -------------------------------------------------------------------------------------------------
+def check_gamma_clients(k, method: str) -> None:
+    """``gamma_clients`` must be None or an integer >= 2, with method ``cca`` (ValueError otherwise)."""
+    if k is None:
+        return
+    if isinstance(k, bool) or not isinstance(k, int) or k < 2:
+        raise ValueError(f"gamma_clients must be an integer >= 2 or None (all models), got {k!r}")
+    if method != "cca":
+        raise ValueError(f"gamma_clients applies to method 'cca' (all-to-one, from statistics), not {method!r}")
+
+
+def _selection_subset(n: int, reference: int, k, method: str, plan: bool) -> list[int] | None:
+    """The models whose merge chooses gamma when ``gamma_clients=k``: the reference and k - 1 others evenly
+    spaced over the rest in index order (None: all of them)."""
+    if k is None:
+        return None
+    check_gamma_clients(k, method)
+    if not plan:
+        raise ValueError("gamma_clients needs CCA statistics")
+    if k >= n:
+        return None
+    others = [i for i in range(n) if i != reference]
+    return sorted([reference] + [others[(j * len(others)) // (k - 1)] for j in range(k - 1)])
+
+
 def _check_repair_target(target) -> None:
     if target not in REPAIR_TARGETS:
         raise ValueError(f"unknown repair_target {target!r}; choose one of {list(REPAIR_TARGETS)}")
@@ -455,6 +572,49 @@ def _output_moments(model: nn.Module, names: list[str], batches: Batches, device
     return {n: Moments(m.n, m.mean.cpu(), m.m2.cpu()) for n, m in acc.items()}
 
 
+def _in_order(pool: ThreadPoolExecutor, fn, items, window: int):
+    """``fn`` over ``items`` on ``pool``, results yielded in the items' order, at most ``window`` + 1 in flight (so
+    that at most that many models' results are held at once)."""
+    items = iter(items)
+    running = deque(pool.submit(fn, x) for x in itertools.islice(items, max(1, window)))
+    while running:
+        done = running.popleft()
+        running.extend(pool.submit(fn, x) for x in itertools.islice(items, 1))
+        yield done.result()
+
+
+def _aligned(state, spec: MergeSpec, row: dict, bn_eps) -> dict:
+    """One model's parameters in the shared basis, from its ``{group: (T, T^-1)}``."""
+    return align_state(state, spec, {g: p[0] for g, p in row.items()}, {g: p[1] for g, p in row.items()}, bn_eps)
+
+
+def _accumulate(total: dict | None, state: dict, weight: float) -> dict:
+    """Running weighted sum of the floating-point entries in float64, in model order (the sum
+    :func:`~fedmerge.common.align.average_states` forms, without holding the summands)."""
+    if total is None:
+        total = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in state.items() if v.is_floating_point()}
+    for k, acc in total.items():
+        acc += weight * state[k].to(torch.float64)
+    return total
+
+
+def _finish_average(total: dict, reference_state: dict) -> dict:
+    """The averaged parameters in the reference's dtypes; integer buffers (BN counters) from the reference."""
+    return {k: total[k].to(v.dtype) if v.is_floating_point() else v.clone() for k, v in reference_state.items()}
+
+
+def _add_repair_targets(targets: dict, spec: MergeSpec, names: list[str], row: dict, moms: dict[str, Moments],
+                        weight: float) -> None:
+    """Add one model's output statistics, seen through its transforms ``row`` (mean ``T mu``, variance
+    ``diag(T C T^T)``), with ``weight`` to REPAIR's per-layer targets."""
+    for n in names:
+        t = row[spec.layers[n].out[0].group][0]
+        mean = t @ moms[n].mean
+        var = torch.clamp(torch.einsum("ij,jk,ik->i", t, moms[n].cov, t), min=0)
+        pm, pv = targets.get(n, (torch.zeros(0), torch.zeros(0)))
+        targets[n] = (mean * weight + (pm if pm.numel() else 0), var * weight + (pv if pv.numel() else 0))
+
+
 @torch.no_grad()
 def apply_repair(merged: nn.Module, models: Sequence[nn.Module], spec: MergeSpec, alignment, weights,
                  batches: Batches, device, target: str = "average", reference: int = 0,
@@ -473,19 +633,22 @@ def apply_repair(merged: nn.Module, models: Sequence[nn.Module], spec: MergeSpec
     if not names:
         return merged
     tw = repair_target_weights(weights, target, reference)
-    targets = {n: (torch.zeros(0), torch.zeros(0)) for n in names}
+    targets: dict = {}
     for i, m in enumerate(models):
         if tw[i] == 0:
             continue  # no share in the target: no forward pass
         orig = next(iter(m.parameters())).device
         moms = _output_moments(m, names, batches, device)
         m.to(orig)
-        for n in names:
-            t = alignment[spec.layers[n].out[0].group][i][0]
-            mean = t @ moms[n].mean
-            var = torch.clamp(torch.einsum("ij,jk,ik->i", t, moms[n].cov, t), min=0)
-            pm, pv = targets[n]
-            targets[n] = (mean * tw[i] + (pm if pm.numel() else 0), var * tw[i] + (pv if pv.numel() else 0))
+        _add_repair_targets(targets, spec, names, {g: pairs[i] for g, pairs in alignment.items()}, moms, tw[i])
+    return _repair_to(merged, names, targets, batches, device)
+
+
+@torch.no_grad()
+def _repair_to(merged: nn.Module, names: list[str], targets: dict, batches: Batches, device) -> nn.Module:
+    """Fold REPAIR's per-layer (mean, variance) ``targets`` into ``merged`` (see :func:`apply_repair`)."""
+    if not names:
+        return merged
     mods = dict(merged.named_modules())
     wrapped = {}
     for n in names:

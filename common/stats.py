@@ -251,16 +251,43 @@ def own_statistics(model: nn.Module, probe, spec: MergeSpec | None = None, devic
 
 
 def cross_statistics(reference: nn.Module, model: nn.Module, probe, spec: MergeSpec | None = None,
-                     device=None) -> GroupCross:
-    """Cross statistics between the reference and ``model`` (a client answering the server's query)."""
+                     device=None, cache: "ReferenceActivations | None" = None) -> GroupCross:
+    """Cross statistics between the reference and ``model`` (a client answering the server's query).
+
+    ``cache``: the reference's centred activations on this probe (:class:`ReferenceActivations`), computed once
+    for every model compared with it; the result is the same (the same activations, the same products)."""
     batches = as_batches(probe)
     spec = spec or derive_spec(reference, batches.example())
     acc: GroupCross = {g: CrossMoments(0, None, None, None) for g in spec.groups}
-    for fa, fb in _stream([reference, model], spec, batches, device):
+    if cache is not None and cache.chunks is not None:
+        pairs = ((ref, {g: _centred(f[g], "model", g) for g in spec.groups})
+                 for ref, (f,) in zip(cache.chunks, _stream([model], spec, batches, device)))
+    else:
+        pairs = (({g: _centred(fa[g], "reference", g) for g in spec.groups},
+                  {g: _centred(fb[g], "model", g) for g in spec.groups})
+                 for fa, fb in _stream([reference, model], spec, batches, device))
+    for ref, own in pairs:
         for g in spec.groups:
-            for ca, cb in zip(_centred(fa[g], "reference", g), _centred(fb[g], "model", g)):
+            for ca, cb in zip(ref[g], own[g]):
                 acc[g] = acc[g].combine(CrossMoments(ca.n, ca.mean, cb.mean, ca.gram(cb)))
     return {g: _cpu(m) for g, m in acc.items()}
+
+
+class ReferenceActivations:
+    """The reference model's centred activations at every merge group on a probe, computed once so that the
+    cross statistics of N models against one reference take N + 1 forward passes instead of 2N. Kept only when
+    they take at most ``max_bytes`` (estimated from the probe's size before anything runs); otherwise
+    ``chunks`` is None and :func:`cross_statistics` recomputes them per model, as without a cache."""
+
+    def __init__(self, reference: nn.Module, probe, spec: MergeSpec, device=None, max_bytes: int = 2 ** 29):
+        batches = as_batches(probe)
+        per = samples_per_input(reference, spec, batches.example())
+        itemsize = next(iter(reference.parameters())).element_size()
+        self.bytes = sum(per[g] * grp.dim for g, grp in spec.groups.items()) * batches.num_samples * itemsize
+        self.chunks: list[dict[int, list[_Centred]]] | None = None
+        if self.bytes <= max_bytes:
+            self.chunks = [{g: _centred(f[g], "reference", g) for g in spec.groups}
+                           for (f,) in _stream([reference], spec, batches, device)]
 
 
 def collect_statistics(models: Sequence[nn.Module], probe, reference: int = 0, pairs: str = "reference",

@@ -68,6 +68,7 @@ class FedConfig:
                                        # (per round, the last repeating); "": method in every round
     reference: str = "best"            # "best" or a client index as a string
     gamma: str = "auto"                # "auto" or a number
+    gamma_clients: int = 0             # gamma="auto": choose gamma on the reference + this many - 1 clients (0 = all)
     bn_reset: str = "auto"             # "auto" (when the model has BatchNorm), "true", "false"
     repair: bool = False
     repair_target: str = "average"     # REPAIR to the clients' "average" statistics or the "reference"'s
@@ -116,6 +117,9 @@ class FedConfig:
                 raise ValueError(f"gamma must be 'auto' or a number, got {self.gamma!r}") from None
             if not (math.isfinite(g) and g >= 0):
                 raise ValueError(f"gamma must be >= 0, got {self.gamma!r}")
+        if self.gamma_clients != 0 and (self.gamma_clients < 2 or self.method != "cca"):
+            raise ValueError(f"gamma_clients must be 0 (all clients) or an integer >= 2, with method 'cca'; got "
+                             f"{self.gamma_clients!r} with method {self.method!r}")
         if str(self.bn_reset).lower() not in ("auto", "true", "false"):
             raise ValueError(f"bn_reset must be auto|true|false, got {self.bn_reset!r}")
         if not 0 < self.held_out < 1:

@@ -35,6 +35,9 @@ def _add_federation_args(p: argparse.ArgumentParser, defaults: dict) -> None:
                         "in every round")
     p.add_argument("--reference", default="best", help="'best' or a client index")
     p.add_argument("--gamma", default="auto", help="'auto' or a number (CCA regularisation)")
+    p.add_argument("--gamma-clients", type=int, default=0,
+                   help="CCA, --gamma auto: choose gamma by merging the reference with this many - 1 clients, then "
+                        "merge all with it (0 = choose on all clients)")
     p.add_argument("--bn-reset", default="auto", choices=["auto", "true", "false"])
     p.add_argument("--repair", action="store_true", help="REPAIR the merged model's unit statistics")
     p.add_argument("--repair-target", default="average", choices=["average", "reference"],
@@ -79,8 +82,8 @@ def _config(a: argparse.Namespace):
                      num_clients=a.clients, arch=a.arch, width=a.width, epochs=a.epochs, lr=a.lr,
                      batch_size=a.batch_size, num_server_rounds=a.rounds, method=a.method,
                      method_schedule=a.method_schedule, reference=a.reference, gamma=a.gamma,
-                     bn_reset=a.bn_reset, repair=a.repair, repair_target=a.repair_target, np_merge=a.np_merge,
-                     probe_size=a.probe_size,
+                     gamma_clients=a.gamma_clients, bn_reset=a.bn_reset, repair=a.repair,
+                     repair_target=a.repair_target, np_merge=a.np_merge, probe_size=a.probe_size,
                      probe_from_union=a.probe_from_union, stats_on_server=a.stats_on_server,
                      stats_dtype=a.stats_dtype, stats_rank=a.stats_rank, norm_bound=a.norm_bound,
                      norm_action=a.norm_action,

@@ -60,7 +60,8 @@ def run_federation(grid: Grid, cfg: FedConfig) -> dict:
         min_clients=cfg.min_clients, stats_on_server=cfg.stats_on_server, query_timeout=cfg.timeout, held_out=cfg.held_out, seed=cfg.seed,
         device=cfg.device or None, max_examples=lambda part: _partition_size(cfg, part, strategy),
         norm_bound=cfg.norm_bound or None, norm_action=cfg.norm_action, method_schedule=cfg.method_schedule or None,
-        **({"np_merge": True} if cfg.np_merge else {}))
+        **({"np_merge": True} if cfg.np_merge else {}),
+        **({"gamma_clients": cfg.gamma_clients} if cfg.gamma_clients else {}))
     test = test_loader(cfg)
     evals: dict[int, dict] = {}
     initial = ArrayRecord(template.state_dict()) if cfg.common_init else ArrayRecord()
@@ -302,7 +303,11 @@ def _result(cfg: FedConfig, strategy: CCAMerge, evals: dict, ensemble, t0: float
         "timings": {"training": training, "statistics": statistics, "transforms": transforms, "total": total,
                     "training_sum_over_clients": float(sum(m.get("seconds-train", 0.0) for h in hist
                                                            for m in h.client_metrics.values())),
-                    "protocol_overhead": max(0.0, total - training)},
+                    "protocol_overhead": max(0.0, total - training),
+                    # every phase the strategy timed (server checks, reference, statistics exchange, merge and its
+                    # parts: transforms, apply, evaluate...), summed over the rounds
+                    "per_phase": {k: float(sum(h.timings.get(k, 0.0) for h in hist))
+                                  for k in sorted({k for h in hist for k in h.timings})}},
         "bytes_uploaded": bytes_up,
         "model_bytes": strategy.model_bytes,
         "upload_over_model_size": {p: b / strategy.model_bytes / max(1, len(hist)) for p, b in bytes_up.items()},

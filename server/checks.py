@@ -35,6 +35,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedmerge.common.compress import WHITEN_GAMMA, block_encoding
+from fedmerge.common.matching import single_threaded
 from fedmerge.common.records import WireError, decode_array, record_to_arrays
 
 __all__ = ["ReplyRejected", "CrossCheckFailed", "ClientMetrics", "record_bytes", "check_size", "read_int", "read_metrics",
@@ -257,7 +258,8 @@ def check_moments(own: Mapping[int, Any], counts: Mapping[int, int] | None, tole
         tr = float(torch.trace(m.m2))
         if not tr > 0:
             raise ReplyRejected(f"{name}: covariance is zero (no unit varies on the probe)")
-        lam = float(torch.linalg.eigvalsh((m.m2 + m.m2.T) / 2)[0])
+        with single_threaded():   # a small dense eigensolve: see fedmerge.common.matching.single_threaded
+            lam = float(torch.linalg.eigvalsh((m.m2 + m.m2.T) / 2)[0])
         if lam < -tolerance[g] * tr:
             raise ReplyRejected(f"{name}: covariance is not positive semidefinite (smallest eigenvalue "
                                 f"{lam:.3g}, allowed >= {-tolerance[g] * tr:.3g})")
@@ -340,7 +342,7 @@ def transport(encodings: Sequence[Mapping[int, Mapping]]) -> dict[int, tuple[boo
 
 def check_cross(cross: Mapping[int, Any], own_ref: Mapping[int, Any], own_b: Mapping[int, Any],
                 counts: Mapping[int, int] | None, what: str = "cross statistics",
-                wire: Mapping[int, tuple[bool, float]] | None = None) -> None:
+                wire: Mapping[int, tuple[bool, float]] | None = None, whiteners: dict | None = None) -> None:
     """Cross blocks against the reference's and the client's own blocks (see the module docstring).
 
     Raises ``ReplyRejected`` whose message starts with ``"reference mismatch"`` when the means disagree with
@@ -349,7 +351,9 @@ def check_cross(cross: Mapping[int, Any], own_ref: Mapping[int, Any], own_b: Map
     float64). Low rank: the correlation bound is :data:`LOW_RANK_CORR_TOL`. Half precision: the transport
     error of a dense d x d block is |e_ij| <= u r_i q_j (row and column scales), random in sign, so the
     whitened error's spectral norm is about u sqrt(d): the bound grows by 4 u sqrt(d), and the elementwise
-    Cauchy-Schwarz test, which that error can cross for near-dead units, is left to float32/float64 blocks."""
+    Cauchy-Schwarz test, which that error can cross for near-dead units, is left to float32/float64 blocks.
+    ``whiteners``: a dict kept across the clients of one exchange, where the reference's whitening matrices
+    are computed once (its own blocks are the same for every client)."""
     for g, c in cross.items():
         name = f"{what}, group {g}"
         low_rank, unit = (wire or {}).get(g, (False, WIRE_UNIT["float64"]))
@@ -376,8 +380,15 @@ def check_cross(cross: Mapping[int, Any], own_ref: Mapping[int, Any], own_b: Map
         bound = torch.sqrt(torch.outer(va, vb))
         if unit <= WIRE_UNIT["float32"] and bool((c.c.abs() > (1 + tol) * bound + 1e-300).any()):
             raise CrossCheckFailed(f"{name}: cross covariance exceeds the Cauchy-Schwarz bound of the own blocks")
-        w = _whitener(a.m2, WHITEN_GAMMA) @ c.c @ _whitener(b.m2, WHITEN_GAMMA) * math.sqrt(
-            max(a.n - 1, 1) * max(b.n - 1, 1)) / max(c.n - 1, 1)
-        top = float(torch.linalg.matrix_norm(w, ord=2))
+        with single_threaded():   # small dense eigensolves: see fedmerge.common.matching.single_threaded
+            if whiteners is None or whiteners.get(g, (None,))[0] is not a.m2:
+                wa = _whitener(a.m2, WHITEN_GAMMA)
+                if whiteners is not None:
+                    whiteners[g] = (a.m2, wa)
+            else:
+                wa = whiteners[g][1]
+            w = wa @ c.c @ _whitener(b.m2, WHITEN_GAMMA) * math.sqrt(
+                max(a.n - 1, 1) * max(b.n - 1, 1)) / max(c.n - 1, 1)
+            top = float(torch.linalg.svdvals(w)[0])   # the spectral norm
         if top > 1 + tol:
             raise CrossCheckFailed(f"{name}: canonical correlation {top:.3f} > 1 (joint covariance not PSD)")

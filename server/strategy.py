@@ -51,13 +51,13 @@ from flwr.serverapp.strategy import FedAvg
 from fedmerge.common import progress
 from fedmerge.common.compress import decode_cross, decode_moments
 from fedmerge.common.graph import MergeSpec, derive_spec
-from fedmerge.common.merge import (GAMMA_GRID, METHODS, REPAIR_TARGETS, has_batchnorm, merge_from_statistics, probe_logits, probe_score,
-                                   selection_candidates)
+from fedmerge.common.merge import (GAMMA_GRID, METHODS, REPAIR_TARGETS, check_gamma_clients, has_batchnorm,
+                                   merge_from_statistics, probe_logits, probe_score, selection_candidates)
 from fedmerge.common.probe import Batches, as_batches, probe_digest
 from fedmerge.common.records import weights_digest
+from fedmerge.common.stats import (ReferenceActivations, Statistics, collect_statistics, cross_statistics,
+                                   own_statistics, samples_per_input)
 from fedmerge.common.task import SCHEDULE_AUTO, parse_method_schedule
-from fedmerge.common.stats import (Statistics, collect_statistics, cross_statistics, own_statistics,
-                                   samples_per_input)
 
 from .checks import (MAX_EXAMPLES, ClientMetrics, CrossCheckFailed, ReplyRejected, check_cross, check_echo,
                      check_cross_matches, check_moments, check_own_matches,
@@ -164,6 +164,22 @@ def _subset(stats: Statistics, keep: list[int]) -> Statistics:
     return Statistics(own=[stats.own[i] for i in keep],
                       cross={(ref, j): stats.cross[(stats.reference, i)] for j, i in enumerate(keep) if j != ref},
                       reference=ref)
+
+
+class _Models(Sequence):
+    """The clients' models, each built from its weights when it is read (REPAIR reads each once): not N more
+    model copies at once."""
+
+    def __init__(self, states: list, build: Callable[[dict], nn.Module]):
+        self.states, self.build = states, build
+
+    def __len__(self) -> int:
+        return len(self.states)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self.build(s) for s in self.states[i]]
+        return self.build(self.states[i])
 
 
 class RoundFailedError(RuntimeError):
@@ -282,6 +298,13 @@ class CCAMerge(FedAvg):
                 raise ValueError("norm_action='clip' needs a server probe: a clipped client's statistics are "
                                  "recomputed by the server from the clipped weights")
         self._use_method(self.scheduled_methods()[0])
+        # gamma_clients: CCA's gamma chosen on a subset of the clients, in the rounds that merge with CCA
+        self.gamma_clients = method_kwargs.pop("gamma_clients", None)
+        if self.gamma_clients is not None:
+            check_gamma_clients(self.gamma_clients, "cca")
+            if "cca" not in self.scheduled_methods():
+                raise ValueError(f"gamma_clients applies to method 'cca', which no round uses "
+                                 f"(methods {self.scheduled_methods()})")
         self.keys = {k: (tuple(v.shape), v.dtype) for k, v in self.template.state_dict().items()}
         self.model_bytes = sum(v.numel() * v.element_size() for v in self.template.state_dict().values())
         self.max_upload_bytes = max_upload_bytes or int(8 * self.model_bytes + self._stats_bytes_bound() + 2 ** 20)
@@ -553,6 +576,8 @@ class CCAMerge(FedAvg):
             if self.on_failed_round == "raise":
                 raise
             return None, None
+        finally:   # configure_train to the merged model (or the failure): what the round cost, clients included
+            rec.timings["round"] = time.time() - self._round_start
 
     def _account(self, rec: RoundRecord, part: int, rd: RecordDict, weights_key: str | None, stats_key: str) -> None:
         ars = rd.array_records
@@ -764,7 +789,8 @@ class CCAMerge(FedAvg):
         rec.reference = ref_u.partition
         rec.gamma = info.gamma
         rec.merge_info.update({"gamma_scores": {str(k): v for k, v in info.gamma_scores.items()},
-                               "params": info.params,
+                               "params": info.params, "gamma_selected_on": None if info.selected_on is None else
+                               [accepted[i].partition for i in info.selected_on],
                                "bn_reset": info.bn_reset, "repair": info.repair,
                                "repair_target": info.repair_target, "weights": weights})
         progress.info("round %d: merged %d clients with %s in %.1f s (reference client %d by %s, gamma %s)",
@@ -793,7 +819,8 @@ class CCAMerge(FedAvg):
             bn_reset=self.bn_reset, repair=self.repair, repair_target=self.repair_target, reset_batches=self.fit,
             eval_batches=self.held,
             eval_target=self._ensemble_target(accepted), gamma_grid=self.gamma_grid, device=self._dev(),
-            repair_models=[self._model(s) for s in states] if self.repair else None, **self.method_kwargs)
+            repair_models=_Models(states, self._model) if self.repair else None,
+            gamma_clients=self.gamma_clients if self.method == "cca" else None, **self.method_kwargs)
         if not self._within_bound(rec, merged.state_dict()):
             raise FloatingPointError(f"the merged weight norm {weight_norm(merged.state_dict()):.4g} exceeds "
                                      f"{self.norm_bound:g} x the anchor {rec.merge_info['norm_anchor']:.4g}")
@@ -903,19 +930,27 @@ class CCAMerge(FedAvg):
                 self._reject(rec, node, "cross-statistics", "a second reply from this node in this phase")
             else:
                 got[node] = msg
+        del replies   # each reply is dropped once read (got.pop below): statistics are not held twice
         cross, failed, ref_problem, cross_check_failed = {}, {}, None, set()
+        t = time.time()
         ref_model = self._model(ref.state) if self.fit is not None else None   # the server's own cross blocks
+        ref_acts, whiteners = None, {}
+        if ref_model is not None:
+            try:   # its activations once for every client's block (recomputed per client, as before, if this fails)
+                ref_acts = ReferenceActivations(ref_model, self.fit, self.spec, device=self._dev())
+            except Exception:  # noqa: BLE001 - each client's recomputation then reports the problem as before
+                ref_acts = None
         for u in kept:
             if u.clipped:   # its upload describes other weights: the server computes its cross block itself
                 if u is not ref:
                     try:
                         cross[u.partition] = cross_statistics(ref_model, self._model(u.state), self.fit, self.spec,
-                                                              device=self._dev())
+                                                              device=self._dev(), cache=ref_acts)
                     except Exception as exc:  # noqa: BLE001 - e.g. non-finite activations of the clipped weights
                         failed[u.partition] = f"cross statistics of the clipped weights ({type(exc).__name__}: {exc})"
                 continue
             try:
-                c = self._read_cross_reply(rec, got.get(u.node), u, ref, digest, ref_model)
+                c = self._read_cross_reply(rec, got.get(u.node), u, ref, digest, ref_model, ref_acts, whiteners)
             except Exception as exc:  # noqa: BLE001 - ReplyRejected or anything else: this client only
                 reason = str(exc) if isinstance(exc, ReplyRejected) else f"unreadable reply ({type(exc).__name__}: {exc})"
                 if u is ref:
@@ -925,13 +960,15 @@ class CCAMerge(FedAvg):
                     if isinstance(exc, CrossCheckFailed):
                         cross_check_failed.add(u.partition)
                 continue
-            self._account(rec, u.partition, got[u.node].content, None, "cross-stats")
+            self._account(rec, u.partition, got.pop(u.node).content, None, "cross-stats")
             if u is not ref:
                 cross[u.partition] = c
+        rec.timings["verify_cross_statistics"] = rec.timings.get("verify_cross_statistics", 0.0) + time.time() - t
         return cross, failed, ref_problem, cross_check_failed
 
     def _read_cross_reply(self, rec: RoundRecord, msg: Message | None, u: ClientUpdate, ref: ClientUpdate, digest: str,
-                          ref_model: nn.Module | None):
+                          ref_model: nn.Module | None, ref_acts: ReferenceActivations | None = None,
+                          whiteners: dict | None = None):
         if msg is None:
             raise ReplyRejected("no reply to the cross-statistics query (timed out)")
         if msg.has_error():
@@ -945,11 +982,12 @@ class CCAMerge(FedAvg):
                    "cross statistics computed against another reference (reference digest differs)")
         c, enc = decode_statistics(rd, "cross-stats", decode_cross, self.spec, "cross", "cross statistics")
         wire = transport([enc, ref.own_encoding, u.own_encoding])
-        check_cross(c, ref.own, u.own, self.expected_counts, wire=wire)
+        check_cross(c, ref.own, u.own, self.expected_counts, wire=wire, whiteners=whiteners)
         if ref_model is not None and u is not ref:
             # with a server probe the cross block is recomputed from the two uploaded models, checked and used:
             # it decides CCA's rotation, which no consistency check can pin down
-            computed = cross_statistics(ref_model, self._model(u.state), self.fit, self.spec, device=self._dev())
+            computed = cross_statistics(ref_model, self._model(u.state), self.fit, self.spec, device=self._dev(),
+                                        cache=ref_acts)
             check_cross_matches(c, computed, wire)
             c = computed
         if "seconds-cross-stats" in metrics.values and u.partition in rec.client_metrics:

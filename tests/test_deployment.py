@@ -15,7 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 RUN_CONFIG = ("arch='cnn' width=0.25 epochs=1 max-train=256 probe-size=120 max-test=200 split='iid' "
-              "method='cca' num-clients=2")
+              "method='cca'")
 
 pytestmark = pytest.mark.slow
 
@@ -140,9 +140,10 @@ class Topology:
                 os.killpg(p.pid, signal.SIGKILL)
 
 
-def _run_round(topo: Topology, out: Path) -> dict:
-    p = topo.flwr("run", ".", "test", "--stream", "--run-config", f"{RUN_CONFIG} out='{out}'")
-    logs = "\n".join(f"== {n}\n{topo.log(n)}" for n in ("superlink", "supernode0", "supernode1"))
+def _run_round(topo: Topology, out: Path, clients: int = 2, timeout: float = 240) -> dict:
+    p = topo.flwr("run", ".", "test", "--stream", "--run-config",
+                  f"{RUN_CONFIG} num-clients={clients} min-clients={clients} out='{out}'", timeout=timeout)
+    logs = "\n".join(f"== {n}\n{topo.log(n)}" for n in ["superlink"] + [f"supernode{i}" for i in range(clients)])
     assert (out / "result.json").exists(), f"flwr run: {p.stdout[-3000:]}\n{p.stderr[-3000:]}\n{logs}"
     return json.loads((out / "result.json").read_text())
 
@@ -158,6 +159,24 @@ def test_native_deployment_insecure_server_assigns_partitions(tmp_path):
         topo.stop()
     assert result["method"] == "cca" and result["clients_merged"] == [0, 1] and not result["partial"]
     assert result["accuracy"]["merged"] is not None and result["clients_rejected"] == []
+
+
+def test_native_deployment_eight_supernodes(tmp_path):
+    """The compose topology at NUM_SUPERNODES=8: eight SuperNode processes on 127.0.0.1 without --node-config
+    (the server assigns the partitions), one CCA round, every client merged. Memory per SuperNode at this and
+    other sizes: ``python -m benchmarks.scale --deployment N`` (docker/README.md)."""
+    n = 8
+    topo = Topology(tmp_path, tls=False)
+    try:
+        topo.superlink()
+        for i in range(n):
+            topo.supernode(i, node_config=False)
+        result = _run_round(topo, tmp_path / "out", clients=n, timeout=900)
+    finally:
+        topo.stop()
+    assert result["clients_merged"] == list(range(n)) and result["clients_rejected"] == []
+    assert result["accuracy"]["merged"] is not None and not result["partial"]
+    assert len(result["rounds"][0]["merge_info"]["gamma_scores"]) == 6
 
 
 def test_native_deployment_tls_with_supernode_auth(tmp_path):

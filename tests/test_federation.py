@@ -104,6 +104,38 @@ def test_two_phases_match_the_offline_merge(tmp_path):
     assert torch.allclose(fed.eval()(x), offline.eval()(x), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.timeout(300)   # a hang guard, not a speed assertion: it takes seconds on 2 cores
+def test_twenty_clients_inline_round_of_a_tiny_model(tmp_path):
+    """A 20-client CCA round (gamma chosen on the held-out probe, every reply checked and the cross blocks
+    recomputed by the server) in one process; result.json times every phase of it. With gamma_clients=4 gamma
+    is chosen on 4 clients (the reference among them), then all 20 are merged with it."""
+    cfg = tiny(out=str(tmp_path), arch="mlp", width=0.0625, num_clients=20, max_train=32, probe_size=60,
+               max_test=100, batch_size=32)
+    result = run_federation(InlineGrid(task_client_app(cfg.to_run_config()), 20), cfg)
+    assert result["clients_merged"] == list(range(20)) and result["clients_rejected"] == []
+    assert np.isfinite(result["accuracy"]["merged"]) and len(result["rounds"][0]["merge_info"]["gamma_scores"]) == 6
+    per = result["timings"]["per_phase"]
+    for key in ("phase1_wait", "verify_statistics", "select_reference", "phase2", "verify_cross_statistics", "merge",
+                "merge_transforms", "merge_apply", "merge_evaluate", "merge_select_gamma"):
+        assert per[key] >= 0, key
+    assert result["rounds"][0]["merge_info"]["gamma_selected_on"] is None
+
+
+def test_gamma_chosen_on_some_clients_in_a_federation(tmp_path):
+    """--gamma-clients K: the run config reaches the strategy, gamma is chosen on K clients (the reference among
+    them, named in result.json) and every client is merged; a value below 2, or another method, is an error."""
+    cfg = tiny(out=str(tmp_path), arch="mlp", width=0.0625, num_clients=4, max_train=32, probe_size=60,
+               max_test=100, gamma_clients=2)
+    result = run_federation(InlineGrid(task_client_app(cfg.to_run_config()), 4), cfg)
+    on = result["rounds"][0]["merge_info"]["gamma_selected_on"]
+    assert len(on) == 2 and result["reference"] in on and result["clients_merged"] == [0, 1, 2, 3]
+    for bad in ({"gamma_clients": 1}, {"gamma_clients": -2}, {"gamma_clients": 3, "method": "permute"}):
+        with pytest.raises(ValueError, match="gamma_clients"):
+            tiny(**bad)
+    with pytest.raises(ValueError, match="gamma_clients"):
+        CCAMerge(model_fn=lambda: build_global_model(cfg), probe=probe_batches(cfg), method="zipit", gamma_clients=3)
+
+
 @pytest.mark.parametrize("fault,phase,reason", [
     ("nan", "train", "NaN"), ("shape", "train", "shape"), ("drop-train", "train", "client error"),
     ("drop-query", "cross-statistics", "client error"), ("nan-query", "cross-statistics", "non-finite"),

@@ -9,11 +9,13 @@ import torch.nn.functional as F
 from fedmerge import collect_statistics, merge_models
 from fedmerge.common.align import align_state
 from fedmerge.common.graph import FIXED, UnsupportedModelError, derive_spec
-from fedmerge.common.matching import cca_pair, match_cca
-from fedmerge.common.merge import reset_bn_stats
+from fedmerge.common.graph import Group, MergeSpec
+from fedmerge.common.matching import cca_pair, cca_rows, match_cca
+from fedmerge.common.merge import GAMMA_GRID, merge_from_statistics, reset_bn_stats
 from fedmerge.common.probe import as_batches
-from fedmerge.common.stats import (CrossMoments, Moments, Statistics, cross_from_arrays, cross_statistics, cross_to_arrays,
-                                   moments_from_arrays, moments_to_arrays, own_statistics)
+from fedmerge.common.stats import (CrossMoments, Moments, ReferenceActivations, Statistics, cross_from_arrays,
+                                   cross_statistics, cross_to_arrays, moments_from_arrays, moments_to_arrays,
+                                   own_statistics)
 from toy_models import ConcatNet, TinyMLP, TinyResNet, TinyVGG, randomize_bn
 
 torch.manual_seed(0)
@@ -299,6 +301,81 @@ def test_cca_is_finite_on_degenerate_statistics(case):
             assert torch.allclose(t @ t_inv, torch.eye(d, dtype=torch.float64), atol=1e-6)
 
 
+def _grid_problem(seed: int, d: int, dead_a=(), dead_b=(), n: int = 400, models: int = 3):
+    """Activations of ``models`` correlated models (n samples, d units; the listed units dead), as Statistics."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, d, generator=g, dtype=torch.float64)
+    xs = []
+    for i in range(models):
+        mix = torch.randn(d, d, generator=g, dtype=torch.float64) + 2 * torch.eye(d, dtype=torch.float64)
+        x = base @ mix + 0.5 * torch.randn(n, d, generator=g, dtype=torch.float64)
+        x[:, list(dead_a if i == 0 else dead_b)] = 0
+        xs.append(x)
+    own = [{1: Moments.of(x)} for x in xs]
+    cross = {(0, i): {1: CrossMoments.of(xs[0], xs[i])} for i in range(1, models)}
+    return Statistics(own=own, cross=cross, reference=0)
+
+
+@pytest.mark.parametrize("reg", ["trace", "corr"])
+@pytest.mark.parametrize("dead", [((), ()), ((1, 4), (0, 7))], ids=["determined", "dead_units"])
+def test_cca_gamma_grid_reuse_equals_solving_each_gamma(reg, dead):
+    """One eigendecomposition per covariance for the whole gamma grid (cca_rows, what the merge uses) gives the
+    transforms of cca_pair solved anew at each gamma, to 1e-10 relative (Frobenius), in float64.
+
+    Why 1e-10: both evaluate the same closed form T = S_A^1/2 polar(S_A^-1/2 S_AB S_B^-1/2) S_B^-1/2 with
+    backward-stable steps (eigh, SVD, products), each off by O(d eps), eps = 2.2e-16; the forward error is that
+    times the conditioning: sqrt(cond S_A) sqrt(cond S_B) for the square roots and 2 / (sigma_d + sigma_d-1)
+    for the polar factor (the canonical correlations). The test asserts that this product stays below 1e4, so
+    the differences are at most ~d eps 1e4 = 16 * 2.2e-16 * 1e4 ~ 4e-11; they measure ~1e-14. Where the probe leaves directions
+    undetermined and no dead-unit prior pins them (a probe smaller than the width, or unequal numbers of dead
+    units), both completions depend on rounding alone (cca_pair's own output moves by O(1) when S_AB moves by
+    1e-15): there is nothing to compare to, so these cases are not in this test (equal dead units are: the
+    prior fixes the completion)."""
+    d = 16
+    stats = _grid_problem(3, d, *dead)
+    spec = MergeSpec(groups={1: Group(1, d)}, layers={}, site_nodes=[])
+    grid = (0.0,) + tuple(GAMMA_GRID)
+    rows = list(cca_rows(stats, spec, 0, grid, regularization=reg))
+    assert len(rows) == 3 and all(len(r) == len(grid) for r in rows)
+    eye = torch.eye(d, dtype=torch.float64)
+    for k, gamma in enumerate(grid):
+        assert torch.equal(rows[0][k][1][0], eye) and torch.equal(rows[0][k][1][1], eye)  # the reference
+        for i in (1, 2):
+            s_aa, s_bb, s_ab = stats.pair(0, i, 1)
+            assert _conditioning(s_aa, s_bb, s_ab, gamma, reg) < 1e4
+            t, t_inv = cca_pair(s_aa, s_bb, s_ab, gamma=gamma, regularization=reg)
+            t2, t_inv2 = rows[i][k][1]
+            assert rel_fro(t2, t) < 1e-10 and rel_fro(t_inv2, t_inv) < 1e-10, (gamma, i)
+        al = match_cca(stats, spec, 0, gamma, regularization=reg)
+        assert all(torch.equal(al[1][i][0], rows[i][k][1][0]) for i in range(3))
+
+
+def _conditioning(s_aa, s_bb, s_ab, gamma, reg):
+    """sqrt(cond S_A) sqrt(cond S_B) (regularised and floored as CCA does) times the polar factor's condition
+    2 / (sigma_min + sigma_next) over the determined canonical correlations. Dead units (zero rows and columns)
+    decouple exactly: their map is the prior's, so the conditioning is that of the live units."""
+    la, lb = torch.diagonal(s_aa) > 0, torch.diagonal(s_bb) > 0
+    s_aa, s_bb, s_ab = s_aa[la][:, la], s_bb[lb][:, lb], s_ab[la][:, lb]
+    def powers(s):
+        if reg == "corr":
+            sd = torch.sqrt(torch.diagonal(s)).clamp_min(1e-300)
+            s = s / torch.outer(sd, sd)
+        d = s.shape[0]
+        e, q = torch.linalg.eigh(s + gamma * (float(torch.trace(s)) / d if reg == "trace" else 1.0) * torch.eye(d, dtype=s.dtype))
+        e = e.clamp_min(e.max() * 1e-8)
+        return float(e.max() / e.min()) ** 0.5, (q / e.sqrt()) @ q.T, sd if reg == "corr" else None
+    ca, ma, sda = powers(s_aa)
+    cb, mb, sdb = powers(s_bb)
+    cross = s_ab if reg == "trace" else s_ab / torch.outer(sda, sdb).clamp_min(1e-300)
+    sv = torch.linalg.svdvals(ma @ cross @ mb)
+    live = sv[sv > sv.max() * 1e-9]
+    return ca * cb * 2 / float(live[-1] + live[-2])
+
+
+def rel_fro(a, b):
+    return float((a - b).norm() / b.norm())
+
+
 def test_cca_aligns_a_rotated_copy():
     """B = an invertible mixing of A's units: CCA (gamma->0) recovers the mixing exactly; permute cannot."""
     g = torch.Generator().manual_seed(1)
@@ -499,3 +576,46 @@ def test_bn_fold_changes_a_cca_merge_of_different_models_and_rejects_np_merge():
     with pytest.raises(ValueError, match="bn_fold and np_merge"):
         merge_models([a, b], (X, torch.zeros(len(X), dtype=torch.long)), method="cca", gamma=0.1, bn_fold=True,
                      np_merge=True)
+
+
+def test_reference_activations_once_give_the_same_cross_statistics():
+    """The server's cross-check recomputation reuses the reference's activations for every client: the blocks
+    are bitwise those of a fresh pass (the same activations, the same products); over the memory cap nothing is
+    cached and the per-model pass runs as before."""
+    a, b = MODELS["resnet"](), randomize_bn(TinyResNet(), seed=5)
+    probe = as_batches(X, 32)
+    spec = derive_spec(a, X)
+    fresh = cross_statistics(a, b, probe, spec)
+    cache = ReferenceActivations(a, probe, spec)
+    assert cache.chunks is not None and cache.bytes > 0
+    for c in (cache, ReferenceActivations(a, probe, spec, max_bytes=cache.bytes - 1)):
+        got = cross_statistics(a, b, probe, spec, cache=c)
+        assert all(torch.equal(got[g].c, fresh[g].c) and torch.equal(got[g].mean_a, fresh[g].mean_a)
+                   and torch.equal(got[g].mean_b, fresh[g].mean_b) and got[g].n == fresh[g].n for g in spec.groups)
+    assert ReferenceActivations(a, probe, spec, max_bytes=cache.bytes - 1).chunks is None
+
+
+def test_gamma_chosen_on_a_subset_of_the_models():
+    """gamma_clients=k: gamma is chosen by merging the reference with k - 1 other models, then every model is
+    merged with it: the result is the merge at that fixed gamma. k >= N is the default (every model), bitwise;
+    values other than None or an integer >= 2, and methods other than CCA, are errors."""
+    models = [_seeded(lambda: TinyVGG().eval(), s)() for s in range(6)]
+    y = torch.randint(0, 5, (X.shape[0],), generator=torch.Generator().manual_seed(0))
+    full, info = merge_models(models, (X, y), method="cca", reference=2, return_info=True)
+    same, info_same = merge_models(models, (X, y), method="cca", reference=2, return_info=True, gamma_clients=6)
+    assert info_same.selected_on is None and info_same.gamma == info.gamma
+    assert all(torch.equal(a, b) for a, b in zip(full.state_dict().values(), same.state_dict().values()))
+    sub, info_sub = merge_models(models, (X, y), method="cca", reference=2, return_info=True, gamma_clients=3)
+    assert len(info_sub.selected_on) == 3 and 2 in info_sub.selected_on and len(info_sub.gamma_scores) == 6
+    assert "merge_all" in info_sub.timings
+    fit, held = as_batches((X, y)).split(0.2, 0)   # as merge_models splits the probe
+    spec = derive_spec(models[0], X)
+    stats = collect_statistics(models, fit, reference=2, spec=spec)
+    fixed, _ = merge_from_statistics(models[2], [m.state_dict() for m in models], spec, stats, method="cca",
+                                     reference=2, gamma=info_sub.gamma, reset_batches=fit, eval_batches=held)
+    assert all(torch.equal(a, b) for a, b in zip(sub.state_dict().values(), fixed.state_dict().values()))
+    for bad in (1, 0, -3, True, 2.5, "3"):
+        with pytest.raises(ValueError, match="gamma_clients"):
+            merge_models(models[:3], (X, y), method="cca", gamma_clients=bad)
+    with pytest.raises(ValueError, match="gamma_clients applies to method 'cca'"):
+        merge_models(models[:3], (X, y), method="gcca", gamma_clients=2)
