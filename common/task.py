@@ -72,6 +72,7 @@ class FedConfig:
     bn_reset: str = "auto"             # "auto" (when the model has BatchNorm), "true", "false"
     repair: bool = False
     repair_target: str = "average"     # REPAIR to the clients' "average" statistics or the "reference"'s
+    bn_fold: bool = False              # fold BatchNorm into its producer before aligning (no BatchNorm reset)
     np_merge: bool = False             # learn per-parameter merge coefficients on the labelled probe
     stats_on_server: bool = False      # server holds the probe and computes all statistics (one phase)
     weighted: bool = True              # average weighted by client sample counts

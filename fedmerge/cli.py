@@ -39,6 +39,8 @@ def _add_federation_args(p: argparse.ArgumentParser, defaults: dict) -> None:
                    help="CCA, --gamma auto: choose gamma by merging the reference with this many - 1 clients, then "
                         "merge all with it (0 = choose on all clients)")
     p.add_argument("--bn-reset", default="auto", choices=["auto", "true", "false"])
+    p.add_argument("--bn-fold", action="store_true",
+                   help="fold BatchNorm into its conv/linear before aligning (exact for CCA; no BatchNorm reset)")
     p.add_argument("--repair", action="store_true", help="REPAIR the merged model's unit statistics")
     p.add_argument("--repair-target", default="average", choices=["average", "reference"],
                    help="REPAIR to the clients' average statistics or the reference's (the paper's App. D)")
@@ -82,7 +84,7 @@ def _config(a: argparse.Namespace):
                      num_clients=a.clients, arch=a.arch, width=a.width, epochs=a.epochs, lr=a.lr,
                      batch_size=a.batch_size, num_server_rounds=a.rounds, method=a.method,
                      method_schedule=a.method_schedule, reference=a.reference, gamma=a.gamma,
-                     gamma_clients=a.gamma_clients, bn_reset=a.bn_reset, repair=a.repair,
+                     gamma_clients=a.gamma_clients, bn_reset=a.bn_reset, bn_fold=a.bn_fold, repair=a.repair,
                      repair_target=a.repair_target, np_merge=a.np_merge, probe_size=a.probe_size,
                      probe_from_union=a.probe_from_union, stats_on_server=a.stats_on_server,
                      stats_dtype=a.stats_dtype, stats_rank=a.stats_rank, norm_bound=a.norm_bound,

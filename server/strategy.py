@@ -214,6 +214,8 @@ class CCAMerge(FedAvg):
     method: any of ``fedmerge.common.merge.METHODS`` (``avg`` is plain FedAvg: it needs a common
         initialisation to be meaningful).
     reference: a client position (in partition order) or ``"best"``.
+    bn_fold: fold each BatchNorm into its producer before aligning (exact for CCA's general transforms; no
+        BatchNorm reset afterwards; see :func:`fedmerge.common.merge.merge_models`).
     repair / repair_target: REPAIR after the merge, restoring each merged unit's statistics to the
         ``"average"`` of the aligned clients' (default) or to the ``"reference"`` client's (the paper's App. D).
     max_examples: bound on each client's ``num-examples``: an int, a ``{partition: size}`` mapping or a
@@ -233,7 +235,8 @@ class CCAMerge(FedAvg):
 
     def __init__(self, model_fn: Callable[[], nn.Module] | nn.Module, probe: Any = None, *, method: str = "cca",
                  reference: int | str = "best", gamma: float | str = "auto", bn_reset: bool | None = None,
-                 repair: bool = False, repair_target: str = "average", weighted: bool = True,
+                 repair: bool = False, repair_target: str = "average", bn_fold: bool = False,
+                 weighted: bool = True,
                  num_clients: int | None = None,
                  min_clients: int = 2, stats_on_server: bool = False, query_timeout: float = 600.0,
                  wait_for_clients: float = 120.0, held_out: float = 0.2, seed: int = 0, device=None,
@@ -266,6 +269,9 @@ class CCAMerge(FedAvg):
             lambda m=model_fn: copy.deepcopy(m))
         self.method, self.reference, self.gamma = method, reference, gamma
         self.bn_reset, self.repair, self.repair_target, self.weighted = bn_reset, repair, repair_target, weighted
+        self.bn_fold = bool(bn_fold)
+        if self.bn_fold and method_kwargs.get("np_merge"):
+            raise ValueError("bn_fold and np_merge cannot be combined (NP Merge learns the BatchNorm parameters)")
         self.num_clients, self.min_clients = num_clients, min_clients
         self.stats_on_server, self.query_timeout = stats_on_server, query_timeout
         self.wait_for_clients = wait_for_clients
@@ -376,7 +382,7 @@ class CCAMerge(FedAvg):
         if self.gamma == "auto" and METHODS[self.method].tunable_gamma:
             problems.append("gamma='auto' (pass a number)")
         # reference="best" is allowed: without a probe it is chosen from client-reported probe accuracy
-        if self.bn_reset or (self.bn_reset is None and has_batchnorm(self.template)):
+        if not self.bn_fold and (self.bn_reset or (self.bn_reset is None and has_batchnorm(self.template))):
             problems.append("BatchNorm reset (pass bn_reset=False)")
         if self.repair:
             problems.append("REPAIR")
@@ -792,7 +798,7 @@ class CCAMerge(FedAvg):
                                "params": info.params, "gamma_selected_on": None if info.selected_on is None else
                                [accepted[i].partition for i in info.selected_on],
                                "bn_reset": info.bn_reset, "repair": info.repair,
-                               "repair_target": info.repair_target, "weights": weights})
+                               "repair_target": info.repair_target, "bn_fold": info.bn_fold, "weights": weights})
         progress.info("round %d: merged %d clients with %s in %.1f s (reference client %d by %s, gamma %s)",
                       server_round, len(accepted), self.method, rec.timings["merge"], rec.reference, rule, info.gamma)
         sd = {k: v.detach().cpu() for k, v in merged.state_dict().items()}
@@ -816,7 +822,8 @@ class CCAMerge(FedAvg):
         merged, info = merge_from_statistics(
             self.template, states, self.spec, stats, method=self.method, reference=ref,
             gamma=self.gamma if METHODS[self.method].tunable_gamma else None, weights=weights,
-            bn_reset=self.bn_reset, repair=self.repair, repair_target=self.repair_target, reset_batches=self.fit,
+            bn_reset=self.bn_reset, bn_fold=self.bn_fold, repair=self.repair, repair_target=self.repair_target,
+            reset_batches=self.fit,
             eval_batches=self.held,
             eval_target=self._ensemble_target(accepted), gamma_grid=self.gamma_grid, device=self._dev(),
             repair_models=_Models(states, self._model) if self.repair else None,
@@ -848,6 +855,7 @@ class CCAMerge(FedAvg):
                                               spec=self.spec, device=self._dev())
                 merged, _ = merge_from_statistics(self.template, states, self.spec, pair, method=self.method,
                                                   reference=0, gamma=gamma, bn_reset=self.bn_reset,
+                                                  bn_fold=self.bn_fold,
                                                   reset_batches=self.fit, device=self._dev(),
                                                   **{**self.method_kwargs, **fixed})
                 return not self._within_bound(rec, merged.state_dict())

@@ -332,3 +332,18 @@ def test_clients_without_the_query_handler_fail_the_round_with_one_clear_reason(
                                                "registered.*must answer 'query.cross_stats'"):
         strategy.start(grid, ArrayRecord(), num_rounds=1)
     assert [r["phase"] for r in strategy.history[0].clients_rejected] == []
+
+
+def test_bn_fold_through_the_strategy_equals_the_offline_merge(tmp_path):
+    """bn_fold from the run config to CCAMerge: the federated merge of BatchNorm clients equals merge_models with
+    bn_fold=True on the same models, probe slice, gamma and weights; combined with np_merge it is refused."""
+    cfg = tiny(out=str(tmp_path), num_clients=2, arch="resnet20", gamma="0.1", reference="0", bn_fold=True)
+    assert FedConfig.from_run_config(cfg.to_run_config()).bn_fold is True
+    result = run_federation(InlineGrid(task_client_app(cfg.to_run_config()), 2), cfg)
+    info = result["rounds"][0]["merge_info"]
+    assert info["bn_fold"] is True and info["bn_reset"] is False
+    models, fed, counts, fit, x = _saved_run(tmp_path, cfg, result)
+    offline = merge_models(models, fit, method="cca", reference=0, gamma=0.1, weights=counts, bn_fold=True)
+    assert torch.allclose(fed.eval()(x), offline.eval()(x), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="bn_fold and np_merge"):
+        CCAMerge(model_fn=lambda: build_global_model(cfg), probe=probe_batches(cfg), bn_fold=True, np_merge=True)
