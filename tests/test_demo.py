@@ -18,3 +18,16 @@ def test_demo_table_and_picture(tmp_path):
     assert "ensemble (upper bound)" in table and "federated cca (Flower)" in table and "offline permute" in table
     assert (tmp_path / "demo.png").stat().st_size > 10_000
     assert json.loads((tmp_path / "demo.json").read_text())["federated"]["clients_merged"] == [0, 1]
+
+
+def test_demo_offline_cca_is_the_federated_merge(tmp_path):
+    """The demo's "same client models, merged offline" CCA row uses the federation's own probe slices, sample-count
+    weights, gamma and reference choice: it is the federated merge (the accuracy on the same test images equal up
+    to float32 round-off of the logits: at most one of the 100 test images may flip)."""
+    cfg = FedConfig(dataset="cifar10-mini", split="80/20", num_clients=2, arch="mlp", width=0.25, epochs=1,
+                    max_train=96, probe_size=80, max_test=100, batch_size=32, out=str(tmp_path))  # gamma, ref auto
+    summary = run_demo(cfg, backend="inline", baselines=("cca",), repair=False)
+    offline = summary["offline"][0]
+    fed = summary["federated"]
+    assert offline["method"] == "offline cca" and offline["gamma"] == fed["gamma"]
+    assert abs(offline["accuracy"] - fed["accuracy"]["merged"]) <= 1 / 100
