@@ -119,7 +119,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 
 DEMO_DEFAULTS = {"dataset": "cifar10-mini", "split": "80/20", "clients": 2, "arch": "vgg11", "width": 0.25,
-                 "epochs": 12, "lr": 0.05, "batch_size": 64, "probe_size": 1000, "method": "cca",
+                 "epochs": 30, "lr": 0.05, "batch_size": 64, "probe_size": 1000, "method": "cca",
                  "backend": "inline", "out": "runs/demo"}
 
 
