@@ -3,7 +3,6 @@ the run config, and one real ``fedmerge simulate`` on Flower's simulation engine
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -1,5 +1,4 @@
 """NP Merge: learned per-parameter merge coefficients after alignment."""
-import copy
 
 import pytest
 import torch
