@@ -890,7 +890,9 @@ class CCAMerge(FedAvg):
                                "its own statistics (reference mismatch)")
             if ref_problem is None:
                 break
-            if not cross and others and all(u.partition in failed for u in others):
+            unanswered = ("client error", "no reply")   # the query failed on the client, not a check of its reply
+            if not cross and others and all(failed.get(u.partition, "").startswith(unanswered) for u in others) \
+                    and ref_problem.startswith(unanswered):
                 why = {failed[u.partition] for u in others} | {ref_problem}
                 raise RoundFailedError(
                     f"no client answered the cross-statistics query ({'; '.join(sorted(why))}); every ClientApp must "
