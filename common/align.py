@@ -111,31 +111,39 @@ def merge_states(states: Sequence[StateDict], spec: MergeSpec, alignment: Alignm
 # shift moves into the BatchNorm's bias) leaves BatchNorms that only add a bias, which transforms like any output
 # vector (T b). The merged model then computes exactly the average of the aligned folded models.
 
+def _folded(spec: MergeSpec):
+    """The (conv/linear layer, its BatchNorm) pairs that folding touches."""
+    return [(layer, layer.norm) for layer in spec.layers.values()
+            if layer.kind in ("conv", "linear") and layer.norm is not None]
+
+
+def _unit_bn(sd: StateDict, bn: str, eps: float) -> None:
+    """A folded BatchNorm's constant parts: weight 1, running mean 0, running variance 1 - eps."""
+    b = bn + "."
+    sd[b + "weight"] = torch.ones_like(sd[b + "weight"])
+    sd[b + "running_mean"] = torch.zeros_like(sd[b + "running_mean"])
+    sd[b + "running_var"] = torch.full_like(sd[b + "running_var"], 1.0 - eps)
+
+
 def fold_batchnorm(state: StateDict, spec: MergeSpec, bn_eps: dict[str, float]) -> StateDict:
     """``state`` with every BatchNorm that directly follows a conv/linear folded into it: the layer's weight
     scaled per output unit, its bias (if any) zero, the BatchNorm a pure shift (weight 1, running mean 0,
     running variance 1 - eps, bias = the folded shift). The same function in eval mode."""
     out = dict(state)
-    for layer in spec.layers.values():
-        if layer.kind not in ("conv", "linear") or layer.norm is None:
-            continue
-        p, b = layer.name + ".", layer.norm + "."
-        eps = bn_eps.get(layer.norm, 1e-5)
+    for layer, bn in _folded(spec):
+        p, b = layer.name + ".", bn + "."
+        if b + "weight" not in out or b + "bias" not in out:
+            raise ValueError(f"fold_batchnorm needs an affine BatchNorm ('{bn}' has no weight/bias)")
+        eps = bn_eps.get(bn, 1e-5)
         w = out[p + "weight"]
         mean, var = out[b + "running_mean"].to(torch.float64), out[b + "running_var"].to(torch.float64)
-        gamma = out[b + "weight"].to(torch.float64) if b + "weight" in out else torch.ones_like(mean)
-        beta = out[b + "bias"].to(torch.float64) if b + "bias" in out else torch.zeros_like(mean)
-        if b + "weight" not in out or b + "bias" not in out:
-            raise ValueError(f"fold_batchnorm needs an affine BatchNorm ('{layer.norm}' has no weight/bias)")
-        s = gamma / torch.sqrt(var + eps)
+        s = out[b + "weight"].to(torch.float64) / torch.sqrt(var + eps)
         bias = out.get(p + "bias")
-        shift = beta - s * mean + (s * bias.to(torch.float64) if bias is not None else 0.0)
+        shift = out[b + "bias"].to(torch.float64) - s * mean + (s * bias.to(torch.float64) if bias is not None else 0.0)
         out[p + "weight"] = (w.to(torch.float64) * s.view((-1,) + (1,) * (w.dim() - 1))).to(w.dtype)
         if bias is not None:
             out[p + "bias"] = torch.zeros_like(bias)
-        out[b + "weight"] = torch.ones_like(out[b + "weight"])
-        out[b + "running_mean"] = torch.zeros_like(out[b + "running_mean"])
-        out[b + "running_var"] = torch.full_like(out[b + "running_var"], 1.0 - eps)
+        _unit_bn(out, bn, eps)
         out[b + "bias"] = shift.to(out[b + "bias"].dtype)
     return out
 
@@ -145,11 +153,6 @@ def unit_batchnorm(state: StateDict, spec: MergeSpec, bn_eps: dict[str, float]) 
     mean 0, running variance 1 - eps, the same in every folded model) set back to those constants (the
     alignment moves only their bias, the one part that transforms)."""
     out = dict(state)
-    for layer in spec.layers.values():
-        if layer.kind not in ("conv", "linear") or layer.norm is None:
-            continue
-        b, eps = layer.norm + ".", bn_eps.get(layer.norm, 1e-5)
-        out[b + "weight"] = torch.ones_like(out[b + "weight"])
-        out[b + "running_mean"] = torch.zeros_like(out[b + "running_mean"])
-        out[b + "running_var"] = torch.full_like(out[b + "running_var"], 1.0 - eps)
+    for _, bn in _folded(spec):
+        _unit_bn(out, bn, bn_eps.get(bn, 1e-5))
     return out
