@@ -72,10 +72,11 @@ def _config(a: argparse.Namespace):
     return FedConfig(dataset=a.dataset, data_root=a.data_root, split=a.split, alpha=a.alpha,
                      num_clients=a.clients, arch=a.arch, width=a.width, epochs=a.epochs, lr=a.lr,
                      batch_size=a.batch_size, num_server_rounds=a.rounds, method=a.method, reference=a.reference,
-                     gamma=a.gamma, gamma_clients=a.gamma_clients, bn_reset=a.bn_reset, repair=a.repair, np_merge=a.np_merge, probe_size=a.probe_size,
+                     gamma=a.gamma, bn_reset=a.bn_reset, repair=a.repair, np_merge=a.np_merge, probe_size=a.probe_size,
                      probe_from_union=a.probe_from_union, stats_on_server=a.stats_on_server,
                      stats_dtype=a.stats_dtype, stats_rank=a.stats_rank, norm_bound=a.norm_bound,
                      norm_action=a.norm_action,
+                     gamma_clients=a.gamma_clients,
                      common_init=a.common_init, min_clients=min(a.min_clients, a.clients), timeout=a.timeout,
                      max_train=a.max_train, max_test=a.max_test, seed=a.seed, device=a.device, out=a.out,
                      faults=",".join(a.inject_fault), resume=a.resume)
