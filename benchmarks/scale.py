@@ -277,11 +277,12 @@ def _plot(path: Path, rows: list[dict], args) -> None:
                   "server checks": [_phase(r, "verify_statistics", "select_reference", "verify_cross_statistics")
                                     for r in ok],
                   "merge": [r["merge"] for r in ok],
-                  "merge: transforms": [_phase(r, "merge_transforms") for r in ok],
-                  "merge: apply": [_phase(r, "merge_apply") for r in ok]}
+                  "merge: transforms (thread-s)": [_phase(r, "merge_transforms") for r in ok],
+                  "merge: apply (thread-s)": [_phase(r, "merge_apply") for r in ok]}
         name = path if backend == args.backend[0] else path.with_name(f"{path.stem}_{backend}.png")
-        line_plot(name, xs, series, title=f"one CCA round, {args.arch} on {args.dataset}, {backend}",
-                  xlabel="clients N", ylabel="seconds", xticks=xs)
+        loads = ", ".join(f"{r['load_at_start']:.1f}" for r in ok)
+        line_plot(name, xs, series, title=f"one CCA round, {args.arch} on {args.dataset}, {backend} "
+                  f"(load at start: {loads})", xlabel="clients N", ylabel="seconds", xticks=xs)
 
 
 # --- a native deployment: SuperLink + N SuperNodes ----------------------------------------------------------

@@ -49,8 +49,9 @@ def _fixed_mmap_threshold(nbytes: int = 1 << 20) -> bool:
     """glibc only: allocations of at least ``nbytes`` are always mmapped, so that a freed statistics block or
     weight copy goes back to the system at once. glibc's default raises the threshold to the largest block freed
     so far (up to 32 MiB): the server's many 1-8 MiB blocks (d x d statistics, weights, transforms) then stay in
-    the heap after use. Measured with 25 MNIST MLP clients inline: peak RSS 1.9 GiB with the default, 1.4 GiB
-    with this (docs/results.md, "Scale"). False where it does not apply."""
+    the heap after use. Measured with 25 MNIST MLP clients inline: peak RSS 1,905 MiB with the default, 1,413 MiB
+    with this (1,270 MiB when the strategy also releases each reply's arrays once decoded; docs/results.md,
+    section 7). False where it does not apply."""
     try:
         import ctypes
 
