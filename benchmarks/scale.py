@@ -61,16 +61,29 @@ def _children() -> dict[int, list[int]]:
     return kids
 
 
-def _rss(pid: int) -> int:
-    """Resident set size of one process in bytes (0 once it is gone)."""
+def _memory(pid: int) -> tuple[int, int]:
+    """(resident, private) bytes of one process, (0, 0) once it is gone. Resident counts every page mapped in,
+    shared ones (libraries, Ray's object store) included, so summing it over processes counts a shared page
+    once per process: an upper bound. Private (Private_Clean + Private_Dirty) counts only this process's own
+    pages: summed, a lower bound. What the tree needs lies between."""
     try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)   # the header's key matches no name
     except OSError:
-        pass
-    return 0
+        return 0, 0
+
+    def kib(name: str) -> int:
+        v = fields.get(name)
+        return int(v.split()[0]) * 1024 if v else 0
+    return kib("Rss"), kib("Private_Clean") + kib("Private_Dirty")
+
+
+def _command(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()[:120]
+    except OSError:
+        return "?"
 
 
 def tree(pid: int, kids: dict[int, list[int]] | None = None) -> list[int]:
@@ -84,21 +97,29 @@ def tree(pid: int, kids: dict[int, list[int]] | None = None) -> list[int]:
 
 
 class TreeMemory:
-    """Samples, every ``period`` s, the summed RSS of each watched process tree; keeps each tree's peak."""
+    """Samples, every ``period`` s, each watched process tree's summed resident and private memory
+    (:func:`_memory`); keeps each tree's peaks, and the processes of the tree at its resident peak."""
 
     def __init__(self, roots: dict[str, int], period: float = 0.2):
         self.roots, self.period = dict(roots), period
         self.peak = {k: 0 for k in roots}
-        self.last = {k: 0 for k in roots}
+        self.peak_private = {k: 0 for k in roots}
+        self.at_peak: dict[str, list] = {k: [] for k in roots}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def sample(self) -> dict[str, int]:
         kids = _children()
-        now = {k: sum(_rss(p) for p in tree(pid, kids)) for k, pid in self.roots.items()}
-        for k, v in now.items():
-            self.peak[k] = max(self.peak[k], v)
-        self.last = now
+        now = {}
+        for k, root in self.roots.items():
+            procs = [(p, *_memory(p)) for p in tree(root, kids)]
+            rss, private = sum(m[1] for m in procs), sum(m[2] for m in procs)
+            now[k] = rss
+            self.peak_private[k] = max(self.peak_private[k], private)
+            if rss > self.peak[k]:
+                self.peak[k] = rss
+                self.at_peak[k] = [(_command(p), _mib(r), _mib(u)) for p, r, u in sorted(procs, key=lambda m: -m[1])
+                                   if r > 0]
         return now
 
     def _run(self) -> None:
@@ -146,7 +167,8 @@ def simulate_once(args, backend: str, n: int, out: Path) -> dict:
     log.close()
     row = {"backend": backend, "clients": n, "returncode": p.returncode, "wall": wall,
            "cpu": usage.ru_utime + usage.ru_stime, "peak_rss_process_mib": usage.ru_maxrss / 1024,
-           "peak_rss_tree_mib": _mib(mem.peak["tree"]), "load_at_start": load[0], "command": " ".join(cmd[1:])}
+           "peak_rss_tree_mib": _mib(mem.peak["tree"]), "peak_private_tree_mib": _mib(mem.peak_private["tree"]),
+           "processes_at_peak": mem.at_peak["tree"], "load_at_start": load[0], "command": " ".join(cmd[1:])}
     res_path = out / "result.json"
     if p.returncode != 0 or not res_path.exists():
         row["error"] = out.with_suffix(".log").read_text()[-2000:]
@@ -203,8 +225,8 @@ def run_scale(args) -> None:
             fits[backend] = {"merge": fit_line([r["clients"] for r in ok], [r["merge"] for r in ok]),
                              "round": fit_line([r["clients"] for r in ok], [r["round"] for r in ok])}
     headers = ["backend", "N", "wall s", "round s", "clients s", "server checks s", "merge s", "merge/round %",
-               "transforms s", "apply s", "evaluate s", "peak RSS MiB", "CPU s", "merged %", "clients mean %",
-               "gamma", "load"]
+               "transforms s", "apply s", "evaluate s", "peak RSS MiB", "peak private MiB", "CPU s", "merged %",
+               "clients mean %", "gamma", "load"]
     table = []
     for r in rows:
         ok = r.get("merge") is not None
@@ -213,7 +235,8 @@ def run_scale(args) -> None:
                       _phase(r, "verify_statistics", "select_reference", "verify_cross_statistics") if ok else "-",
                       r.get("merge", "-"), 100 * r["merge_over_round"] if ok else "-",
                       _phase(r, "merge_transforms") if ok else "-", _phase(r, "merge_apply") if ok else "-",
-                      _phase(r, "merge_evaluate") if ok else "-", r["peak_rss_tree_mib"], r["cpu"],
+                      _phase(r, "merge_evaluate") if ok else "-", r["peak_rss_tree_mib"],
+                      r["peak_private_tree_mib"], r["cpu"],
                       100 * r["merged_accuracy"] if ok else "-",
                       100 * r["clients_mean_accuracy"] if ok and r["clients_mean_accuracy"] is not None else "-",
                       r.get("gamma", "-"), r["load_at_start"]])
@@ -230,7 +253,10 @@ def run_scale(args) -> None:
           "statistics) and phase 2 (cross statistics) as the server waited for them; server checks: the own "
           "statistics recomputed from the uploaded weights, the reference ranked on the held-out slice, every "
           "cross block checked and recomputed; merge: the gamma search and the final merge (transforms, apply, "
-          "evaluate are its parts). peak RSS: the process and its descendants. load: the 1-minute load "
+          "evaluate are its parts; transforms and apply are summed over the merge's worker threads). peak RSS: "
+          "the resident memory of the process and its descendants, summed (a page shared by several of them "
+          "counts once per process: an upper bound); peak private: their private pages only (a lower bound). "
+          "load: the 1-minute load "
           f"average at the start (this machine has {os.cpu_count()} CPUs and may be shared).\n")
     payload = {"config": vars(args), "rows": rows, "fits": fits, "environment": environment(),
                "command": "python -m benchmarks.scale " + " ".join(sys.argv[1:])}
@@ -251,11 +277,12 @@ def _plot(path: Path, rows: list[dict], args) -> None:
                   "server checks": [_phase(r, "verify_statistics", "select_reference", "verify_cross_statistics")
                                     for r in ok],
                   "merge": [r["merge"] for r in ok],
-                  "merge: transforms": [_phase(r, "merge_transforms") for r in ok],
-                  "merge: apply": [_phase(r, "merge_apply") for r in ok]}
+                  "merge: transforms (thread-s)": [_phase(r, "merge_transforms") for r in ok],
+                  "merge: apply (thread-s)": [_phase(r, "merge_apply") for r in ok]}
         name = path if backend == args.backend[0] else path.with_name(f"{path.stem}_{backend}.png")
-        line_plot(name, xs, series, title=f"one CCA round, {args.arch} on {args.dataset}, {backend}",
-                  xlabel="clients N", ylabel="seconds", xticks=xs)
+        loads = ", ".join(f"{r['load_at_start']:.1f}" for r in ok)
+        line_plot(name, xs, series, title=f"one CCA round, {args.arch} on {args.dataset}, {backend} "
+                  f"(load at start: {loads})", xlabel="clients N", ylabel="seconds", xticks=xs)
 
 
 # --- a native deployment: SuperLink + N SuperNodes ----------------------------------------------------------
@@ -330,21 +357,25 @@ def run_deployment(args) -> None:
     res = json.loads(res_path.read_text())
     nodes = [f"supernode{i}" for i in range(n)]
     peaks = [_mib(mem.peak[k]) for k in nodes]
+    private = [_mib(mem.peak_private[k]) for k in nodes]
     idles = [_mib(idle[k]) for k in nodes]
     payload = {"supernodes": n, "config": cfg, "wall_flwr_run": wall, "load_at_start": load[0],
                "clients_merged": res["clients_merged"], "clients_rejected": res["clients_rejected"],
                "merged_accuracy": res["accuracy"]["merged"], "round_timings": res["rounds"][0]["timings"],
-               "supernode_peak_mib": peaks, "supernode_idle_mib": idles,
+               "supernode_peak_mib": peaks, "supernode_peak_private_mib": private, "supernode_idle_mib": idles,
+               "superlink_peak_private_mib": _mib(mem.peak_private["superlink"]),
+               "processes_at_peak": {k: mem.at_peak[k] for k in ["superlink", *nodes]},
                "superlink_peak_mib": _mib(mem.peak["superlink"]), "superlink_idle_mib": _mib(idle["superlink"]),
                "total_peak_mib_upper_bound": sum(peaks) + _mib(mem.peak["superlink"]),
                "command": "python -m benchmarks.scale " + " ".join(sys.argv[1:])}
     from benchmarks.common import md_table, write_results
 
     md = (f"# SuperLink + {n} SuperNodes on 127.0.0.1 (insecure; {cfg})\n\n"
-          + md_table(["process", "idle MiB", "peak MiB"],
-                     [["SuperNode (mean over nodes)", sum(idles) / n, sum(peaks) / n],
-                      ["SuperNode (largest)", max(idles), max(peaks)],
-                      ["SuperLink (+ ServerApp)", payload["superlink_idle_mib"], payload["superlink_peak_mib"]]])
+          + md_table(["process", "idle resident MiB", "peak resident MiB", "peak private MiB"],
+                     [["SuperNode (mean over nodes)", sum(idles) / n, sum(peaks) / n, sum(private) / n],
+                      ["SuperNode (largest)", max(idles), max(peaks), max(private)],
+                      ["SuperLink (+ ServerApp)", payload["superlink_idle_mib"], payload["superlink_peak_mib"],
+                       payload["superlink_peak_private_mib"]]])
           + f"\nflwr run: {wall:.0f} s; clients merged {len(res['clients_merged'])} of {n}, rejected "
             f"{len(res['clients_rejected'])}; merged accuracy {100 * res['accuracy']['merged']:.2f}%; "
             f"load at start {load[0]:.1f} on {os.cpu_count()} CPUs.\n"

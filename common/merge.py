@@ -371,7 +371,8 @@ def merge_from_statistics(template: nn.Module, states, spec: MergeSpec, stats: S
         alignment at a time."""
         total_w = sum(w[i] for i in models) if len(models) < n else 1.0   # all: the weights as given
         wts = {i: w[i] / total_w for i in models}
-        tw = dict(zip(models, repair_target_weights([wts[i] for i in models], repair_target, models.index(reference))))
+        tw = dict(zip(models, repair_target_weights([wts[i] for i in models], repair_target,
+                                                    models.index(reference))))
         if plan:
             t = time.perf_counter()
             workers = torch.get_num_threads()

@@ -46,8 +46,24 @@ def _jsonable(o):
     return str(o)
 
 
+def _fixed_mmap_threshold(nbytes: int = 1 << 20) -> bool:
+    """glibc only: allocations of at least ``nbytes`` are always mmapped, so that a freed statistics block or
+    weight copy goes back to the system at once. glibc's default raises the threshold to the largest block freed
+    so far (up to 32 MiB): the server's many 1-8 MiB blocks (d x d statistics, weights, transforms) then stay in
+    the heap after use. Measured with 25 MNIST MLP clients inline: peak RSS 1,905 MiB with the default, 1,413 MiB
+    with this (1,270 MiB when the strategy also releases each reply's arrays once decoded; docs/results.md,
+    section 7). False where it does not apply."""
+    try:
+        import ctypes
+
+        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, nbytes))   # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
 def run_federation(grid: Grid, cfg: FedConfig) -> dict:
     """Run the whole federation on ``grid`` and return (and write) the result dictionary."""
+    _fixed_mmap_threshold()
     t0 = time.time()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

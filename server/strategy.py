@@ -566,6 +566,9 @@ class CCAMerge(FedAvg):
             self._account(rec, upd.partition, msg.content, "arrays", "own-stats")
             rec.client_metrics[upd.partition] = dict(upd.metrics.values)
             accepted.append(upd)
+            for key in ("arrays", "own-stats"):   # decoded above: the reply's copy of the arrays is released
+                if key in msg.content.array_records:
+                    del msg.content[key]
         for node in sorted(self._sampled - seen):
             self._reject(rec, node, "train", "no reply (timed out)")
         rec.timings["phase1_wait"] = t_round - self._round_start

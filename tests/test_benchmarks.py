@@ -310,3 +310,28 @@ def test_bn_fold_benchmark(tmp_path):
     assert "| skew | cca, BN folded + REPAIR |" in md and "±" in md
     with pytest.raises(SystemExit):
         bn_fold.main(["--splits", "dirichlet", "--out", str(tmp_path)])
+
+
+def test_scale_helpers():
+    """benchmarks.scale: the least-squares slope of exact data, and the memory of a process tree from /proc
+    (this process: resident >= private > 0; a child it starts is in its tree)."""
+    import os
+    import subprocess
+    import sys
+
+    from benchmarks.scale import TreeMemory, _memory, fit_line, tree
+
+    f = fit_line([10, 25, 50, 100], [3 + 0.5 * n for n in (10, 25, 50, 100)])
+    assert abs(f["slope"] - 0.5) < 1e-12 and abs(f["intercept"] - 3) < 1e-9 and abs(f["r2"] - 1) < 1e-12
+    rss, private = _memory(os.getpid())
+    assert rss >= private > 0
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(5)"])
+    try:
+        assert child.pid in tree(os.getpid())
+        mem = TreeMemory({"me": os.getpid()})
+        mem.sample()
+        assert mem.peak["me"] >= rss and mem.peak_private["me"] > 0
+        assert any("time.sleep" in cmd for cmd, _, _ in mem.at_peak["me"])
+    finally:
+        child.kill()
+        child.wait()

@@ -326,11 +326,11 @@ def test_cca_gamma_grid_reuse_equals_solving_each_gamma(reg, dead):
     backward-stable steps (eigh, SVD, products), each off by O(d eps), eps = 2.2e-16; the forward error is that
     times the conditioning: sqrt(cond S_A) sqrt(cond S_B) for the square roots and 2 / (sigma_d + sigma_d-1)
     for the polar factor (the canonical correlations). The test asserts that this product stays below 1e4, so
-    the differences are at most ~d eps 1e4 = 16 * 2.2e-16 * 1e4 ~ 4e-11; they measure ~1e-14. Where the probe leaves directions
-    undetermined and no dead-unit prior pins them (a probe smaller than the width, or unequal numbers of dead
-    units), both completions depend on rounding alone (cca_pair's own output moves by O(1) when S_AB moves by
-    1e-15): there is nothing to compare to, so these cases are not in this test (equal dead units are: the
-    prior fixes the completion)."""
+    the differences are at most ~d eps 1e4 = 16 * 2.2e-16 * 1e4 ~ 4e-11; they measure ~1e-14. Where the probe
+    leaves directions undetermined and no dead-unit prior pins them (a probe smaller than the width, or unequal
+    numbers of dead units), both completions depend on rounding alone (cca_pair's own output moves by O(1) when
+    S_AB moves by 1e-15): there is nothing to compare to, so these cases are not in this test (equal dead units
+    are: the prior fixes the completion)."""
     d = 16
     stats = _grid_problem(3, d, *dead)
     spec = MergeSpec(groups={1: Group(1, d)}, layers={}, site_nodes=[])
@@ -361,7 +361,8 @@ def _conditioning(s_aa, s_bb, s_ab, gamma, reg):
             sd = torch.sqrt(torch.diagonal(s)).clamp_min(1e-300)
             s = s / torch.outer(sd, sd)
         d = s.shape[0]
-        e, q = torch.linalg.eigh(s + gamma * (float(torch.trace(s)) / d if reg == "trace" else 1.0) * torch.eye(d, dtype=s.dtype))
+        ridge = gamma * (float(torch.trace(s)) / d if reg == "trace" else 1.0)
+        e, q = torch.linalg.eigh(s + ridge * torch.eye(d, dtype=s.dtype))
         e = e.clamp_min(e.max() * 1e-8)
         return float(e.max() / e.min()) ** 0.5, (q / e.sqrt()) @ q.T, sd if reg == "corr" else None
     ca, ma, sda = powers(s_aa)
