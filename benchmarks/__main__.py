@@ -22,7 +22,6 @@ import time
 import traceback
 from pathlib import Path
 
-
 # `make bench` at CPU scale must fit in about an hour on 2 cores: the suite trains lighter clients than the
 # experiments' own CPU defaults (which produced the tables in docs/results.md). Measured: 39 min 21 s on 2 idle
 # cores, before issue 16 (two_models on the 80/20 split, many_models on IID splits). two_models and many_models

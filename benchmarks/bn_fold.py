@@ -19,8 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fedmerge.common.data import load_dataset, to_tensor
-from fedmerge.common.merge import merge_models
+from fedmerge.common.engine.merge import merge_models
+from fedmerge.common.task.data import load_dataset, to_tensor
 
 from .common import command_line, environment, fmt_mean_std, md_table, mean_std, write_results
 

@@ -11,11 +11,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedmerge.client.train import TrainConfig, evaluate, train
-from fedmerge.common.checkpoint import load_checkpoint, save_checkpoint
-from fedmerge.common.data import canonical_name, dataset_info, load_dataset, make_loader, set_seed, split_probe_pool
-from fedmerge.common.models import build_model
-from fedmerge.common.splits import make_split
+from fedmerge.client.train import TrainConfig, train
+from fedmerge.common.task.checkpoint import load_checkpoint, save_checkpoint
+from fedmerge.common.task.data import (
+    canonical_name,
+    dataset_info,
+    load_dataset,
+    make_loader,
+    set_seed,
+    split_probe_pool,
+)
+from fedmerge.common.task.evaluate import evaluate
+from fedmerge.common.task.models import build_model
+from fedmerge.common.task.splits import make_split
 
 SCALES = {
     # CPU: narrow models, few epochs, batch 128. Paper: the paper's widths and 200 epochs, batch 500, for a GPU.
@@ -271,7 +279,7 @@ def data_note(ds) -> str:
 
 def test_logits(models, loader, device=None) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Every model's test logits (once), for per-model and any ensemble accuracies."""
-    from fedmerge.client.train import predict_logits
+    from fedmerge.common.task.evaluate import predict_logits
 
     outs = [predict_logits(m, loader, device) for m in models]
     return [o[0] for o in outs], outs[0][1]
@@ -314,7 +322,7 @@ class MergeCache:
     """
 
     def __init__(self, models, probe, device=None, held_out: float = 0.2, seed: int = 0):
-        from fedmerge.common.probe import as_batches
+        from fedmerge.common.wire.probe import as_batches
 
         self.models = list(models)
         self.probe = as_batches(probe)
@@ -335,13 +343,13 @@ class MergeCache:
     @property
     def spec(self):
         if self._spec is None:
-            from fedmerge.common.graph import derive_spec
+            from fedmerge.common.engine.graph import derive_spec
 
             self._spec = derive_spec(self.models[0], self.probe.example())
         return self._spec
 
     def _statistics(self, pairs: str, select: bool, n: int):
-        from fedmerge.common.stats import collect_statistics
+        from fedmerge.common.engine.stats import collect_statistics
 
         fit, _ = self._parts(select)
         st = self._stats.get((pairs, select))
@@ -358,7 +366,13 @@ class MergeCache:
     def merge(self, n: int, method: str, *, gamma="auto", bn_reset: bool = False, repair: bool = False,
               gamma_grid=None):
         """(merged model, MergeInfo, seconds without statistics collection) for the first ``n`` models."""
-        from fedmerge.common.merge import GAMMA_GRID, METHODS, merge_from_statistics, merge_models, selection_candidates
+        from fedmerge.common.engine.merge import (
+            GAMMA_GRID,
+            METHODS,
+            merge_from_statistics,
+            merge_models,
+            selection_candidates,
+        )
 
         grid = GAMMA_GRID if gamma_grid is None else gamma_grid
         models = self.models[:n]

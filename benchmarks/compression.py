@@ -9,7 +9,7 @@ checkpoint tag,
 missing; smoke runs (``--max-train``) and other data sets keep theirs under ``<out>/checkpoints``).
 
 Statistics are collected once, exactly (float64), on the fitting 80% of the probe; each setting then encodes
-them as the clients would (:mod:`fedmerge.common.compress`: client A is the reference and uploads its own
+them as the clients would (:mod:`fedmerge.common.wire.compress`: client A is the reference and uploads its own
 block, client B its own block and the cross block with A), decodes them as the server does, and merges with
 CCA (gamma chosen on the held-out 20% of the probe, as ``gamma="auto"``; weights 1/2; BatchNorm reset for nets
 with BatchNorm, nothing else unless ``--repair``). Settings: every ``--dtypes`` at full rank, and every
@@ -30,16 +30,30 @@ from pathlib import Path
 import numpy as np
 from flwr.app import ArrayRecord
 
-from fedmerge.common.compress import DTYPES, decode_cross, decode_moments, encode_cross, encode_moments
-from fedmerge.common.graph import derive_spec
-from fedmerge.common.merge import GAMMA_GRID, has_batchnorm, merge_from_statistics
-from fedmerge.common.probe import as_batches
-from fedmerge.common.records import arrays_to_record
-from fedmerge.common.stats import Statistics, collect_statistics
+from fedmerge.common.engine.graph import derive_spec
+from fedmerge.common.engine.merge import GAMMA_GRID, has_batchnorm, merge_from_statistics
+from fedmerge.common.engine.stats import Statistics, collect_statistics
+from fedmerge.common.wire.compress import DTYPES, decode_cross, decode_moments, encode_cross, encode_moments
+from fedmerge.common.wire.probe import as_batches
+from fedmerge.common.wire.records import arrays_to_record
 
-from .common import (Setup, add_checkpoints_arg, add_split_arg, base_parser, checkpoint_tag, command_line, data_note,
-                     environment, md_table, pct, resolve, shared_checkpoints, train_clients, training_record,
-                     write_results)
+from .common import (
+    Setup,
+    add_checkpoints_arg,
+    add_split_arg,
+    base_parser,
+    checkpoint_tag,
+    command_line,
+    data_note,
+    environment,
+    md_table,
+    pct,
+    resolve,
+    shared_checkpoints,
+    train_clients,
+    training_record,
+    write_results,
+)
 
 GOAL_UPLOAD = 1.5   # x model size per client and round, weights included
 GOAL_LOSS = 0.5     # accuracy points

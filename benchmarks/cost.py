@@ -70,7 +70,7 @@ MEMORY_BATCH = 250  # statistics stream over batches of 250: the peak is that of
 # --- data -----------------------------------------------------------------------------------------------
 def load_probe(dataset: str, data_root: str | None, size: int, seed: int):
     """The first ``size`` images of the seeded probe set (as every party derives it), as a float tensor."""
-    from fedmerge.common.data import load_dataset, split_probe_pool, to_tensor
+    from fedmerge.common.task.data import load_dataset, split_probe_pool, to_tensor
 
     train = load_dataset(dataset, "train", data_root=data_root or None)
     probe_idx, _ = split_probe_pool(len(train), max(size, 10), seed)
@@ -79,14 +79,14 @@ def load_probe(dataset: str, data_root: str | None, size: int, seed: int):
 
 
 def batches_of(x: torch.Tensor, bs: int = 250):
-    from fedmerge.common.probe import as_batches
+    from fedmerge.common.wire.probe import as_batches
 
     return as_batches(x, bs)
 
 
 def make_model(arch: str, width: float, seed: int):
-    from fedmerge.common.data import set_seed
-    from fedmerge.common.models import build_model
+    from fedmerge.common.task.data import set_seed
+    from fedmerge.common.task.models import build_model
 
     set_seed(seed)
     return build_model(arch, num_classes=10, width=width).eval()
@@ -148,8 +148,8 @@ def cuda_peak(fn, dev) -> dict:
 
 def memory_measurements(arch: str, width: float, probe: torch.Tensor, seed: int, dev: torch.device) -> dict:
     """Peak memory of forward / own statistics / cross statistics (runs in the current process)."""
-    from fedmerge.common.graph import derive_spec
-    from fedmerge.common.stats import cross_statistics, own_statistics
+    from fedmerge.common.engine.graph import derive_spec
+    from fedmerge.common.engine.stats import cross_statistics, own_statistics
 
     batches = batches_of(probe)
     model = make_model(arch, width, seed).to(dev)
@@ -185,8 +185,9 @@ def _memory_child(spec_json: str) -> None:
 
 # --- bytes ----------------------------------------------------------------------------------------------------
 def upload_bytes(model, own, cross, spec) -> dict:
-    from fedmerge.common.records import arrays_to_record
     from flwr.app import ArrayRecord
+
+    from fedmerge.common.wire.records import arrays_to_record
 
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     model_bytes = sum(v.numel() * v.element_size() for v in state.values())
@@ -207,12 +208,12 @@ def upload_bytes(model, own, cross, spec) -> dict:
 def client_arrays(own, cross) -> tuple[dict, dict, str]:
     """The arrays the client app uploads with its default options (full float64 blocks)."""
     try:  # the wire encoder, where the project has one (options: dtype, rank)
-        from fedmerge.common.compress import encode_cross, encode_moments
+        from fedmerge.common.wire.compress import encode_cross, encode_moments
 
         return (encode_moments(own, "float64", 0), encode_cross(cross, "float64", 0),
                 "compress.encode_moments / encode_cross (float64, full rank)")
     except Exception:  # noqa: BLE001 - no encoder (or another signature): the plain arrays
-        from fedmerge.common.stats import cross_to_arrays, moments_to_arrays
+        from fedmerge.common.engine.stats import cross_to_arrays, moments_to_arrays
 
         return moments_to_arrays(own), cross_to_arrays(cross), "stats.moments_to_arrays / cross_to_arrays"
 
@@ -254,10 +255,10 @@ def predicted_s(method: str, width: float, n: int, dims: list[int], measured: di
 
 def time_transforms(arch: str, width: float, tprobe: torch.Tensor, args, dev, skip: dict, measured: dict,
                     log) -> list[dict]:
-    from fedmerge.common.align import merge_states
-    from fedmerge.common.graph import derive_spec
-    from fedmerge.common.merge import compute_alignment
-    from fedmerge.common.stats import Statistics, collect_statistics
+    from fedmerge.common.engine.align import merge_states
+    from fedmerge.common.engine.graph import derive_spec
+    from fedmerge.common.engine.merge import compute_alignment
+    from fedmerge.common.engine.stats import Statistics, collect_statistics
 
     batches = batches_of(tprobe)
     ns = sorted(args.ns)
@@ -325,8 +326,8 @@ def time_transforms(arch: str, width: float, tprobe: torch.Tensor, args, dev, sk
 
 # --- per (arch, width) -------------------------------------------------------------------------------------------
 def measure_point(arch: str, width: float, probe: torch.Tensor, args, dev) -> dict:
-    from fedmerge.common.graph import derive_spec
-    from fedmerge.common.stats import cross_statistics, own_statistics
+    from fedmerge.common.engine.graph import derive_spec
+    from fedmerge.common.engine.stats import cross_statistics, own_statistics
 
     batches = batches_of(probe)
     one = batches_of(probe[:250])  # one batch, for the warm-up calls

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from fedmerge.common.task import FedConfig
+from fedmerge.common.task.config import FedConfig
 from fedmerge.server.inline import InlineGrid
 
 from .common import SCALES, data_note
@@ -98,8 +98,8 @@ class ScheduledGrid(InlineGrid):
 def unsplit_probe(cfg: FedConfig):
     """The probe (images, labels) in batches of 250, before the fit / held-out split: ``Batches.split`` with the
     config's ``held_out`` and ``seed`` gives exactly ``probe_batches(cfg)``."""
-    from fedmerge.common.data import load_dataset, split_probe_pool, to_tensor
-    from fedmerge.common.probe import as_batches
+    from fedmerge.common.task.data import load_dataset, split_probe_pool, to_tensor
+    from fedmerge.common.wire.probe import as_batches
 
     train = load_dataset(cfg.dataset, "train", data_root=cfg.data_root or None)
     probe_idx, _ = split_probe_pool(len(train), cfg.probe_size, cfg.seed, from_union=cfg.probe_from_union)
@@ -117,9 +117,9 @@ def _same_batches(a, b) -> bool:
 def offline_merge(cfg: FedConfig, states: dict[int, dict], counts: dict[int, float], method: str, test) -> dict:
     """``merge_models`` on the given client weights with the server's inputs; returns accuracy, gamma,
     reference (as a partition id) and the merged model."""
-    from fedmerge.client.train import evaluate
-    from fedmerge.common.merge import merge_models
-    from fedmerge.common.task import build_global_model, probe_batches
+    from fedmerge.common.engine.merge import merge_models
+    from fedmerge.common.task.evaluate import evaluate
+    from fedmerge.common.task.loaders import build_global_model, probe_batches
 
     parts = sorted(states)
     models = []
@@ -193,8 +193,8 @@ def round_rows(name: str, result: dict, grid: ScheduledGrid) -> list[dict]:
 
 # --- equality check ----------------------------------------------------------------------------------------------
 def equality_checks(result: dict, grid: ScheduledGrid, cfg: FedConfig, rounds: list[int], test, log) -> list[dict]:
-    from fedmerge.common.checkpoint import load_state
-    from fedmerge.common.task import build_global_model, probe_batches
+    from fedmerge.common.task.checkpoint import load_state
+    from fedmerge.common.task.loaders import build_global_model, probe_batches
 
     fit, held = probe_batches(cfg)
     out = []
@@ -229,8 +229,8 @@ def equality_checks(result: dict, grid: ScheduledGrid, cfg: FedConfig, rounds: l
 
 def one_shot_baselines(grid: ScheduledGrid, cfg: FedConfig, test, methods, log) -> list[dict]:
     """The round-1 client models (own inits) merged offline with the server's inputs, and their ensemble."""
-    from fedmerge.client.train import ensemble_evaluate, evaluate
-    from fedmerge.common.task import build_global_model
+    from fedmerge.common.task.evaluate import ensemble_evaluate, evaluate
+    from fedmerge.common.task.loaders import build_global_model
 
     r1 = grid.rounds.get(1)
     if not r1 or len(r1["clients"]) < 2:
@@ -399,8 +399,8 @@ def parse(argv):
 def main(argv=None):
     import numpy as np
 
-    from fedmerge.common.data import dataset_info, load_dataset
-    from fedmerge.common.task import client_partition, test_loader
+    from fedmerge.common.task.data import dataset_info, load_dataset
+    from fedmerge.common.task.loaders import client_partition, test_loader
 
     from .common import environment
 

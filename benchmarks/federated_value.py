@@ -88,7 +88,7 @@ def _cached(path: Path):
 
 def _federate(cfg_kw: dict, out: Path, epochs_of_round, rounds: int, method: str, schedule: str,
               common_init: bool):
-    from fedmerge.common.task import FedConfig
+    from fedmerge.common.task.config import FedConfig
     from fedmerge.server.app import run_federation
 
     from .federated import ScheduledGrid
@@ -103,8 +103,8 @@ def _federate(cfg_kw: dict, out: Path, epochs_of_round, rounds: int, method: str
 
 # --- (1) one-shot ---------------------------------------------------------------------------------------------
 def one_shot_run(args, split: str, alpha: float, clients: int, seed: int, log) -> dict:
-    from fedmerge.client.train import evaluate
-    from fedmerge.common.task import build_global_model, test_loader
+    from fedmerge.common.task.evaluate import evaluate
+    from fedmerge.common.task.loaders import build_global_model, test_loader
 
     from .federated import offline_merge
 
@@ -464,7 +464,7 @@ def main(argv=None):
     # the report covers every saved run of the current settings (also those made by another invocation)
     one = _saved(args, "one_shot", seeds)
     few = _saved(args, "few", seeds)
-    from fedmerge.common.data import load_dataset
+    from fedmerge.common.task.data import load_dataset
 
     from .common import data_note
 

@@ -6,7 +6,7 @@
 
 By default every client trains on all non-probe training images (``--split same``, the regime of the paper's
 Fig. 4: models trained on the same data from different seeds), each from its own seed, init and data order;
-``--split iid`` (each client 1/N of the data) or another split of common/splits.py instead. With ``same`` the
+``--split iid`` (each client 1/N of the data) or another split of common/task/splits.py instead. With ``same`` the
 training costs N times the IID split's. The first n clients are merged, all-to-one onto client 0, with and
 without the post-processing (REPAIR for nets without BatchNorm, BatchNorm reset for nets with it), gamma (and
 ZipIt!'s alpha, beta) chosen on a held-out slice of the probe. Defaults per architecture and scale (each
@@ -26,12 +26,33 @@ from __future__ import annotations
 
 import time
 
-from fedmerge.common.merge import METHODS, has_batchnorm
+from fedmerge.common.engine.merge import METHODS, has_batchnorm
 
-from .common import (MergeCache, Setup, acc_pct, add_replicates_arg, add_split_arg, apply_arch_defaults, base_parser,
-                     checkpoint_tag, command_line, data_note, environment, fmt_mean_std, md_table,
-                     mean_std, pct, replicate_args, replicates_record, resolve, summarise, test_logits,
-                     train_clients, training_record, write_results)
+from .common import (
+    MergeCache,
+    Setup,
+    acc_pct,
+    add_replicates_arg,
+    add_split_arg,
+    apply_arch_defaults,
+    base_parser,
+    checkpoint_tag,
+    command_line,
+    data_note,
+    environment,
+    fmt_mean_std,
+    md_table,
+    mean_std,
+    pct,
+    replicate_args,
+    replicates_record,
+    resolve,
+    summarise,
+    test_logits,
+    train_clients,
+    training_record,
+    write_results,
+)
 from .plots import line_plot
 
 ARCH_DEFAULTS = {
@@ -55,7 +76,7 @@ def run_set(args, sc, methods) -> dict:
     cache = MergeCache(models, setup.probe_loader, device=args.device)
     raw, ensembles, mean_bases = [], [], []
     for n in range(2, args.clients + 1):
-        ensembles.append(acc_pct(sum(logits[:n]) / n, y))  # the logit ensemble (as client.train.ensemble_evaluate)
+        ensembles.append(acc_pct(sum(logits[:n]) / n, y))  # the logit ensemble (as common.task.evaluate.ensemble_evaluate)
         mean_bases.append(sum(bases[:n]) / n)
         for method in methods:
             for use_post in (False, True):

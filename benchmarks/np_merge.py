@@ -12,12 +12,26 @@ from __future__ import annotations
 
 import time
 
-from fedmerge.common.merge import has_batchnorm, merge_models
-from fedmerge.common.probe import as_batches
+from fedmerge.common.engine.merge import has_batchnorm, merge_models
+from fedmerge.common.wire.probe import as_batches
 
-from .common import (Setup, add_checkpoints_arg, add_split_arg, base_parser, checkpoint_tag, command_line, data_note,
-                     environment, md_table, pct, resolve, shared_checkpoints, train_clients, training_record,
-                     write_results)
+from .common import (
+    Setup,
+    add_checkpoints_arg,
+    add_split_arg,
+    base_parser,
+    checkpoint_tag,
+    command_line,
+    data_note,
+    environment,
+    md_table,
+    pct,
+    resolve,
+    shared_checkpoints,
+    train_clients,
+    training_record,
+    write_results,
+)
 from .plots import bar_chart
 
 

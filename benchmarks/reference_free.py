@@ -18,15 +18,28 @@ from __future__ import annotations
 
 import time
 
-from fedmerge.client.train import ensemble_evaluate
-from fedmerge.common.graph import derive_spec
-from fedmerge.common.merge import GAMMA_GRID, has_batchnorm, merge_from_statistics
-from fedmerge.common.probe import as_batches
-from fedmerge.common.stats import collect_statistics
+from fedmerge.common.engine.graph import derive_spec
+from fedmerge.common.engine.merge import GAMMA_GRID, has_batchnorm, merge_from_statistics
+from fedmerge.common.engine.stats import collect_statistics
+from fedmerge.common.task.evaluate import ensemble_evaluate
+from fedmerge.common.wire.probe import as_batches
 
-from .common import (Setup, add_checkpoints_arg, add_split_arg, base_parser, checkpoint_tag, environment,
-                     first_models, md_table, pct, resolve, shared_checkpoints, train_clients, training_record,
-                     write_results)
+from .common import (
+    Setup,
+    add_checkpoints_arg,
+    add_split_arg,
+    base_parser,
+    checkpoint_tag,
+    environment,
+    first_models,
+    md_table,
+    pct,
+    resolve,
+    shared_checkpoints,
+    train_clients,
+    training_record,
+    write_results,
+)
 
 
 def main(argv=None):

@@ -15,15 +15,32 @@ from __future__ import annotations
 import sys
 import time
 
-from fedmerge.client.train import ensemble_evaluate
-from fedmerge.common.graph import RESIDUAL_SITES, derive_spec
-from fedmerge.common.merge import GAMMA_GRID, has_batchnorm, merge_from_statistics
-from fedmerge.common.probe import as_batches
-from fedmerge.common.stats import collect_statistics
+from fedmerge.common.engine.graph import RESIDUAL_SITES, derive_spec
+from fedmerge.common.engine.merge import GAMMA_GRID, has_batchnorm, merge_from_statistics
+from fedmerge.common.engine.stats import collect_statistics
+from fedmerge.common.task.evaluate import ensemble_evaluate
+from fedmerge.common.wire.probe import as_batches
 
-from .common import (Setup, add_replicates_arg, add_split_arg, base_parser, checkpoint_tag, command_line,
-                     environment, fmt_mean_std, md_table, mean_std, pct, replicate_args, replicates_record, resolve,
-                     summarise, train_clients, training_record, write_results)
+from .common import (
+    Setup,
+    add_replicates_arg,
+    add_split_arg,
+    base_parser,
+    checkpoint_tag,
+    command_line,
+    environment,
+    fmt_mean_std,
+    md_table,
+    mean_std,
+    pct,
+    replicate_args,
+    replicates_record,
+    resolve,
+    summarise,
+    train_clients,
+    training_record,
+    write_results,
+)
 
 METHODS = ("cca", "permute")
 

@@ -31,16 +31,32 @@ from pathlib import Path
 import numpy as np
 import torch.nn.functional as F
 
-from fedmerge.client.train import predict_logits
-from fedmerge.common.data import make_loader, split_probe_pool
-from fedmerge.common.graph import derive_spec
-from fedmerge.common.merge import GAMMA_GRID, has_batchnorm, merge_from_statistics, merge_models
-from fedmerge.common.probe import as_batches
-from fedmerge.common.stats import collect_statistics
+from fedmerge.common.engine.graph import derive_spec
+from fedmerge.common.engine.merge import GAMMA_GRID, has_batchnorm, merge_from_statistics, merge_models
+from fedmerge.common.engine.stats import collect_statistics
+from fedmerge.common.task.data import make_loader, split_probe_pool
+from fedmerge.common.task.evaluate import predict_logits
+from fedmerge.common.wire.probe import as_batches
 
-from .common import (Setup, acc_pct, add_checkpoints_arg, add_split_arg, base_parser, checkpoint_tag, command_line,
-                     data_note, environment, md_table, pct, resolve, shared_checkpoints, test_logits, train_clients,
-                     training_record, write_results)
+from .common import (
+    Setup,
+    acc_pct,
+    add_checkpoints_arg,
+    add_split_arg,
+    base_parser,
+    checkpoint_tag,
+    command_line,
+    data_note,
+    environment,
+    md_table,
+    pct,
+    resolve,
+    shared_checkpoints,
+    test_logits,
+    train_clients,
+    training_record,
+    write_results,
+)
 from .plots import line_plot
 
 GAMMAS = (1e-4, 1e-3, 1e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)

@@ -7,7 +7,7 @@ different regime: 80/20 results are not like-for-like with Table 1.
     python -m benchmarks.splits --scale cpu --data-root ../shared/data     # ResNet20 x0.5, 3 epochs, CPU
     python -m benchmarks.splits --scale paper                              # ResNet20 x8, 200 epochs (GPU)
 
-Splits (of the training data left after the probe is held out; common/splits.py):
+Splits (of the training data left after the probe is held out; common/task/splits.py):
 
 * ``80/20``: the paper's two-party split generalised to N clients: the classes are cut into N groups, every
   client gets 80% of the images of its own group and 20% of every other group's images is shared by the
@@ -34,14 +34,34 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fedmerge.common.merge import METHODS, has_batchnorm
-from fedmerge.common.models import ClassEmbeddingHead
-from fedmerge.common.splits import split_summary
+from fedmerge.common.engine.merge import METHODS, has_batchnorm
+from fedmerge.common.task.models import ClassEmbeddingHead
+from fedmerge.common.task.splits import split_summary
 
-from .common import (MergeCache, Setup, acc_pct, add_replicates_arg, apply_arch_defaults, base_parser, checkpoint_tag,
-                     command_line, data_note, environment, fmt_mean_std, md_table, mean_std, pct, replicate_args,
-                     replicates_record, resolve, summarise, test_logits, train_clients, training_record,
-                     write_results)
+from .common import (
+    MergeCache,
+    Setup,
+    acc_pct,
+    add_replicates_arg,
+    apply_arch_defaults,
+    base_parser,
+    checkpoint_tag,
+    command_line,
+    data_note,
+    environment,
+    fmt_mean_std,
+    md_table,
+    mean_std,
+    pct,
+    replicate_args,
+    replicates_record,
+    resolve,
+    summarise,
+    test_logits,
+    train_clients,
+    training_record,
+    write_results,
+)
 from .plots import bar_chart
 
 ARCH_DEFAULTS = {

@@ -25,15 +25,35 @@ import time
 
 import torch
 
-from fedmerge.client.train import ensemble_evaluate
-from fedmerge.common.merge import METHODS as MERGE_METHODS
-from fedmerge.common.merge import has_batchnorm, merge_models
-from fedmerge.common.probe import as_batches
+from fedmerge.common.engine.merge import METHODS as MERGE_METHODS
+from fedmerge.common.engine.merge import has_batchnorm, merge_models
+from fedmerge.common.task.evaluate import ensemble_evaluate
+from fedmerge.common.wire.probe import as_batches
 
-from .common import (Setup, add_replicates_arg, add_split_arg, base_parser, checkpoint_tag, client_seed,
-                     command_line, data_note, environment, fmt_mean_std, forward_pass, md_table, mean_std, pct,
-                     replicate_args, replicates_record, resolve, summarise, sync, train_clients, training_record,
-                     write_results)
+from .common import (
+    Setup,
+    add_replicates_arg,
+    add_split_arg,
+    base_parser,
+    checkpoint_tag,
+    client_seed,
+    command_line,
+    data_note,
+    environment,
+    fmt_mean_std,
+    forward_pass,
+    md_table,
+    mean_std,
+    pct,
+    replicate_args,
+    replicates_record,
+    resolve,
+    summarise,
+    sync,
+    train_clients,
+    training_record,
+    write_results,
+)
 from .plots import bar_chart
 
 METHODS = ["avg", "permute", "weight_matching", "ot", "zipit", "cca"]

@@ -15,7 +15,7 @@ Messages (all records are Flower records; nothing is pickled):
   weights the statistics were computed against.
 
 Statistics are sent in the run config's ``stats-dtype`` / ``stats-rank`` encoding
-(:mod:`fedmerge.common.compress`; self-describing, the server needs no setting to decode them).
+(:mod:`fedmerge.common.wire.compress`; self-describing, the server needs no setting to decode them).
 """
 from __future__ import annotations
 
@@ -27,13 +27,15 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from fedmerge.common import progress
-from fedmerge.common.graph import derive_spec
-from fedmerge.common.records import weights_digest
-from fedmerge.common.stats import Moments, own_statistics
-from fedmerge.common.task import FedConfig, build_global_model, probe_batches, test_loader, train_loader
+from fedmerge.common.engine.graph import derive_spec
+from fedmerge.common.engine.stats import Moments, own_statistics
+from fedmerge.common.task.config import FedConfig
+from fedmerge.common.task.evaluate import evaluate
+from fedmerge.common.task.loaders import build_global_model, probe_batches, test_loader, train_loader
+from fedmerge.common.wire.records import weights_digest
 
 from .protocol import LOCAL_KEY, cross_stats_records, node_partition, train_reply
-from .train import TrainConfig, evaluate, train
+from .train import TrainConfig, train
 
 __all__ = ["task_client_app", "app", "LOCAL_KEY"]
 
@@ -158,7 +160,7 @@ def _not_psd(m: Moments) -> Moments:
 
 def _inject(content: RecordDict, faults: list[str], cfg: FedConfig, pid: int, nparts: int) -> None:
     """Fault injection for tests and demos (``--inject-fault KIND:CLIENT``): corrupt this client's upload.
-    Kinds: :data:`fedmerge.common.task.FAULT_KINDS`."""
+    Kinds: :data:`fedmerge.common.task.config.FAULT_KINDS`."""
     if not faults:
         return
     arrays = content["arrays"]

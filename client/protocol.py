@@ -32,11 +32,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fedmerge.common import progress
-from fedmerge.common.compress import decode_moments, encode_cross, encode_moments
-from fedmerge.common.graph import derive_spec
-from fedmerge.common.probe import Batches, as_batches, probe_digest
-from fedmerge.common.records import arrays_to_record, weights_digest
-from fedmerge.common.stats import GroupMoments, collect_statistics, cross_statistics, own_statistics
+from fedmerge.common.engine.graph import derive_spec
+from fedmerge.common.engine.stats import GroupMoments, collect_statistics, cross_statistics, own_statistics
+from fedmerge.common.wire.compress import decode_moments, encode_cross, encode_moments
+from fedmerge.common.wire.probe import Batches, as_batches, probe_digest
+from fedmerge.common.wire.records import arrays_to_record, weights_digest
 
 __all__ = ["LOCAL_KEY", "statistics_probe", "own_stats_records", "cross_stats_records", "train_reply",
            "cross_reply", "make_client_app", "node_partition"]

@@ -1,4 +1,4 @@
-"""Local training and evaluation (the paper's recipe as defaults).
+"""Local training (the paper's recipe as defaults); evaluation is in :mod:`fedmerge.common.task.evaluate`.
 
 SGD with momentum 0.9 and weight decay 5e-4, learning rate warmed up linearly over the first
 ``warmup`` fraction of steps and then decayed linearly to zero, cross-entropy. CUDA when available.
@@ -8,22 +8,15 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass
-from typing import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from fedmerge.common.progress import bar as progress_bar
+from fedmerge.common.task.evaluate import default_device
 
-__all__ = ["TrainConfig", "train", "evaluate", "predict_logits", "ensemble_evaluate", "default_device",
-           "lr_at"]
-
-
-def default_device(device=None) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+__all__ = ["TrainConfig", "train", "lr_at"]
 
 
 @dataclass
@@ -114,32 +107,3 @@ def train(model: nn.Module, loader, cfg: TrainConfig) -> dict:
     return {"steps": step, "samples": seen, "train_loss": loss_sum / max(1, seen),
             "train_accuracy": correct / max(1, seen), "loss_curve": losses,
             "seconds": time.perf_counter() - t0}
-
-
-@torch.no_grad()
-def predict_logits(model: nn.Module, loader, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    dev = default_device(device)
-    was = model.training
-    model.to(dev).eval()
-    outs, ys = [], []
-    for x, y in loader:
-        outs.append(model(x.to(dev)).float().cpu())
-        ys.append(y)
-    model.train(was)
-    return torch.cat(outs), torch.cat(ys)
-
-
-def _metrics(logits: torch.Tensor, y: torch.Tensor) -> dict:
-    return {"accuracy": (logits.argmax(1) == y).float().mean().item(),
-            "loss": F.cross_entropy(logits, y).item(), "n": int(y.numel())}
-
-
-def evaluate(model: nn.Module, loader, device=None) -> dict:
-    """Accuracy (fraction), mean cross-entropy and sample count."""
-    return _metrics(*predict_logits(model, loader, device))
-
-
-def ensemble_evaluate(models: Sequence[nn.Module], loader, device=None) -> dict:
-    """The logit ensemble (mean of the models' logits): the upper bound for merging."""
-    preds = [predict_logits(m, loader, device) for m in models]
-    return _metrics(torch.stack([p[0] for p in preds]).mean(0), preds[0][1])

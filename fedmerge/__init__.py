@@ -20,7 +20,7 @@ __all__ = ["merge_models", "collect_statistics", "__version__"]
 
 def __getattr__(name: str):  # lazy: importing fedmerge must not import torch
     if name in ("merge_models", "collect_statistics"):
-        from fedmerge.common import merge as _merge
+        from fedmerge.common.engine import merge as _merge
 
         return getattr(_merge, name)
     raise AttributeError(f"module 'fedmerge' has no attribute {name!r}")

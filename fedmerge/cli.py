@@ -9,7 +9,7 @@ __all__ = ["main"]
 
 
 def _add_federation_args(p: argparse.ArgumentParser, defaults: dict) -> None:
-    from fedmerge.common.splits import SPLITS  # numpy only: the CLI still starts without torch
+    from fedmerge.common.task.splits import SPLITS  # numpy only: the CLI still starts without torch
 
     d = defaults.get
     p.add_argument("--dataset", default=d("dataset", "cifar10-mini"),
@@ -78,7 +78,7 @@ def _add_federation_args(p: argparse.ArgumentParser, defaults: dict) -> None:
 
 
 def _config(a: argparse.Namespace):
-    from fedmerge.common.task import FedConfig
+    from fedmerge.common.task.config import FedConfig
 
     return FedConfig(dataset=a.dataset, data_root=a.data_root, split=a.split, alpha=a.alpha,
                      num_clients=a.clients, arch=a.arch, width=a.width, epochs=a.epochs, lr=a.lr,

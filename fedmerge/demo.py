@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from fedmerge.common import progress
-from fedmerge.common.task import FedConfig
+from fedmerge.common.task.config import FedConfig
 
 __all__ = ["run_demo"]
 
@@ -15,10 +15,10 @@ __all__ = ["run_demo"]
 def run_demo(cfg: FedConfig, backend: str = "inline", baselines=("avg", "permute", "cca"), repair: bool | None = None
              ) -> dict:
     """``repair``: also merge with REPAIR (default: when the model has no BatchNorm)."""
-    from fedmerge.client.train import evaluate
-    from fedmerge.common.checkpoint import load_state
-    from fedmerge.common.merge import merge_models
-    from fedmerge.common.task import build_global_model, probe_batches, test_loader
+    from fedmerge.common.engine.merge import merge_models
+    from fedmerge.common.task.checkpoint import load_state
+    from fedmerge.common.task.evaluate import evaluate
+    from fedmerge.common.task.loaders import build_global_model, probe_batches, test_loader
     from fedmerge.simulate import format_result, simulate
 
     print(f"fedmerge demo: {cfg.num_clients} clients, {cfg.dataset} split {cfg.split}, {cfg.arch} x{cfg.width}, "
@@ -37,7 +37,7 @@ def run_demo(cfg: FedConfig, backend: str = "inline", baselines=("avg", "permute
     probe = probe_batches(cfg)   # the federation's own fitting / held-out slices, so the offline CCA is its merge
     weights = [float(result["rounds"][-1]["client_metrics"][str(p)]["num-examples"]) for p in parts]
     test = test_loader(cfg)
-    from fedmerge.common.merge import has_batchnorm
+    from fedmerge.common.engine.merge import has_batchnorm
 
     if repair is None:
         repair = not has_batchnorm(models[0])

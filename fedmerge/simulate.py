@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from fedmerge.common.task import FedConfig
+from fedmerge.common.task.config import FedConfig
 
 __all__ = ["simulate", "format_result"]
 

@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import SAME_DATA, SCALES  # noqa: E402
 from fedmerge.client.train import TrainConfig, train  # noqa: E402
-from fedmerge.common.data import TensorLoader  # noqa: E402
-from fedmerge.common.models import build_model  # noqa: E402
+from fedmerge.common.task.data import TensorLoader  # noqa: E402
+from fedmerge.common.task.models import build_model  # noqa: E402
 
 
 def step_seconds(arch: str, width: float, batch: int, steps: int = 30) -> float:

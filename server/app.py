@@ -18,10 +18,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from fedmerge.client.train import ensemble_evaluate, evaluate
 from fedmerge.common import progress
-from fedmerge.common.checkpoint import save_state
-from fedmerge.common.task import FedConfig, build_global_model, client_partition, probe_batches, test_loader
+from fedmerge.common.task.checkpoint import save_state
+from fedmerge.common.task.config import FedConfig
+from fedmerge.common.task.evaluate import ensemble_evaluate, evaluate
+from fedmerge.common.task.loaders import build_global_model, client_partition, probe_batches, test_loader
 
 from .strategy import CCAMerge, RoundRecord
 
@@ -237,7 +238,7 @@ def _read_checkpoint(path: Path, sha256: str, template: dict) -> dict:
         raise ResumeError(f"resume: checkpoint {path} named by state.json does not exist")
     if _sha256(path) != sha256:
         raise ResumeError(f"resume: checkpoint {path} does not match the checksum in state.json (changed or corrupt)")
-    from fedmerge.common.checkpoint import load_state
+    from fedmerge.common.task.checkpoint import load_state
 
     try:
         state = load_state(path)

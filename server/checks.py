@@ -34,9 +34,9 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from fedmerge.common.compress import WHITEN_GAMMA, block_encoding
-from fedmerge.common.matching import single_threaded
-from fedmerge.common.records import WireError, decode_array, record_to_arrays
+from fedmerge.common.engine.matching import single_threaded
+from fedmerge.common.wire.compress import WHITEN_GAMMA, block_encoding
+from fedmerge.common.wire.records import WireError, decode_array, record_to_arrays
 
 __all__ = ["ReplyRejected", "CrossCheckFailed", "ClientMetrics", "record_bytes", "check_size", "read_int", "read_metrics",
            "read_echo", "check_echo", "decode_statistics", "decode_weights", "weight_norm", "norm_outliers", "psd_tolerance", "check_moments",
@@ -258,7 +258,7 @@ def check_moments(own: Mapping[int, Any], counts: Mapping[int, int] | None, tole
         tr = float(torch.trace(m.m2))
         if not tr > 0:
             raise ReplyRejected(f"{name}: covariance is zero (no unit varies on the probe)")
-        with single_threaded():   # a small dense eigensolve: see fedmerge.common.matching.single_threaded
+        with single_threaded():   # a small dense eigensolve: see fedmerge.common.engine.matching.single_threaded
             lam = float(torch.linalg.eigvalsh((m.m2 + m.m2.T) / 2)[0])
         if lam < -tolerance[g] * tr:
             raise ReplyRejected(f"{name}: covariance is not positive semidefinite (smallest eigenvalue "
@@ -380,7 +380,7 @@ def check_cross(cross: Mapping[int, Any], own_ref: Mapping[int, Any], own_b: Map
         bound = torch.sqrt(torch.outer(va, vb))
         if unit <= WIRE_UNIT["float32"] and bool((c.c.abs() > (1 + tol) * bound + 1e-300).any()):
             raise CrossCheckFailed(f"{name}: cross covariance exceeds the Cauchy-Schwarz bound of the own blocks")
-        with single_threaded():   # small dense eigensolves: see fedmerge.common.matching.single_threaded
+        with single_threaded():   # small dense eigensolves: see fedmerge.common.engine.matching.single_threaded
             if whiteners is None or whiteners.get(g, (None,))[0] is not a.m2:
                 wa = _whitener(a.m2, WHITEN_GAMMA)
                 if whiteners is not None:

@@ -49,20 +49,51 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedmerge.common import progress
-from fedmerge.common.compress import decode_cross, decode_moments
-from fedmerge.common.graph import MergeSpec, derive_spec
-from fedmerge.common.merge import (GAMMA_GRID, METHODS, REPAIR_TARGETS, check_gamma_clients, has_batchnorm,
-                                   merge_from_statistics, probe_logits, probe_score, selection_candidates)
-from fedmerge.common.probe import Batches, as_batches, probe_digest
-from fedmerge.common.records import weights_digest
-from fedmerge.common.stats import (ReferenceActivations, Statistics, collect_statistics, cross_statistics,
-                                   own_statistics, samples_per_input)
-from fedmerge.common.task import SCHEDULE_AUTO, parse_method_schedule
+from fedmerge.common.engine.graph import MergeSpec, derive_spec
+from fedmerge.common.engine.merge import (
+    GAMMA_GRID,
+    METHODS,
+    REPAIR_TARGETS,
+    check_gamma_clients,
+    has_batchnorm,
+    merge_from_statistics,
+    probe_logits,
+    probe_score,
+    selection_candidates,
+)
+from fedmerge.common.engine.stats import (
+    ReferenceActivations,
+    Statistics,
+    collect_statistics,
+    cross_statistics,
+    own_statistics,
+    samples_per_input,
+)
+from fedmerge.common.task.config import SCHEDULE_AUTO, parse_method_schedule
+from fedmerge.common.wire.compress import decode_cross, decode_moments
+from fedmerge.common.wire.probe import Batches, as_batches, probe_digest
+from fedmerge.common.wire.records import weights_digest
 
-from .checks import (MAX_EXAMPLES, ClientMetrics, CrossCheckFailed, ReplyRejected, check_cross, check_echo,
-                     check_cross_matches, check_moments, check_own_matches,
-                     check_size, decode_statistics, decode_weights, norm_outliers, psd_tolerance, read_metrics,
-                     record_bytes, transport, weight_norm)
+from .checks import (
+    MAX_EXAMPLES,
+    ClientMetrics,
+    CrossCheckFailed,
+    ReplyRejected,
+    check_cross,
+    check_cross_matches,
+    check_echo,
+    check_moments,
+    check_own_matches,
+    check_size,
+    decode_statistics,
+    decode_weights,
+    norm_outliers,
+    psd_tolerance,
+    read_metrics,
+    record_bytes,
+    transport,
+    weight_norm,
+)
 
 __all__ = ["CCAMerge", "RoundRecord", "ReplyRejected", "RoundFailedError", "ClientUpdate", "QUERY_CROSS"]
 
@@ -211,11 +242,11 @@ class CCAMerge(FedAvg):
         ``gamma="auto"``, BatchNorm reset, REPAIR, ``stats_on_server`` and methods that need all pairs
         (ZipIt!); with labels, ``reference="best"`` and γ are chosen by accuracy on its held-out slice,
         without labels by agreement with the clients' ensemble.
-    method: any of ``fedmerge.common.merge.METHODS`` (``avg`` is plain FedAvg: it needs a common
+    method: any of ``fedmerge.common.engine.merge.METHODS`` (``avg`` is plain FedAvg: it needs a common
         initialisation to be meaningful).
     reference: a client position (in partition order) or ``"best"``.
     bn_fold: fold each BatchNorm into its producer before aligning (exact for CCA's general transforms; no
-        BatchNorm reset afterwards; see :func:`fedmerge.common.merge.merge_models`).
+        BatchNorm reset afterwards; see :func:`fedmerge.common.engine.merge.merge_models`).
     repair / repair_target: REPAIR after the merge, restoring each merged unit's statistics to the
         ``"average"`` of the aligned clients' (default) or to the ``"reference"`` client's (the paper's App. D).
     max_examples: bound on each client's ``num-examples``: an int, a ``{partition: size}`` mapping or a

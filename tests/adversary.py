@@ -14,10 +14,11 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 from fedmerge.client.app import task_client_app
-from fedmerge.common.compress import decode_cross, decode_moments, encode_cross, encode_moments
-from fedmerge.common.records import arrays_to_record, record_to_arrays
-from fedmerge.common.stats import Moments
-from fedmerge.common.task import FedConfig, build_global_model, probe_batches
+from fedmerge.common.engine.stats import Moments
+from fedmerge.common.task.config import FedConfig
+from fedmerge.common.task.loaders import build_global_model, probe_batches
+from fedmerge.common.wire.compress import decode_cross, decode_moments, encode_cross, encode_moments
+from fedmerge.common.wire.records import arrays_to_record, record_to_arrays
 from fedmerge.server.inline import InlineGrid
 from fedmerge.server.strategy import QUERY_CROSS, CCAMerge
 
@@ -79,7 +80,7 @@ def set_array(record: str, key_fn, make: Callable[[Array], Array]) -> Mutation:
 
 @functools.lru_cache(maxsize=1)
 def tiny_spec():
-    from fedmerge.common.graph import derive_spec
+    from fedmerge.common.engine.graph import derive_spec
     cfg = tiny()
     return derive_spec(build_global_model(cfg), probe_batches(cfg)[0].example())
 
@@ -212,7 +213,7 @@ def run_round(kit: Kit, mutations: dict, grid_cls=InlineGrid, grid_kw=None, **st
 
 def partition_sizes(kit: Kit) -> dict[int, int]:
     """The partition sizes the server knows (what the ServerApp passes as max_examples)."""
-    from fedmerge.common.task import client_partition
+    from fedmerge.common.task.loaders import client_partition
     return {p: len(client_partition(kit.cfg, p, 3)) for p in range(3)}
 
 

@@ -5,18 +5,31 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from toy_models import TinyMLP, TinyResNet, TinyVGG, randomize_bn
 
 from fedmerge import collect_statistics, merge_models
-from fedmerge.common.align import align_state
-from fedmerge.common.baselines import (match_merge_many, match_ot, match_weights, match_zipit, ot_cost, ot_pair,
-                                       zipit_group)
-from fedmerge.common.graph import derive_spec
-from fedmerge.common.matching import correlation, permute_pair
-from fedmerge.common.merge import (ZIPIT_GRID, compute_alignment, merge_from_statistics, probe_logits, probe_score,
-                                   selection_candidates)
-from fedmerge.common.probe import as_batches
-from fedmerge.common.stats import CrossMoments, Moments
-from toy_models import TinyMLP, TinyResNet, TinyVGG, randomize_bn
+from fedmerge.common.engine.align import align_state
+from fedmerge.common.engine.baselines import (
+    match_merge_many,
+    match_ot,
+    match_weights,
+    match_zipit,
+    ot_cost,
+    ot_pair,
+    zipit_group,
+)
+from fedmerge.common.engine.graph import derive_spec
+from fedmerge.common.engine.matching import correlation, permute_pair
+from fedmerge.common.engine.merge import (
+    ZIPIT_GRID,
+    compute_alignment,
+    merge_from_statistics,
+    probe_logits,
+    probe_score,
+    selection_candidates,
+)
+from fedmerge.common.engine.stats import CrossMoments, Moments
+from fedmerge.common.wire.probe import as_batches
 
 METHODS = ["ot", "zipit", "weight_matching", "merge_many"]
 X = torch.randn(64, 3, 16, 16, generator=torch.Generator().manual_seed(0))

@@ -12,11 +12,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the benchmarks package lives in the repo root
 
 from benchmarks import many_models, sensitivity, splits, two_models
-from benchmarks.common import (MergeCache, apply_arch_defaults, fmt_mean_std, mean_std, replicate_args,
-                               replicates_record, summarise)
+from benchmarks.common import (
+    MergeCache,
+    apply_arch_defaults,
+    fmt_mean_std,
+    mean_std,
+    replicate_args,
+    replicates_record,
+    summarise,
+)
 from benchmarks.plots import bar_chart, line_plot
-from fedmerge.common.merge import GAMMA_GRID, merge_models
-from fedmerge.common.models import build_model
+from fedmerge.common.engine.merge import GAMMA_GRID, merge_models
+from fedmerge.common.task.models import build_model
 
 TINY = ["--dataset", "cifar10-mini", "--max-train", "300", "--max-test", "100", "--epochs", "1", "--width",
         "0.125"]
@@ -218,7 +225,8 @@ def test_np_merge_benchmark(tmp_path):
 def test_suite_plan_names_real_commands_and_rejects_unknown_ones():
     import importlib
 
-    from benchmarks.__main__ import main as suite_main, plan
+    from benchmarks.__main__ import main as suite_main
+    from benchmarks.__main__ import plan
 
     steps = plan("results/x", ["--scale", "cpu"])
     assert len({s[0] for s in steps}) == len(steps)

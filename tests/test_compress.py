@@ -1,19 +1,34 @@
-"""Compressed statistics (fedmerge.common.compress): dtype round trips and their error bounds, float16
+"""Compressed statistics (fedmerge.common.wire.compress): dtype round trips and their error bounds, float16
 scaling against overflow and underflow, the low-rank forms (exact when k >= d, trace and positive
 definiteness kept, canonical pairs kept), bytes, validation of corrupted uploads, CCA merges from compressed
 statistics, and one federation with float16 statistics."""
 import numpy as np
 import pytest
 import torch
-
-from fedmerge.common.compress import (DTYPES, WHITEN_GAMMA, block_encoding, check_options, decode_cross,
-                                      decode_moments, encode_cross, encode_moments, payload_bytes)
-from fedmerge.common.graph import derive_spec
-from fedmerge.common.merge import merge_from_statistics
-from fedmerge.common.records import arrays_to_record
-from fedmerge.common.stats import (CrossMoments, Moments, Statistics, collect_statistics, cross_to_arrays,
-                                   moments_to_arrays)
 from toy_models import TinyVGG
+
+from fedmerge.common.engine.graph import derive_spec
+from fedmerge.common.engine.merge import merge_from_statistics
+from fedmerge.common.engine.stats import (
+    CrossMoments,
+    Moments,
+    Statistics,
+    collect_statistics,
+    cross_to_arrays,
+    moments_to_arrays,
+)
+from fedmerge.common.wire.compress import (
+    DTYPES,
+    WHITEN_GAMMA,
+    block_encoding,
+    check_options,
+    decode_cross,
+    decode_moments,
+    encode_cross,
+    encode_moments,
+    payload_bytes,
+)
+from fedmerge.common.wire.records import arrays_to_record
 
 torch.manual_seed(0)
 X = torch.randn(128, 3, 16, 16)
@@ -258,7 +273,7 @@ def test_options_are_validated():
             check_options(dtype, rank)
     with pytest.raises(ValueError, match="stats dtype"):
         encode_moments({}, "int8")
-    from fedmerge.common.task import FedConfig
+    from fedmerge.common.task.config import FedConfig
 
     with pytest.raises(ValueError, match="stats dtype"):
         FedConfig(stats_dtype="half")
@@ -266,8 +281,9 @@ def test_options_are_validated():
         FedConfig(stats_rank=-2)
     cfg = FedConfig.from_run_config({"stats-dtype": "bfloat16", "stats-rank": "8"})
     assert cfg.stats_dtype == "bfloat16" and cfg.stats_rank == 8
-    from fedmerge.cli import _add_federation_args, _config
     import argparse
+
+    from fedmerge.cli import _add_federation_args, _config
 
     p = argparse.ArgumentParser()
     _add_federation_args(p, {})
@@ -287,7 +303,7 @@ def similar_pair():
     random data have near-zero canonical correlations, where any CCA transform is ill-conditioned)."""
     import copy
 
-    from fedmerge.common.align import align_state
+    from fedmerge.common.engine.align import align_state
 
     torch.manual_seed(1)
     a = TinyVGG(width=16).eval()
@@ -329,7 +345,7 @@ def _forward(template, sd, x):
 def test_low_rank_bfloat16_federation_rejects_a_corrupted_cross_upload(tmp_path):
     """Clients send rank-4 whitened cross blocks as bfloat16 bits; client 2's carries a NaN pattern."""
     from fedmerge.client.app import task_client_app
-    from fedmerge.common.task import FedConfig
+    from fedmerge.common.task.config import FedConfig
     from fedmerge.server.app import run_federation
     from fedmerge.server.inline import InlineGrid
 
@@ -345,7 +361,8 @@ def test_low_rank_bfloat16_federation_rejects_a_corrupted_cross_upload(tmp_path)
 
 def test_federation_with_float16_statistics(tmp_path):
     from fedmerge.client.app import task_client_app
-    from fedmerge.common.task import FedConfig, build_global_model, probe_batches
+    from fedmerge.common.task.config import FedConfig
+    from fedmerge.common.task.loaders import build_global_model, probe_batches
     from fedmerge.server.app import run_federation
     from fedmerge.server.inline import InlineGrid
 

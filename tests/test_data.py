@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedmerge.common import data as D
+from fedmerge.common.task import data as D
 
 SHARED = Path(os.environ.get("FEDMERGE_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
 has_shared = pytest.mark.skipif(not (SHARED / "cifar10_jpeg.npz").exists(), reason="no ../shared/data here")
@@ -155,7 +155,8 @@ def test_set_seed_is_deterministic():
 
 def test_test_subset_is_a_seeded_random_sample_of_every_class():
     """max_test takes a random subset (stored test sets can be sorted by class), the same for every party."""
-    from fedmerge.common.task import FedConfig, test_loader
+    from fedmerge.common.task.config import FedConfig
+    from fedmerge.common.task.loaders import test_loader
 
     cfg = FedConfig(dataset="cifar10-mini", max_test=300)
     ys = [torch.cat([y for _, y in test_loader(cfg)]) for _ in range(2)]

@@ -2,7 +2,7 @@
 baseline, one table and one picture that puts them side by side."""
 import json
 
-from fedmerge.common.task import FedConfig
+from fedmerge.common.task.config import FedConfig
 from fedmerge.demo import run_demo
 
 

@@ -28,11 +28,12 @@ def _free_port() -> int:
 
 def _make_certs(d: Path) -> dict:
     """A CA, a SuperLink certificate for 127.0.0.1/localhost signed by it, and two SuperNode key pairs."""
+    import ipaddress
+
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec, rsa
     from cryptography.x509.oid import NameOID
-    import ipaddress
 
     now = datetime.datetime.now(datetime.timezone.utc)
     ca_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)

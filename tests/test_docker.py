@@ -265,7 +265,8 @@ def test_submit_runs_flwr_run_with_a_valid_connection_and_run_config(tmp_path, f
     from flwr.cli.app import app as flwr_cli
     from flwr.cli.flower_config import read_superlink_connection
     from flwr.common.config import parse_config_args
-    from fedmerge.common.task import FedConfig
+
+    from fedmerge.common.task.config import FedConfig
 
     env = {"NUM_SUPERNODES": "3", "METHOD": "avg", "SPLIT": "80/20", "ARCH": "resnet20", "EPOCHS": "2"}
     argv, home = _run_submit(tmp_path, files, env)

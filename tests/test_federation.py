@@ -10,8 +10,9 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from fedmerge.client.app import LOCAL_KEY, task_client_app
-from fedmerge.common.merge import merge_models
-from fedmerge.common.task import FedConfig, build_global_model, probe_batches
+from fedmerge.common.engine.merge import merge_models
+from fedmerge.common.task.config import FedConfig
+from fedmerge.common.task.loaders import build_global_model, probe_batches
 from fedmerge.server.app import run_federation
 from fedmerge.server.inline import InlineGrid, _ensure_task_identity
 from fedmerge.server.strategy import CCAMerge
@@ -66,7 +67,7 @@ def test_server_assigns_partitions_when_nodes_have_none(tmp_path):
 def _saved_run(out, cfg, result):
     """What a run saved in ``out``: the client models (partition order), the global model, the clients'
     num-examples, the probe's fitting slice and 64 of its inputs."""
-    from fedmerge.common.checkpoint import load_state
+    from fedmerge.common.task.checkpoint import load_state
 
     def load(path):
         m = build_global_model(cfg)
@@ -267,7 +268,7 @@ def test_soak_twenty_rounds_with_random_faults(tmp_path):
     got = sorted((r["round"], r["partition"]) for r in result["clients_rejected"])
     assert got == sorted((r, c) for _, r, c in planned)
     assert result["rounds_completed"] == 20 and all(h["ok"] for h in result["rounds"])
-    from fedmerge.common.checkpoint import load_state
+    from fedmerge.common.task.checkpoint import load_state
     assert all(torch.isfinite(v).all() for v in load_state(tmp_path / "global_model.safetensors").values()
                if v.is_floating_point())
 

@@ -6,15 +6,15 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-
-from fedmerge import collect_statistics, merge_models
-from fedmerge.common.gcca import match_gcca
-from fedmerge.common.graph import derive_spec
-from fedmerge.common.matching import match_cca
-from fedmerge.common.merge import GAMMA_GRID, METHODS
-from fedmerge.common.stats import Statistics
 from test_merge_engine import equivalent_copy
 from toy_models import TinyMLP, TinyResNet, TinyVGG, randomize_bn
+
+from fedmerge import collect_statistics, merge_models
+from fedmerge.common.engine.gcca import match_gcca
+from fedmerge.common.engine.graph import derive_spec
+from fedmerge.common.engine.matching import match_cca
+from fedmerge.common.engine.merge import GAMMA_GRID, METHODS
+from fedmerge.common.engine.stats import Statistics
 
 torch.manual_seed(0)
 X = torch.randn(64, 3, 16, 16)
@@ -163,7 +163,7 @@ def test_rank_deficient_statistics_stay_finite():
 
 
 def test_singular_consensus_falls_back_to_the_reference_basis(different_models, monkeypatch):
-    import fedmerge.common.gcca as gcca
+    import fedmerge.common.engine.gcca as gcca
 
     stats, spec = stats_of(different_models["vgg"])
     monkeypatch.setattr(gcca, "_MAX_COND", 0.0)
@@ -212,7 +212,7 @@ def test_registered_with_auto_gamma(different_models):
 
 def test_through_the_strategy(tmp_path):
     from fedmerge.client.app import task_client_app
-    from fedmerge.common.task import FedConfig
+    from fedmerge.common.task.config import FedConfig
     from fedmerge.server.app import run_federation
     from fedmerge.server.inline import InlineGrid
 

@@ -5,18 +5,26 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from toy_models import ConcatNet, TinyMLP, TinyResNet, TinyVGG, randomize_bn
 
 from fedmerge import collect_statistics, merge_models
-from fedmerge.common.align import align_state
-from fedmerge.common.graph import FIXED, UnsupportedModelError, derive_spec
-from fedmerge.common.graph import Group, MergeSpec
-from fedmerge.common.matching import cca_pair, cca_rows, match_cca
-from fedmerge.common.merge import GAMMA_GRID, merge_from_statistics, reset_bn_stats
-from fedmerge.common.probe import as_batches
-from fedmerge.common.stats import (CrossMoments, Moments, ReferenceActivations, Statistics, cross_from_arrays,
-                                   cross_statistics, cross_to_arrays, moments_from_arrays, moments_to_arrays,
-                                   own_statistics)
-from toy_models import ConcatNet, TinyMLP, TinyResNet, TinyVGG, randomize_bn
+from fedmerge.common.engine.align import align_state
+from fedmerge.common.engine.graph import FIXED, Group, MergeSpec, UnsupportedModelError, derive_spec
+from fedmerge.common.engine.matching import cca_pair, cca_rows, match_cca
+from fedmerge.common.engine.merge import GAMMA_GRID, merge_from_statistics, reset_bn_stats
+from fedmerge.common.engine.stats import (
+    CrossMoments,
+    Moments,
+    ReferenceActivations,
+    Statistics,
+    cross_from_arrays,
+    cross_statistics,
+    cross_to_arrays,
+    moments_from_arrays,
+    moments_to_arrays,
+    own_statistics,
+)
+from fedmerge.common.wire.probe import as_batches
 
 torch.manual_seed(0)
 X = torch.randn(96, 3, 16, 16)
@@ -508,7 +516,7 @@ def test_repair_to_reference_reproduces_the_reference_unit_statistics():
 
 
 def test_repair_target_weights_and_unknown_targets():
-    from fedmerge.common.merge import REPAIR_TARGETS, repair_target_weights
+    from fedmerge.common.engine.merge import REPAIR_TARGETS, repair_target_weights
 
     assert REPAIR_TARGETS == ("average", "reference")
     assert repair_target_weights([0.25, 0.75]) == [0.25, 0.75]
@@ -532,7 +540,7 @@ def test_fold_batchnorm_keeps_the_function():
     """fold_batchnorm (eval mode) computes the same function: weights scaled per unit, each BatchNorm a pure
     shift; unit_batchnorm restores the constant parts after an alignment moved them. float64: agreement to
     round-off (measured ~1e-15)."""
-    from fedmerge.common.align import fold_batchnorm, unit_batchnorm
+    from fedmerge.common.engine.align import fold_batchnorm, unit_batchnorm
 
     x = X.double()
     for arch in ("resnet", "vgg"):

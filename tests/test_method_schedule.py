@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from fedmerge.client.app import task_client_app
-from fedmerge.common.task import FedConfig, build_global_model, parse_method_schedule, probe_batches
+from fedmerge.common.task.config import FedConfig, parse_method_schedule
+from fedmerge.common.task.loaders import build_global_model, probe_batches
 from fedmerge.server.app import run_federation
 from fedmerge.server.inline import InlineGrid
 from fedmerge.server.strategy import CCAMerge, RoundRecord

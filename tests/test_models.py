@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 import torch
 import torch.fx
-
-from fedmerge import merge_models
-from fedmerge.common.graph import FIXED, derive_spec
-from fedmerge.common.models import ARCHS, ClassEmbeddingHead, build_model, count_parameters
 from test_merge_engine import equivalent_copy, rel_err
 from toy_models import randomize_bn
+
+from fedmerge import merge_models
+from fedmerge.common.engine.graph import FIXED, derive_spec
+from fedmerge.common.task.models import ARCHS, ClassEmbeddingHead, build_model, count_parameters
 
 CIFAR = (3, 32)
 MNIST = (1, 28)
@@ -189,7 +189,7 @@ def test_class_embedding_from_npy_and_bad_shapes(tmp_path):
 
 
 def test_checkpoint_round_trip_with_head(tmp_path):
-    from fedmerge.common.checkpoint import load_checkpoint, save_checkpoint
+    from fedmerge.common.task.checkpoint import load_checkpoint, save_checkpoint
 
     m = build_model("resnet20", width=0.25, num_classes=10, in_channels=1, image_size=28,
                     head=ClassEmbeddingHead.orthonormal(10, 12, seed=2, temperature=0.1)).eval()

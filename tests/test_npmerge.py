@@ -3,12 +3,11 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from toy_models import TinyMLP
 
 from fedmerge import merge_models
-from fedmerge.common.npmerge import np_merge
-from fedmerge.common.probe import as_batches
-
-from toy_models import TinyMLP
+from fedmerge.common.engine.npmerge import np_merge
+from fedmerge.common.wire.probe import as_batches
 
 
 def _data(n, seed):
@@ -64,7 +63,7 @@ def test_np_merge_needs_labels():
 
 def test_np_merge_through_the_flower_strategy(tmp_path):
     from fedmerge.client.app import task_client_app
-    from fedmerge.common.task import FedConfig
+    from fedmerge.common.task.config import FedConfig
     from fedmerge.server.app import run_federation
     from fedmerge.server.inline import InlineGrid
 

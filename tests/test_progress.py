@@ -113,7 +113,7 @@ def test_dropped_hides_only_the_named_line(flwr_lines):
 
 def test_inline_federation_reports_rounds(monkeypatch, flwr_lines, tmp_path):
     """A 2-client inline federation of a tiny MLP reports each phase of the round and each client."""
-    from fedmerge.common.task import FedConfig
+    from fedmerge.common.task.config import FedConfig
     from fedmerge.simulate import simulate
 
     monkeypatch.setenv("FEDMERGE_PROGRESS", "lines")

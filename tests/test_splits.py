@@ -5,8 +5,17 @@ import numpy as np
 import pytest
 import torch
 
-from fedmerge.common.splits import (ALIASES, SPLITS, dirichlet, disjoint, eighty_twenty, iid, make_split, same,
-                                    split_summary)
+from fedmerge.common.task.splits import (
+    ALIASES,
+    SPLITS,
+    dirichlet,
+    disjoint,
+    eighty_twenty,
+    iid,
+    make_split,
+    same,
+    split_summary,
+)
 
 NUM_CLASSES = 10
 BALANCED = np.repeat(np.arange(NUM_CLASSES), 500)              # 5000 images, 500 per class, sorted
@@ -244,8 +253,9 @@ def test_same_split_clients_differ_only_in_seed_init_and_order():
     """Through the federated task: each client's partition is every non-probe training image, and the seeds
     the ClientApp derives from its partition id (client/app.py: init ``seed * 1000 + pid``, data order
     ``seed * 1000 + pid + 7919 * round``) give different initialisations and different first batches."""
-    from fedmerge.common.data import split_probe_pool
-    from fedmerge.common.task import FedConfig, build_global_model, client_partition, train_loader
+    from fedmerge.common.task.config import FedConfig
+    from fedmerge.common.task.data import split_probe_pool
+    from fedmerge.common.task.loaders import build_global_model, client_partition, train_loader
 
     cfg = FedConfig(dataset="cifar10-mini", split="same", num_clients=2, probe_size=500, arch="cnn", width=0.25,
                     batch_size=32, seed=5)
@@ -268,7 +278,8 @@ def test_same_split_clients_differ_only_in_seed_init_and_order():
 
 
 def test_same_split_with_a_training_cap_gives_every_client_the_same_images():
-    from fedmerge.common.task import FedConfig, client_partition
+    from fedmerge.common.task.config import FedConfig
+    from fedmerge.common.task.loaders import client_partition
 
     cfg = FedConfig(dataset="cifar10-mini", split="same", num_clients=3, probe_size=500, max_train=300, seed=2)
     parts = [client_partition(cfg, pid, 3) for pid in range(3)]

@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from fedmerge.client.train import TrainConfig, ensemble_evaluate, evaluate, lr_at, train
-from fedmerge.common.checkpoint import load_checkpoint, save_checkpoint
-from fedmerge.common.data import load_dataset, make_loader, set_seed
-from fedmerge.common.models import ClassEmbeddingHead, build_model
+from fedmerge.client.train import TrainConfig, lr_at, train
+from fedmerge.common.task.checkpoint import load_checkpoint, save_checkpoint
+from fedmerge.common.task.data import load_dataset, make_loader, set_seed
+from fedmerge.common.task.evaluate import ensemble_evaluate, evaluate
+from fedmerge.common.task.models import ClassEmbeddingHead, build_model
 
 
 def test_one_epoch_on_real_data_beats_chance():

@@ -5,15 +5,15 @@ merged model is finite and within the stated norm bound)."""
 import json
 import math
 
+import adversary as adv
 import numpy as np
 import pytest
 import torch
+from adversary import ATTACKER, QUERY_CROSS
 from flwr.app import Array, ArrayRecord
 
-import adversary as adv
-from adversary import ATTACKER, QUERY_CROSS
-from fedmerge.common.records import WireError, decode_array
-from fedmerge.common.stats import Moments
+from fedmerge.common.engine.stats import Moments
+from fedmerge.common.wire.records import WireError, decode_array
 from fedmerge.server.checks import ReplyRejected, norm_outliers, read_int, weight_norm
 
 
@@ -136,7 +136,7 @@ def test_attack_end_to_end_through_the_server_app(tmp_path, name, phase, mutate,
     result.json names the client (by the server's map) and the reason, the merged model is finite and within
     the norm bound."""
     from fedmerge.client.app import task_client_app
-    from fedmerge.common.checkpoint import load_state
+    from fedmerge.common.task.checkpoint import load_state
     from fedmerge.server.app import run_federation
     from fedmerge.server.inline import InlineGrid
 
@@ -162,7 +162,7 @@ def test_every_client_claiming_1e308_examples_fails_the_round_cleanly(kit):
 
 def _scaled_statistics(s: float):
     """Own blocks x s and cross blocks x sqrt(s): every check that compares blocks with each other passes."""
-    from fedmerge.common.stats import CrossMoments
+    from fedmerge.common.engine.stats import CrossMoments
 
     return {(TRAIN, ATTACKER): adv.own_blocks(lambda b: Moments(b.n, b.mean, b.m2 * s)),
             (CROSS, ATTACKER): adv.cross_blocks(lambda b: CrossMoments(b.n, b.mean_a, b.mean_b, b.c * s ** 0.5))}
@@ -194,7 +194,7 @@ def test_without_a_server_probe_a_merge_that_fails_names_the_client_and_merges_t
 def test_a_lying_reference_is_replaced_not_the_honest_clients(kit):
     """Without a server probe, a reference whose own blocks (and self-cross) are x1e-2 makes every other
     client's cross block fail the checks: the reference is blamed and replaced."""
-    from fedmerge.common.stats import CrossMoments
+    from fedmerge.common.engine.stats import CrossMoments
 
     muts = {(TRAIN, 2): adv.own_blocks(lambda b: Moments(b.n, b.mean, b.m2 * 1e-2)),
             (CROSS, 2): adv.cross_blocks(lambda b: CrossMoments(b.n, b.mean_a, b.mean_b, b.c * 1e-2))}
@@ -331,7 +331,7 @@ def test_fault_kind_end_to_end(tmp_path, fault, phase, reason):
     assert [(r["partition"], r["phase"]) for r in rej] == [(2, phase)] and reason in rej[0]["reason"]
     assert saved["clients_merged"] == [0, 1] and saved["rounds_completed"] == 1 and saved["error"] is None
     assert np.isfinite(saved["accuracy"]["merged"])
-    from fedmerge.common.checkpoint import load_state
+    from fedmerge.common.task.checkpoint import load_state
     merged = load_state(tmp_path / "global_model.safetensors")
     assert weight_norm(merged) <= 10 * saved["rounds"][0]["merge_info"]["norm_anchor"]
 
@@ -382,7 +382,7 @@ def test_resume_trusts_nothing(tmp_path, field, value, match):
 
 def test_resume_checks_the_checkpoint_and_restores_identity(tmp_path):
     from fedmerge.client.app import task_client_app
-    from fedmerge.common.checkpoint import save_state
+    from fedmerge.common.task.checkpoint import save_state
     from fedmerge.server.app import run_federation
     from fedmerge.server.inline import InlineGrid
 
@@ -398,7 +398,7 @@ def test_resume_checks_the_checkpoint_and_restores_identity(tmp_path):
     # a checkpoint rewritten with a NaN (and a matching checksum) is refused by name
     st = json.loads((tmp_path / "state.json").read_text())
     ck = tmp_path / "checkpoints" / st["model"]
-    from fedmerge.common.checkpoint import load_state
+    from fedmerge.common.task.checkpoint import load_state
     state = load_state(ck)
     key = next(k for k, v in state.items() if v.is_floating_point())
     state[key] = state[key].clone()
@@ -460,6 +460,7 @@ def test_ray_backend_names_clients_by_the_servers_map(tmp_path):
 
 def test_negative_batchnorm_variance_is_rejected():
     from flwr.app import ArrayRecord
+
     from fedmerge.server.checks import decode_weights
 
     keys = {"bn.running_var": ((3,), torch.float32), "bn.weight": ((3,), torch.float32)}
@@ -477,8 +478,8 @@ def test_negative_batchnorm_variance_is_rejected():
 
 def test_unlabelled_probe_chooses_gamma_and_reference_by_agreement_with_the_ensemble(kit):
     """The README's snippet: an image-only probe with gamma='auto' (it crashed with AttributeError before)."""
-    from fedmerge.common.probe import Batches
-    from fedmerge.common.task import probe_batches
+    from fedmerge.common.task.loaders import probe_batches
+    from fedmerge.common.wire.probe import Batches
 
     fit, held = probe_batches(kit.cfg)
     strip = lambda b: Batches([(x, None) for x, _ in b])  # noqa: E731
@@ -538,8 +539,8 @@ def test_honest_statistics_in_every_wire_dtype_pass_the_bounds(dtype):
     """Wide layers (d = 256), units with very different scales, and the reference's cross block with itself
     (canonical correlations ~1, the hardest case for the bounds): honest statistics pass in every wire dtype,
     the same cross block inflated 3x does not."""
-    from fedmerge.common.compress import block_encoding, decode_cross, decode_moments, encode_cross, encode_moments
-    from fedmerge.common.stats import CrossMoments
+    from fedmerge.common.engine.stats import CrossMoments
+    from fedmerge.common.wire.compress import block_encoding, decode_cross, decode_moments, encode_cross, encode_moments
     from fedmerge.server.checks import check_cross, check_moments, psd_tolerance, transport
 
     g = torch.Generator().manual_seed(0)
@@ -625,7 +626,7 @@ def test_with_two_clients_a_failed_merge_blames_nobody(kit):
 def test_cross_statistics_that_rotate_the_alignment_are_rejected(kit):
     """A cross block with the right scale, means and correlations but another rotation (its columns permuted)
     passes every consistency check; with a server probe it differs from the server's recomputation."""
-    from fedmerge.common.stats import CrossMoments
+    from fedmerge.common.engine.stats import CrossMoments
 
     g = torch.Generator().manual_seed(5)
 

@@ -2,15 +2,15 @@
 crashes the server or stops the honest clients' merge. 500 seeded cases (hypothesis, derandomised)."""
 import logging
 
+import adversary as adv
 import numpy as np
 import pytest
 import torch
+from adversary import ATTACKER, QUERY_CROSS
 from flwr.app import Array, ArrayRecord, ConfigRecord
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-import adversary as adv
-from adversary import ATTACKER, QUERY_CROSS
 from fedmerge.server.checks import weight_norm
 from fedmerge.server.inline import InlineGrid
 

@@ -26,11 +26,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fedmerge.common.engine.align import align_state, fold_batchnorm, unit_batchnorm
+from fedmerge.common.engine.graph import FIXED, MergeSpec, derive_spec
+from fedmerge.common.engine.stats import Moments, Statistics, collect_statistics
+from fedmerge.common.wire.probe import Batches, as_batches
+
 from . import matching
-from .align import align_state, fold_batchnorm, unit_batchnorm
-from .graph import FIXED, MergeSpec, derive_spec
-from .probe import Batches, as_batches
-from .stats import Moments, Statistics, collect_statistics
 
 __all__ = ["merge_models", "collect_statistics", "merge_from_statistics", "reset_bn_stats", "METHODS",
            "MergeInfo", "GAMMA_GRID", "ZIPIT_GRID", "REPAIR_TARGETS", "probe_logits", "probe_score",
@@ -41,7 +42,7 @@ GAMMA_GRID = (1e-3, 1e-2, 0.1, 0.3, 1.0, 3.0)
 #: upstream's search grid (ZipIt! ``hyperparameter_testing.py``: a in {1e-4, .01, .1, .3, .5, 1}, b in {0, .0375,
 #: .075, .125, .25, 1}; our alpha = 0 stands for their 1e-4), so that the tuning costs at most ~3x CCA's six
 #: gammas. It holds upstream's default (0.3, 0.125), a pure cross-model matching (0, 0) and this project's
-#: former fixed setting (0, 1). ``beta`` is upstream's b (see :func:`fedmerge.common.baselines.zipit_group`).
+#: former fixed setting (0, 1). ``beta`` is upstream's b (see :func:`fedmerge.common.engine.baselines.zipit_group`).
 ZIPIT_GRID = (("alpha", (0.0, 0.1, 0.3, 1.0)), ("beta", (0.0, 0.125, 0.25, 1.0)))
 #: What REPAIR gives every merged unit (``repair_target``): ``"average"`` the (merge-weighted) average of the
 #: aligned models' pre-activation mean and variance (REPAIR as Jordan et al. 2023 define it for interpolation;
@@ -215,7 +216,7 @@ def merge_models(models: Sequence[nn.Module], probe: Any, method: str = "cca", r
     gamma: CCA regularisation relative to the unit scale, or ``"auto"`` (chosen on a held-out probe slice).
     probe: inputs (a tensor, an ``(x, y)`` pair, a DataLoader or Batches), split here into a fitting part and a
         held-out part (``held_out``, ``seed``) where something is chosen; or a ``(fit, held_out)`` pair of Batches
-        already split (e.g. ``fedmerge.common.task.probe_batches``, the slices a federation uses).
+        already split (e.g. ``fedmerge.common.task.loaders.probe_batches``, the slices a federation uses).
     Method options go in ``method_kwargs`` (e.g. OT's ``cost``/``reg``, ZipIt!'s ``alpha``/``beta``); ZipIt!'s
     ``alpha`` and ``beta`` left out are chosen on the held-out probe slice over :data:`ZIPIT_GRID`, as gamma is
     (see :func:`selection_candidates`; the choice is in ``MergeInfo.params``).
@@ -226,12 +227,12 @@ def merge_models(models: Sequence[nn.Module], probe: Any, method: str = "cca", r
         model's own, as the paper's App. D. Checked even when ``repair`` is off.
     weights: per-model averaging weights (e.g. client sample counts), normalised.
     np_merge: after alignment, learn per-parameter merge coefficients on the labelled probe (NP Merge;
-        True or a dict of options for :func:`fedmerge.common.npmerge.np_merge`).
+        True or a dict of options for :func:`fedmerge.common.engine.npmerge.np_merge`).
     bn_fold: fold every BatchNorm into the conv/linear that feeds it before aligning (exact for any transform;
         without it BatchNorm vectors are transformed like units, exact only for permutations and rescalings),
         and no BatchNorm reset afterwards (the merged model is the average of the aligned folded models; with
         ``repair`` the folded BatchNorms are set to the REPAIR targets). For nets with BatchNorm.
-    residual_sites: where residual streams are measured (:func:`fedmerge.common.graph.derive_spec`): ``"all"``
+    residual_sites: where residual streams are measured (:func:`fedmerge.common.engine.graph.derive_spec`): ``"all"``
         their states after every block, pooled, or ``"last"`` the stream's end only.
     gamma_clients: CCA with ``gamma="auto"`` only: choose gamma by merging the reference with ``gamma_clients - 1``
         of the other models (evenly spaced in index order, weights renormalised) instead of all of them, then
@@ -367,7 +368,7 @@ def merge_from_statistics(template: nn.Module, states, spec: MergeSpec, stats: S
         """(setting, merged parameters, REPAIR targets) of ``models`` (indices; the reference among them, their
         weights renormalised) for every setting, in order. Models are aligned and averaged one at a time into a
         running sum (never N aligned copies). CCA: model by model, every setting from one decomposition of each
-        covariance (:func:`~fedmerge.common.matching.cca_rows`); other methods: setting by setting, one
+        covariance (:func:`~fedmerge.common.engine.matching.cca_rows`); other methods: setting by setting, one
         alignment at a time."""
         total_w = sum(w[i] for i in models) if len(models) < n else 1.0   # all: the weights as given
         wts = {i: w[i] / total_w for i in models}
@@ -469,8 +470,8 @@ def merge_from_statistics(template: nn.Module, states, spec: MergeSpec, stats: S
             raise ValueError("np_merge and repair are alternatives: choose one")
         if reset_batches is None or eval_batches is None:
             raise ValueError("np_merge needs a probe with a held-out slice (labels) on the server")
-        from .align import aligned_states
-        from .npmerge import np_merge as _np_merge
+        from fedmerge.common.engine.align import aligned_states
+        from fedmerge.common.engine.npmerge import np_merge as _np_merge
 
         t = time.perf_counter()
         alignment = compute_alignment(method, spec, stats, states, reference, **method_kwargs, **used)
@@ -543,7 +544,7 @@ class _Repaired(nn.Module):
 
 def _producers_for_repair(spec: MergeSpec, folded_bn: bool = False) -> list[str]:
     """The layers whose outputs REPAIR restores: conv/linear without a BatchNorm; with ``folded_bn`` also the
-    folded BatchNorms (pure shifts after :func:`~fedmerge.common.align.fold_batchnorm`), whose outputs are
+    folded BatchNorms (pure shifts after :func:`~fedmerge.common.engine.align.fold_batchnorm`), whose outputs are
     their producers' folded outputs."""
     return [l.norm if l.norm is not None else l.name for l in spec.layers.values()
             if l.kind in ("conv", "linear") and l.out[0].group != FIXED and (l.norm is None or folded_bn)]
@@ -591,7 +592,7 @@ def _aligned(state, spec: MergeSpec, row: dict, bn_eps) -> dict:
 
 def _accumulate(total: dict | None, state: dict, weight: float) -> dict:
     """Running weighted sum of the floating-point entries in float64, in model order (the sum
-    :func:`~fedmerge.common.align.average_states` forms, without holding the summands)."""
+    :func:`~fedmerge.common.engine.align.average_states` forms, without holding the summands)."""
     if total is None:
         total = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in state.items() if v.is_floating_point()}
     for k, acc in total.items():

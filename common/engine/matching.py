@@ -2,7 +2,7 @@
 
 An :data:`Alignment` maps each merge group to one ``(T, T_inv)`` pair per model, in float64: ``T`` maps the
 model's units into the shared basis (the reference's, for all-to-one methods: there ``T_ref = I``), ``T_inv``
-maps back. A merged layer is ``W = sum_i w_i T_i,out W_i T_i,in^-1`` (see :mod:`fedmerge.common.align`).
+maps back. A merged layer is ``W = sum_i w_i T_i,out W_i T_i,in^-1`` (see :mod:`fedmerge.common.engine.align`).
 
 CCA Merge (Horoi et al., ICML 2024): with regularised covariances S_AA, S_BB and cross-covariance S_AB,
 SVD of S_AA^-1/2 S_AB S_BB^-1/2 = U diag(rho) V^T gives canonical bases P_A = S_AA^-1/2 U and
@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from .graph import MergeSpec
-from .stats import Statistics
+from fedmerge.common.engine.graph import MergeSpec
+from fedmerge.common.engine.stats import Statistics
 
 Alignment = dict[int, list[tuple[torch.Tensor, torch.Tensor]]]
 DTYPE = torch.float64

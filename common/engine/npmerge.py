@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from .probe import Batches
+from fedmerge.common.wire.probe import Batches
 
 __all__ = ["np_merge"]
 

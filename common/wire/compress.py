@@ -1,6 +1,6 @@
 """Compressed wire format for probe statistics: a transmission dtype and an optional low-rank form.
 
-Statistics are always accumulated in float64 (:mod:`fedmerge.common.stats`); only their transport is
+Statistics are always accumulated in float64 (:mod:`fedmerge.common.engine.stats`); only their transport is
 compressed. Every block is self-describing, so the server needs no configuration to decode an upload, and
 old-style float64 uploads (``moments_to_arrays`` / ``cross_to_arrays``) decode unchanged.
 
@@ -70,8 +70,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .graph import MergeSpec
-from .stats import CrossMoments, GroupCross, GroupMoments, Moments, _check_block
+from fedmerge.common.engine.graph import MergeSpec
+from fedmerge.common.engine.stats import CrossMoments, GroupCross, GroupMoments, Moments, _check_block
 
 __all__ = ["DTYPES", "WHITEN_GAMMA", "check_options", "encode_moments", "decode_moments", "encode_cross",
            "decode_cross", "payload_bytes", "block_encoding"]
@@ -144,7 +144,7 @@ def _np(t) -> np.ndarray:
 def encode_moments(own: GroupMoments, dtype: str = "float64", rank: int = 0, prefix: str = "own"
                    ) -> dict[str, np.ndarray]:
     """Own statistics -> flat dict of arrays (see the module docstring). float64 without a useful rank gives
-    exactly the legacy format of :func:`fedmerge.common.stats.moments_to_arrays`."""
+    exactly the legacy format of :func:`fedmerge.common.engine.stats.moments_to_arrays`."""
     check_options(dtype, rank)
     code = _CODE[dtype]
     out: dict[str, np.ndarray] = {}

@@ -92,6 +92,6 @@ def as_batches(probe, batch_size: int = 256) -> Batches:
 def probe_digest(batches: Batches) -> str:
     """SHA-256 of the probe's inputs (float bytes, in order): the fingerprint the server sends with the train
     config and clients echo with their statistics, so that statistics computed on another probe are refused."""
-    from .records import weights_digest
+    from fedmerge.common.wire.records import weights_digest
 
     return weights_digest({"inputs": torch.cat([x for x, _ in batches.batches])})

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .graph import MergeSpec, derive_spec, trace
-from .probe import Batches, as_batches
+from fedmerge.common.engine.graph import MergeSpec, derive_spec, trace
+from fedmerge.common.wire.probe import Batches, as_batches
 
 DTYPE = torch.float64
 BLOCK = 8192  # samples per float32 product; the products are summed in float64

@@ -46,7 +46,7 @@ def save_checkpoint(model: nn.Module, path, config: dict | None = None) -> tuple
 
 def load_checkpoint(path, device="cpu") -> tuple[nn.Module, dict]:
     """Rebuild the model from the JSON config and load the safetensors weights (strict)."""
-    from .models import build_model
+    from fedmerge.common.task.models import build_model
 
     st, js = _paths(path)
     if not st.exists() or not js.exists():
@@ -62,7 +62,7 @@ def load_checkpoint(path, device="cpu") -> tuple[nn.Module, dict]:
         emb_key = [k for k in state if k.endswith("embeddings")]
         if not emb_key:
             raise ValueError(f"{st}: the config names an embedding head but no embedding buffer is stored")
-        from .models import ClassEmbeddingHead
+        from fedmerge.common.task.models import ClassEmbeddingHead
         head = ClassEmbeddingHead(state[emb_key[0]], temperature=head.get("temperature", 0.05))
     model = build_model(**cfg, head=head)
     model.load_state_dict(state, strict=True)

@@ -3,12 +3,12 @@
 All-to-one CCA Merge aligns every model to one reference, an arbitrary choice. :func:`match_gcca` instead
 maps all N models into one shared basis computed from all pairwise statistics (needs
 ``collect_statistics(..., pairs="all")``), averages there, and maps back to a unit basis in which the ReLU
-is applied. It returns a normal :data:`~fedmerge.common.matching.Alignment`, so the align/average step is
+is applied. It returns a normal :data:`~fedmerge.common.engine.matching.Alignment`, so the align/average step is
 unchanged.
 
 Notation per merge group (d units): S_ii, S_ij the probe (cross-)covariances; R_i = S_ii + gamma tr(S_ii)/d I
 the ridge-regularised covariance (``regularization="trace"``, the same relative ridge as
-:func:`~fedmerge.common.matching.cca_pair`); W_i = R_i^-1/2 (eigh, as ``_sym_powers``); whitened units
+:func:`~fedmerge.common.engine.matching.cca_pair`); W_i = R_i^-1/2 (eigh, as ``_sym_powers``); whitened units
 y_i = W_i x_i; K_ij = W_i S_ij W_j^T.
 
 **MAXVAR** (Kettenring 1971; Carroll 1968). C is the Nd x Nd block matrix with K_ij off the diagonal and
@@ -82,9 +82,9 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from .graph import MergeSpec
-from .matching import DTYPE, Alignment, _dead, _sym_powers, _unit_scales
-from .stats import Statistics
+from fedmerge.common.engine.graph import MergeSpec
+from fedmerge.common.engine.matching import DTYPE, Alignment, _dead, _sym_powers, _unit_scales
+from fedmerge.common.engine.stats import Statistics
 
 __all__ = ["match_gcca", "VARIANTS", "BASES"]
 
@@ -240,7 +240,7 @@ def match_gcca(stats: Statistics, spec: MergeSpec, reference: int = 0, gamma: fl
         correlations, generalised power method from MAXVAR; at most ``max_iter`` steps, relative ``tol``).
     basis: ``"reference"`` (default: the reference model's units, ``T_ref = I``) or ``"mean"`` (reference-free
         consensus of the models' units; ``reference`` is ignored; merges real networks to chance).
-    gamma, regularization: the ridge, as in :func:`~fedmerge.common.matching.cca_pair`.
+    gamma, regularization: the ridge, as in :func:`~fedmerge.common.engine.matching.cca_pair`.
     Needs cross statistics of every pair. Returns per group one float64 ``(T_i, T_i^-1)`` per model.
     """
     n = _check(stats, spec, reference, gamma, variant, basis, regularization)

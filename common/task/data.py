@@ -38,7 +38,7 @@ import torch
 __all__ = ["DATASETS", "ArrayDataset", "DatasetNotFoundError", "load_dataset", "dataset_info", "to_tensor",
            "make_loader", "TensorLoader", "split_probe_pool", "set_seed", "data_roots", "EMBEDDED"]
 
-EMBEDDED = Path(__file__).resolve().parent / "embedded" / "cifar10_mini.npz"
+EMBEDDED = Path(__file__).resolve().parents[1] / "embedded" / "cifar10_mini.npz"
 
 _CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 

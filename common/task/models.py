@@ -1,9 +1,9 @@
 """Model zoo: CIFAR-style VGG / ResNet, a small MLP and CNN, and a fixed class-embedding head.
 
-    from fedmerge.common.models import build_model, ClassEmbeddingHead, count_parameters, ARCHS
+    from fedmerge.common.task.models import build_model, ClassEmbeddingHead, count_parameters, ARCHS
     model = build_model("vgg11", num_classes=10, width=1.0, in_channels=3, image_size=32, head=None)
 
-Every model is written so that :func:`fedmerge.common.graph.derive_spec` can trace it (no in-place ops, no
+Every model is written so that :func:`fedmerge.common.engine.graph.derive_spec` can trace it (no in-place ops, no
 Python control flow on tensor values, ``torch.flatten``/adaptive pooling only), so merging needs no
 hand-written spec. ``width`` scales every hidden width (``max(1, round(c * width))``); inputs and the
 output/head size never scale.
@@ -41,7 +41,7 @@ input basis is fixed, so all parties keep the same label space (class-disjoint s
 
 Each model carries ``model.fedmerge_config`` (a JSON-able dict: arch, num_classes, width, in_channels,
 image_size, head) from which ``build_model(**cfg, head=ClassEmbeddingHead(state["head.embeddings"],
-temperature=...))`` rebuilds it (see :mod:`fedmerge.common.checkpoint`).
+temperature=...))`` rebuilds it (see :mod:`fedmerge.common.task.checkpoint`).
 """
 from __future__ import annotations
 

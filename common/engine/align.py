@@ -12,8 +12,8 @@ from typing import Sequence
 
 import torch
 
-from .graph import FIXED, LayerSpec, MergeSpec, Segment
-from .matching import Alignment
+from fedmerge.common.engine.graph import FIXED, LayerSpec, MergeSpec, Segment
+from fedmerge.common.engine.matching import Alignment
 
 StateDict = dict[str, torch.Tensor]
 

@@ -1,7 +1,7 @@
-"""Baseline matching methods, in the :data:`~fedmerge.common.matching.Alignment` format.
+"""Baseline matching methods, in the :data:`~fedmerge.common.engine.matching.Alignment` format.
 
 Every function here is pure: statistics (or parameter dicts) in, per-group ``(T, T_inv)`` pairs out, in
-float64. A merged layer is ``sum_i w_i T_i,out W_i T_i,in^-1`` (:mod:`fedmerge.common.align`), so an
+float64. A merged layer is ``sum_i w_i T_i,out W_i T_i,in^-1`` (:mod:`fedmerge.common.engine.align`), so an
 all-to-one method gives ``T`` mapping model i's units onto the reference's and ``T_inv`` what the layers
 consuming the group apply on their input side; the reference gets the identity.
 
@@ -13,7 +13,7 @@ consuming the group apply on their input side; the reference gets the identity.
   objective (no BatchNorm running statistics, no conv/linear biases) unless asked otherwise.
 * :func:`match_merge_many` -- MergeMany (Ainsworth et al., ICLR 2023, the many-models algorithm).
 
-The weight-based methods read the layer layout from the :class:`~fedmerge.common.graph.MergeSpec` only
+The weight-based methods read the layer layout from the :class:`~fedmerge.common.engine.graph.MergeSpec` only
 (output segments, input segments with the flatten ``repeat``, BatchNorm vectors, biases), so they work on
 any architecture the spec supports with no per-architecture code.
 """
@@ -27,9 +27,9 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from .graph import FIXED, LayerSpec, MergeSpec
-from .matching import Alignment, _unit_scales, correlation
-from .stats import Statistics
+from fedmerge.common.engine.graph import FIXED, LayerSpec, MergeSpec
+from fedmerge.common.engine.matching import Alignment, _unit_scales, correlation
+from fedmerge.common.engine.stats import Statistics
 
 __all__ = ["match_ot", "match_zipit", "match_weights", "match_merge_many", "ot_cost", "ot_pair", "zipit_group",
            "OT_COSTS"]
@@ -83,7 +83,7 @@ def ot_cost(s_aa: torch.Tensor, s_bb: torch.Tensor, s_ab: torch.Tensor, mean_a: 
     are matched by the values they take, scale and offset included.
 
     ``"correlation"``: the same distance between standardised, centred activations, ``2 - 2 corr(a_j, b_k)``
-    (correlations as :func:`fedmerge.common.matching.correlation` computes them for Permute). Minimising its
+    (correlations as :func:`fedmerge.common.engine.matching.correlation` computes them for Permute). Minimising its
     sum over a permutation maximises the summed correlation, so exact EMD then solves Permute's assignment.
     """
     if cost == "euclidean":
@@ -247,7 +247,7 @@ def zipit_group(corr: np.ndarray, n: int, d: int, alpha: float = 0.3, beta: floa
     unconstrained average-linkage agglomeration. Upstream's ``a`` plays the same role (0 forbids re-merging,
     1 does not penalise it) but multiplies a cluster's similarities by ``a`` at each merge, under
     minimum linkage. The defaults are upstream's (a = 0.3, b = 0.125); ``merge_models`` chooses both on the
-    held-out probe slice (``fedmerge.common.merge.ZIPIT_GRID``). With
+    held-out probe slice (``fedmerge.common.engine.merge.ZIPIT_GRID``). With
     ``alpha = 0`` and n > 2, merges after which the clusters could no longer be packed exactly into d merged
     features of n members are skipped (a best-fit-decreasing test, exact for n <= 3). If the constraints
     leave no admissible merge before d clusters remain (never for n = 2; rare otherwise, e.g. same-model
