@@ -38,19 +38,16 @@ from fedmerge.common.wire.probe import as_batches
 from fedmerge.common.wire.records import arrays_to_record
 
 from .common import (
-    Setup,
     add_checkpoints_arg,
     add_split_arg,
     base_parser,
-    checkpoint_tag,
     command_line,
     data_note,
     environment,
     md_table,
     pct,
     resolve,
-    shared_checkpoints,
-    train_clients,
+    reuse_clients,
     training_record,
     write_results,
 )
@@ -109,12 +106,7 @@ def main(argv=None):
     if set(dtypes + lr_dtypes) - set(DTYPES) or set(bases) - {"whitened", "svd"}:
         p.error(f"dtypes must be among {DTYPES}, bases among whitened, svd")
     sc = resolve(args, "compression")
-    setup = Setup(args, sc, args.split, 2)  # as benchmarks.two_models, so the checkpoints match
-    print(f"data: {setup.describe()}", flush=True)
-    ckpt = shared_checkpoints(args, sc, "two_models")
-    tag = checkpoint_tag(args, sc, args.split)  # benchmarks.two_models' tag
-    cached = all(Path(f"{ckpt / tag}_client{i}.json").exists() for i in range(2))
-    models = train_clients(args, sc, setup, 2, tag, ckpt_dir=ckpt)
+    setup, models, ckpt, _, cached = reuse_clients(args, sc, "two_models")
     bases_acc = [pct(m, setup.test_loader, args.device) for m in models]
 
     probe = as_batches(setup.probe_loader)

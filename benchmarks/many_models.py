@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import time
 
-from fedmerge.common.engine.merge import METHODS, has_batchnorm
+from fedmerge.common.engine.merge import has_batchnorm
 
 from .common import (
     MergeCache,
@@ -43,6 +43,7 @@ from .common import (
     fmt_mean_std,
     md_table,
     mean_std,
+    method_list,
     pct,
     replicate_args,
     replicates_record,
@@ -108,10 +109,7 @@ def main(argv=None):
         p.error("--clients must be at least 2")
     if args.replicates < 1:
         p.error("--sets must be at least 1")
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        p.error(f"unknown method(s) {unknown}; available: {', '.join(sorted(METHODS))}")
+    methods = method_list(args.methods, p)
     sc = resolve(args, "many_models")
     reps = replicate_args(args)
     runs = [run_set(a, sc, methods) for a in reps]

@@ -25,18 +25,15 @@ from fedmerge.common.task.evaluate import ensemble_evaluate
 from fedmerge.common.wire.probe import as_batches
 
 from .common import (
-    Setup,
     add_checkpoints_arg,
     add_split_arg,
     base_parser,
-    checkpoint_tag,
     environment,
     first_models,
     md_table,
     pct,
     resolve,
-    shared_checkpoints,
-    train_clients,
+    reuse_clients,
     training_record,
     write_results,
 )
@@ -57,11 +54,7 @@ def main(argv=None):
     if args.clients < 2:
         raise SystemExit("--clients must be >= 2")
     sc = resolve(args, "reference_free")
-    ckpt = shared_checkpoints(args, sc, "many_models")
-    setup = Setup(args, sc, args.split, args.clients)
-    print(f"data: {setup.describe()}", flush=True)
-    tag = checkpoint_tag(args, sc, args.split, args.clients)  # as benchmarks.many_models names its checkpoints
-    models = train_clients(args, sc, setup, args.clients, tag, ckpt_dir=ckpt)
+    setup, models, ckpt, tag, _ = reuse_clients(args, sc, "many_models", args.clients)
     bases = [pct(m, setup.test_loader, args.device) for m in models]
     fit, held = as_batches(setup.probe_loader).split(args.held_out, args.seed)
     spec = derive_spec(models[0], fit.example())

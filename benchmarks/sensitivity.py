@@ -26,7 +26,6 @@ under ``<out>/checkpoints`` so they never mix with the real ones.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 import torch.nn.functional as F
@@ -39,21 +38,18 @@ from fedmerge.common.task.evaluate import predict_logits
 from fedmerge.common.wire.probe import as_batches
 
 from .common import (
-    Setup,
     acc_pct,
     add_checkpoints_arg,
     add_split_arg,
     base_parser,
-    checkpoint_tag,
     command_line,
     data_note,
     environment,
     md_table,
     pct,
     resolve,
-    shared_checkpoints,
+    reuse_clients,
     test_logits,
-    train_clients,
     training_record,
     write_results,
 )
@@ -89,12 +85,7 @@ def main(argv=None):
     if any(g < 0 for g in gammas) or any(k < 10 for k in sizes):
         p.error("gammas must be >= 0 and probe sizes >= 10")
     sc = resolve(args, "sensitivity")
-    setup = Setup(args, sc, args.split, 2)  # as benchmarks.two_models, so the checkpoints match
-    print(f"data: {setup.describe()}", flush=True)
-    ckpt = shared_checkpoints(args, sc, "two_models")
-    tag = checkpoint_tag(args, sc, args.split)  # benchmarks.two_models' tag
-    cached = all(Path(f"{ckpt / tag}_client{i}.json").exists() for i in range(2))
-    models = train_clients(args, sc, setup, 2, tag, ckpt_dir=ckpt)
+    setup, models, ckpt, _, cached = reuse_clients(args, sc, "two_models")
     logits, y = test_logits(models, setup.test_loader, args.device)
     bases = [acc_pct(lg, y) for lg in logits]
     ens = acc_pct(sum(logits) / 2, y)

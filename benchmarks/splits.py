@@ -34,7 +34,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fedmerge.common.engine.merge import METHODS, has_batchnorm
+from fedmerge.common.engine.merge import has_batchnorm
 from fedmerge.common.task.models import ClassEmbeddingHead
 from fedmerge.common.task.splits import split_summary
 
@@ -52,6 +52,7 @@ from .common import (
     fmt_mean_std,
     md_table,
     mean_std,
+    method_list,
     pct,
     replicate_args,
     replicates_record,
@@ -154,10 +155,7 @@ def main(argv=None):
     bad = [s for s in splits if s not in SPLITS]
     if bad:
         p.error(f"unknown split(s) {bad}; choose from {', '.join(SPLITS)}")
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        p.error(f"unknown method(s) {unknown}; available: {', '.join(sorted(METHODS))}")
+    methods = method_list(args.methods, p)
     if args.replicates < 1:
         p.error("--sets must be at least 1")
     sc = resolve(args, "splits")
