@@ -52,7 +52,7 @@ from pathlib import Path
 
 import torch
 
-from .common import data_note, forward_pass, method_list, sync
+from .common import comma_list, data_note, forward_pass, method_list, sync
 from .cost_bytes import round_bytes, upload_bytes
 from .cost_memory import memory_child, memory_in_child, memory_measurements
 from .cost_probe import batches_of, load_probe, make_model
@@ -132,9 +132,9 @@ def parse(argv):
     p.add_argument("--_memory-child", dest="memory_child", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     sc = SCALES[a.scale]
-    a.archs = [s for s in a.archs.split(",") if s]
-    a.widths = [float(w) for w in a.widths.split(",")] if a.widths else list(sc["widths"])
-    a.ns = [int(n) for n in a.ns.split(",")]
+    a.archs = comma_list(a.archs)
+    a.widths = comma_list(a.widths, float) if a.widths else list(sc["widths"])
+    a.ns = comma_list(a.ns, int)
     if min(a.ns) < 2:
         p.error("--ns: numbers of models must be >= 2")
     a.methods = method_list(a.methods, p)

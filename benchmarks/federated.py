@@ -38,7 +38,7 @@ import torch
 from fedmerge.common.task.config import FedConfig
 from fedmerge.server.inline import InlineGrid
 
-from .common import SCALES, data_note, method_list
+from .common import SCALES, comma_list, data_note, method_list
 from .plots import line_plot
 
 ARMS = {  # name -> (method, common_init, label)
@@ -385,7 +385,7 @@ def parse(argv):
               "batch_size", "lr", "arms"):
         if getattr(a, k) is None:
             setattr(a, k, d[k])
-    a.arms = [s for s in a.arms.split(",") if s]
+    a.arms = comma_list(a.arms)
     bad = [s for s in a.arms if s not in ARMS]
     if bad:
         p.error(f"unknown arms {bad}; choose from {', '.join(ARMS)}")
@@ -444,7 +444,7 @@ def main(argv=None):
         if name == "cca":
             if args.equality_rounds != "none":
                 rounds = (sorted(grid.rounds) if args.equality_rounds == "all"
-                          else [int(r) for r in args.equality_rounds.split(",") if r])
+                          else comma_list(args.equality_rounds, int))
                 equality = equality_checks(result, grid, cfg, rounds, test, log)
             methods = method_list(args.one_shot)
             if methods:

@@ -77,7 +77,8 @@ def run_set(args, sc, methods) -> dict:
     cache = MergeCache(models, setup.probe_loader, device=args.device)
     raw, ensembles, mean_bases = [], [], []
     for n in range(2, args.clients + 1):
-        ensembles.append(acc_pct(sum(logits[:n]) / n, y))  # the logit ensemble (as common.task.evaluate.ensemble_evaluate)
+        # the logit ensemble (as common.task.evaluate.ensemble_evaluate)
+        ensembles.append(acc_pct(sum(logits[:n]) / n, y))
         mean_bases.append(sum(bases[:n]) / n)
         for method in methods:
             for use_post in (False, True):
@@ -133,7 +134,8 @@ def main(argv=None):
     stats_s = [r["statistics_s"] for r in runs]
     header = (f"# Many models — {args.arch} x{sc['width']} on {first['dataset']}, {args.split} split over "
               f"{args.clients} clients, {sc['epochs']} epochs (lr {sc['lr']:g}, batch {sc['batch_size']}), probe "
-              f"{sc['probe_size']}, gamma auto, reference client 0; n = {nrep} set{'s' if nrep > 1 else ''} of clients, "
+              f"{sc['probe_size']}, gamma auto, reference client 0; "
+              f"n = {nrep} set{'s' if nrep > 1 else ''} of clients, "
               f"seeds {', '.join(str(a.seed) for a in reps)} (client i of the set at seed s: seed "
               f"1000 s + i)\n\n"
               f"Data: {first['data_note']}; {first['train_images']} train / {first['test_images']} test images; "

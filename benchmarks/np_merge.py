@@ -3,10 +3,10 @@
     python -m benchmarks.np_merge --scale cpu --data-root ../shared/data --epochs 16   # reuse two_models' pair
 
 The two client models of ``benchmarks.two_models`` (same ``--split``, default ``same``; same tag and checkpoint
-folder, trained when missing). For each alignment (``--methods``, default permute and CCA; gamma auto) the plain weighted average
-and NP Merge (coefficients learned with Adam on the fitting 80% of the labelled probe, early stopping on the
-held-out 20%, the slice that also chooses gamma), each evaluated on the test set. REPAIR rows (nets without
-BatchNorm) are given for comparison: REPAIR and NP Merge are alternatives in ``merge_models``.
+folder, trained when missing). For each alignment (``--methods``, default permute and CCA; gamma auto) the plain
+weighted average and NP Merge (coefficients learned with Adam on the fitting 80% of the labelled probe, early
+stopping on the held-out 20%, the slice that also chooses gamma), each evaluated on the test set. REPAIR rows
+(nets without BatchNorm) are given for comparison: REPAIR and NP Merge are alternatives in ``merge_models``.
 """
 from __future__ import annotations
 

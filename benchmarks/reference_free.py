@@ -28,6 +28,7 @@ from .common import (
     add_checkpoints_arg,
     add_split_arg,
     base_parser,
+    comma_list,
     environment,
     first_models,
     md_table,
@@ -48,7 +49,7 @@ def main(argv=None):
     p.add_argument("--sumcor", action="store_true", help="also gcca variant='sumcor' (basis mean)")
     p.add_argument("--held-out", type=float, default=0.2, help="probe fraction held out to choose gamma")
     args = p.parse_args(argv)
-    posts = [s.strip() for s in args.post.split(",") if s.strip()]
+    posts = comma_list(args.post)
     if not posts or any(s not in ("none", "post") for s in posts):
         raise SystemExit(f"--post must be a comma list of none, post; got {args.post!r}")
     if args.clients < 2:

@@ -42,6 +42,7 @@ from .common import (
     add_checkpoints_arg,
     add_split_arg,
     base_parser,
+    comma_list,
     command_line,
     data_note,
     environment,
@@ -59,10 +60,6 @@ GAMMAS = (1e-4, 1e-3, 1e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
 PROBE_SIZES = (100, 300, 1000, 3000, 10000)
 
 
-def _floats(text: str) -> list[float]:
-    return [float(v) for v in text.split(",") if v.strip()]
-
-
 def held_score(model, held, device=None) -> tuple[float, float]:
     """(accuracy %, cross-entropy) on the held-out probe slice: the criterion of gamma='auto'."""
     logits, y = predict_logits(model, held, device)
@@ -77,11 +74,11 @@ def main(argv=None):
     p.add_argument("--probe-sizes", default=",".join(str(k) for k in PROBE_SIZES), help="probe sizes of part (b)")
     p.add_argument("--parts", default="gamma,probe", help="which parts to run: gamma, probe or both")
     args = p.parse_args(argv)
-    parts = {s.strip() for s in args.parts.split(",") if s.strip()}
+    parts = set(comma_list(args.parts))
     if not parts or parts - {"gamma", "probe"}:
         p.error("--parts takes gamma, probe or gamma,probe")
-    gammas = sorted(_floats(args.gammas))
-    sizes = sorted(int(v) for v in _floats(args.probe_sizes))
+    gammas = sorted(comma_list(args.gammas, float))
+    sizes = sorted(int(v) for v in comma_list(args.probe_sizes, float))
     if any(g < 0 for g in gammas) or any(k < 10 for k in sizes):
         p.error("gammas must be >= 0 and probe sizes >= 10")
     sc = resolve(args, "sensitivity")

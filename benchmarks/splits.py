@@ -46,6 +46,7 @@ from .common import (
     apply_arch_defaults,
     base_parser,
     checkpoint_tag,
+    comma_list,
     command_line,
     data_note,
     environment,
@@ -151,7 +152,7 @@ def main(argv=None):
     add_replicates_arg(p, "--sets", "sets of clients per split")
     args = p.parse_args(argv)
     apply_arch_defaults(args, ARCH_DEFAULTS)
-    splits = [s.strip() for s in args.splits.split(",") if s.strip()]
+    splits = comma_list(args.splits)
     bad = [s for s in splits if s not in SPLITS]
     if bad:
         p.error(f"unknown split(s) {bad}; choose from {', '.join(SPLITS)}")

@@ -319,8 +319,9 @@ def test_forward_time_runs_models_where_they_are():
 def test_residual_sites_benchmark(tmp_path):
     from benchmarks import residual_sites
 
-    residual_sites.main(["--dataset", "cifar10-mini", "--arch", "resnet20", "--width", "0.125", "--epochs", "1", "--max-train", "400",
-                         "--max-test", "200", "--probe-size", "100", "--pairs", "2", "--out", str(tmp_path)])
+    residual_sites.main(["--dataset", "cifar10-mini", "--arch", "resnet20", "--width", "0.125", "--epochs", "1",
+                         "--max-train", "400", "--max-test", "200", "--probe-size", "100", "--pairs", "2",
+                         "--out", str(tmp_path)])
     payload = json.loads((tmp_path / "residual_sites.json").read_text())
     assert payload["replicates"]["n"] == 2 and len(payload["runs"]) == 2
     assert {(r["sites"], r["method"], r["post"]) for r in payload["rows"]} == {
