@@ -15,6 +15,7 @@ from benchmarks import many_models, sensitivity, splits, two_models
 from benchmarks.common import (
     MergeCache,
     apply_arch_defaults,
+    comma_list,
     fmt_mean_std,
     mean_std,
     method_list,
@@ -91,6 +92,7 @@ def test_arch_defaults_fill_only_unset_values():
 def test_method_list_takes_names_from_the_merge_registry():
     from fedmerge.common.engine.merge import METHODS
 
+    assert comma_list(" a, b,,c ") == ["a", "b", "c"] and comma_list("2, 4", int) == [2, 4]
     assert method_list(" avg, cca,,permute ") == ["avg", "cca", "permute"]
     assert method_list(",".join(METHODS)) == list(METHODS) and method_list("") == []
     with pytest.raises(ValueError, match="unknown method"):
