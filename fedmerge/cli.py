@@ -3,14 +3,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import fields
+from dataclasses import Field, fields
 from pathlib import Path
 
 __all__ = ["main", "add_config_args", "config_from_args", "config_to_args"]
 
 
-#: options of the commands beside the FedConfig fields (they choose how a run is executed, not what it computes)
-RUN_OPTIONS = ("backend", "verbose")
 _TYPES = {"int": int, "float": float, "str": str}
 
 
@@ -24,16 +22,16 @@ def add_config_args(p: argparse.ArgumentParser, defaults: dict | None = None) ->
     for f in fields(FedConfig):
         m = f.metadata
         default = defaults.get(f.name, f.default)
+        flag = option_flag(f)
         kw = {"dest": f.name, "help": m.get("help") or None}
-        if m.get("repeat"):
-            kw.update(action="append", default=[v for v in str(default).split(",") if v], metavar=m.get("metavar"))
-        elif f.type == "bool":
+        if f.type == "bool":
             kw.update(action=argparse.BooleanOptionalAction, default=default)
         else:
-            kw.update(type=_TYPES[f.type], default=default, choices=m.get("choices"), metavar=m.get("metavar"))
-        flag = m.get("flag") or option_name(f.name)
-        if kw.get("metavar") is None and f.type != "bool":
-            kw["metavar"] = flag[2:].upper().replace("-", "_")
+            kw["metavar"] = m.get("metavar") or flag[2:].upper().replace("-", "_")
+            if m.get("repeat"):
+                kw.update(action="append", default=[v for v in str(default).split(",") if v])
+            else:
+                kw.update(type=_TYPES[f.type], default=default, choices=m.get("choices"))
         p.add_argument(flag, **kw)
     p.add_argument("--backend", default=defaults.get("backend", "ray"), choices=["ray", "inline"])
     p.add_argument("--verbose", action="store_true",
@@ -41,9 +39,9 @@ def add_config_args(p: argparse.ArgumentParser, defaults: dict | None = None) ->
                         "auto|bar|lines|off chooses how training progress is shown")
 
 
-def option_name(field_name: str) -> str:
-    """``--batch-size`` for ``batch_size``: the option of a field without its own ``flag``."""
-    return "--" + field_name.replace("_", "-")
+def option_flag(f: Field) -> str:
+    """A FedConfig field's option: its ``flag`` metadata, else its dashed name (``--batch-size``)."""
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 
 
 def config_from_args(a: argparse.Namespace):
@@ -61,7 +59,7 @@ def config_to_args(cfg) -> list[str]:
     """The command-line options that give ``cfg`` back through :func:`config_from_args` (every field)."""
     argv = []
     for f in fields(cfg):
-        flag, v = f.metadata.get("flag") or option_name(f.name), getattr(cfg, f.name)
+        flag, v = option_flag(f), getattr(cfg, f.name)
         if f.metadata.get("repeat"):
             argv += [a for item in str(v).split(",") if item for a in (flag, item)]
         elif f.type == "bool":
