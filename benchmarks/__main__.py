@@ -9,8 +9,8 @@ Models are trained once and shared: the sensitivity, compression and NP Merge st
 reference-free study the many-models clients (checkpoints are cached under each experiment's folder, so a
 second run only merges). ``--replicates N`` runs the headline experiments (two_models, many_models, splits)
 on N independent pairs / client sets (``--pairs`` / ``--sets``: mean ± std per row); the default is 1, because
-N = 3 does not fit the suite's hour at CPU scale (see SUITE_CPU). Writes ``suite.json`` with each experiment's wall time and exit status; a failing
-experiment is reported and the others still run.
+N = 3 does not fit the suite's hour at CPU scale (see SUITE_CPU). Writes ``suite.json`` with each experiment's
+wall time and exit status; a failing experiment is reported and the others still run.
 """
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from fedmerge.common.engine.merge import merge_models
 from fedmerge.common.task.data import load_dataset, to_tensor
 
-from .common import command_line, environment, fmt_mean_std, md_table, mean_std, write_results
+from .common import comma_list, command_line, environment, fmt_mean_std, md_table, mean_std, write_results
 
 SPLITS = ("iid", "skew")
 
@@ -92,7 +92,7 @@ def main(argv=None):
     p.add_argument("--data-root", default=None)
     p.add_argument("--out", default="results/cpu/bn_fold")
     args = p.parse_args(argv)
-    splits = [s for s in args.splits.split(",") if s]
+    splits = comma_list(args.splits)
     bad = [s for s in splits if s not in SPLITS]
     if bad or args.seeds < 1:
         p.error(f"--splits must be a comma list of {', '.join(SPLITS)} (got {bad}) and --seeds >= 1")
@@ -110,7 +110,8 @@ def main(argv=None):
         for key in mine[0]["merges"]:
             rows.append([s, key, fmt_mean_std(mean_std([r["merges"][key]["accuracy"] for r in mine]))])
     md = (f"# BatchNorm folded before aligning vs transformed like units — small BN CNN, Fashion-MNIST, 3 clients, "
-          f"{args.steps} steps, n = {args.seeds} seeds\n\n`{command_line('bn_fold', sys.argv[1:] if argv is None else argv)}`"
+          f"{args.steps} steps, n = {args.seeds} seeds\n\n"
+          f"`{command_line('bn_fold', sys.argv[1:] if argv is None else argv)}`"
           "\n\n" + md_table(["split", "model / merge", "test acc %"], rows) + "\n")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

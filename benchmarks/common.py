@@ -7,6 +7,7 @@ import os
 import platform
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -316,8 +317,9 @@ class MergeCache:
     The probe is split into a fitting and a held-out part exactly as :func:`merge_models` splits it (only when
     something is chosen on it: gamma with ``gamma="auto"``, ZipIt!'s alpha and beta); the statistics of all N
     models on the part a merge uses are collected the first time they are needed (reference pairs (0, i), or
-    all pairs for ZipIt!), and those of the first n models are a prefix of them (per-model and per-pair blocks do not depend on the other models). So the result
-    is the one ``merge_models`` gives, without recollecting statistics for every (n, method, post-processing).
+    all pairs for ZipIt!), and those of the first n models are a prefix of them (per-model and per-pair blocks
+    do not depend on the other models). So the result is the one ``merge_models`` gives, without recollecting
+    statistics for every (n, method, post-processing).
     Methods outside :data:`CACHEABLE_METHODS`, or a probe without labels, go through ``merge_models``.
     """
 
@@ -412,3 +414,44 @@ def shared_checkpoints(args, sc: dict, source: str) -> Path:
     if args.max_train or args.max_test or canonical_name(args.dataset) != "cifar10":
         return sc["out"] / "checkpoints"
     return Path("results") / args.scale / source / "checkpoints"
+
+
+class ReusedClients(NamedTuple):
+    setup: Setup
+    models: list
+    checkpoints: Path
+    tag: str
+    cached: bool   # every client's checkpoint was there before this run
+
+
+def reuse_clients(args, sc: dict, source: str, num_clients: int = 2) -> ReusedClients:
+    """The client models of the experiment ``source`` that a study reuses: its data set-up and checkpoint tag
+    (``two_models``: 2 clients, no count in the tag; ``many_models``: ``num_clients``, counted), loaded from
+    :func:`shared_checkpoints` or trained into it as ``source`` would."""
+    setup = Setup(args, sc, args.split, num_clients)  # as the source experiment, so the checkpoints match
+    print(f"data: {setup.describe()}", flush=True)
+    ckpt = shared_checkpoints(args, sc, source)
+    tag = checkpoint_tag(args, sc, args.split, None if source == "two_models" else num_clients)
+    cached = all(Path(f"{ckpt / tag}_client{i}.json").exists() for i in range(num_clients))
+    return ReusedClients(setup, train_clients(args, sc, setup, num_clients, tag, ckpt_dir=ckpt), ckpt, tag, cached)
+
+
+def comma_list(text: str, cast=str) -> list:
+    """``"a, b,,c"`` -> ``["a", "b", "c"]``: the non-empty items of a comma-separated option, each through
+    ``cast`` (``int``, ``float``, ...)."""
+    return [cast(v.strip()) for v in str(text).split(",") if v.strip()]
+
+
+def method_list(text: str, p: argparse.ArgumentParser | None = None) -> list[str]:
+    """``"avg, cca"`` -> ``["avg", "cca"]``: names of the merge registry (``fedmerge.common.engine.merge.METHODS``);
+    an unknown one is a usage error of ``p`` (else a ValueError)."""
+    from fedmerge.common.engine.merge import METHODS
+
+    methods = comma_list(text)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        msg = f"unknown method(s) {unknown}; available: {', '.join(sorted(METHODS))}"
+        if p is not None:
+            p.error(msg)
+        raise ValueError(msg)
+    return methods

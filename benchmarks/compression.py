@@ -1,7 +1,8 @@
 """Compressed statistics (issue 8): bytes each client uploads vs CCA Merge accuracy, per encoding.
 
     python -m benchmarks.compression --scale cpu --data-root ../shared/data --epochs 16   # reuse two_models' pair
-    python -m benchmarks.compression --max-train 600 --max-test 500 --epochs 1 --probe-size 300 --out results/smoke/compression
+    python -m benchmarks.compression --max-train 600 --max-test 500 --epochs 1 --probe-size 300 \
+        --out results/smoke/compression
 
 The two client models are those of ``benchmarks.two_models`` (same ``--split``, default ``same``, seeds and
 checkpoint tag,
@@ -38,33 +39,23 @@ from fedmerge.common.wire.probe import as_batches
 from fedmerge.common.wire.records import arrays_to_record
 
 from .common import (
-    Setup,
     add_checkpoints_arg,
     add_split_arg,
     base_parser,
-    checkpoint_tag,
+    comma_list,
     command_line,
     data_note,
     environment,
     md_table,
     pct,
     resolve,
-    shared_checkpoints,
-    train_clients,
+    reuse_clients,
     training_record,
     write_results,
 )
 
 GOAL_UPLOAD = 1.5   # x model size per client and round, weights included
 GOAL_LOSS = 0.5     # accuracy points
-
-
-def _ints(s: str) -> list[int]:
-    return [int(v) for v in s.split(",") if v.strip()]
-
-
-def _names(s: str) -> list[str]:
-    return [v.strip() for v in s.split(",") if v.strip()]
 
 
 def _rel_fro(blocks, exact, attr: str) -> float:
@@ -104,17 +95,12 @@ def main(argv=None):
     p.add_argument("--repair", action="store_true", help="REPAIR after each merge (nets without BatchNorm)")
     p.add_argument("--held-out", type=float, default=0.2, help="probe fraction held out to choose gamma")
     args = p.parse_args(argv)
-    dtypes, ranks, bases, lr_dtypes = (_names(args.dtypes), [r for r in _ints(args.ranks) if r > 0],
-                                       _names(args.bases), _names(args.low_rank_dtypes))
+    dtypes, ranks, bases, lr_dtypes = (comma_list(args.dtypes), [r for r in comma_list(args.ranks, int) if r > 0],
+                                       comma_list(args.bases), comma_list(args.low_rank_dtypes))
     if set(dtypes + lr_dtypes) - set(DTYPES) or set(bases) - {"whitened", "svd"}:
         p.error(f"dtypes must be among {DTYPES}, bases among whitened, svd")
     sc = resolve(args, "compression")
-    setup = Setup(args, sc, args.split, 2)  # as benchmarks.two_models, so the checkpoints match
-    print(f"data: {setup.describe()}", flush=True)
-    ckpt = shared_checkpoints(args, sc, "two_models")
-    tag = checkpoint_tag(args, sc, args.split)  # benchmarks.two_models' tag
-    cached = all(Path(f"{ckpt / tag}_client{i}.json").exists() for i in range(2))
-    models = train_clients(args, sc, setup, 2, tag, ckpt_dir=ckpt)
+    setup, models, ckpt, _, cached = reuse_clients(args, sc, "two_models")
     bases_acc = [pct(m, setup.test_loader, args.device) for m in models]
 
     probe = as_batches(setup.probe_loader)

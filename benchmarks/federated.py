@@ -38,7 +38,8 @@ import torch
 from fedmerge.common.task.config import FedConfig
 from fedmerge.server.inline import InlineGrid
 
-from .common import SCALES, data_note
+from .common import SCALES, comma_list, data_note, method_list
+from .plots import line_plot
 
 ARMS = {  # name -> (method, common_init, label)
     "cca": ("cca", False, "CCA Merge, own inits"),
@@ -262,7 +263,8 @@ def build_markdown(payload: dict) -> str:
 
     c = payload["config"]
     d = payload["data"]
-    lines = [f"# Federated CCA Merge: equality with the offline merge, and multi-round vs FedAvg ({c['scale']} scale)\n",
+    lines = [f"# Federated CCA Merge: equality with the offline merge, and multi-round vs FedAvg "
+             f"({c['scale']} scale)\n",
              f"Data: {payload['data_note']}; {d['train_images']} train / {d['test_images_used']} test images used; "
              f"{c['clients']} clients, split {c['split']} (alpha {c['alpha']:g}), at most "
              f"{c['max_train'] or 'all'} training images per client (sizes in round 1: {d['client_sizes']}); "
@@ -324,32 +326,26 @@ def build_markdown(payload: dict) -> str:
 
 
 def plot(payload: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for i, (a, arm) in enumerate(payload["arms"].items()):
-        rr = [r for r in arm["rounds"] if r["global_accuracy"] is not None]
-        ax.plot([r["round"] for r in rr], [100 * r["global_accuracy"] for r in rr], "o-", color=f"C{i}",
-                label=f"{ARMS[a][2]}: merged")
-        rc = [r for r in arm["rounds"] if r["clients_mean_accuracy"] is not None]
-        ax.plot([r["round"] for r in rc], [100 * r["clients_mean_accuracy"] for r in rc], ":", color=f"C{i}",
-                alpha=0.7, label=f"{ARMS[a][2]}: clients before merge")
-    eq = payload.get("equality") or []
-    if eq:
-        ax.plot([e["round"] for e in eq], [100 * e["offline_accuracy"] for e in eq], "kx", ms=9,
-                label="offline merge_models (same inputs)")
-    ax.set_xlabel("communication round")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_xticks(range(1, payload["config"]["rounds"] + 1))
+    """Accuracy per round of every arm: the merged model and the clients before the merge, with the offline
+    merges of the equality check as crosses."""
     c = payload["config"]
-    ax.set_title(f"{c['arch']} x{c['width']:g}, {c['clients']} clients, {c['split']}({c['alpha']:g})", fontsize=10)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    rounds = list(range(1, c["rounds"] + 1))
+    series, styles = {}, {}
+    for i, (a, arm) in enumerate(payload["arms"].items()):
+        for key, what, style in (("global_accuracy", "merged", {"marker": "o", "linestyle": "-"}),
+                                 ("clients_mean_accuracy", "clients before merge",
+                                  {"marker": None, "linestyle": ":", "alpha": 0.7})):
+            acc = {r["round"]: r[key] for r in arm["rounds"] if r[key] is not None}
+            name = f"{ARMS[a][2]}: {what}"
+            series[name] = [100 * acc[r] if r in acc else None for r in rounds]
+            styles[name] = {"color": f"C{i}", **style}
+    eq = {e["round"]: e["offline_accuracy"] for e in payload.get("equality") or []}
+    if eq:
+        name = "offline merge_models (same inputs)"
+        series[name] = [100 * eq[r] if r in eq else None for r in rounds]
+        styles[name] = {"color": "k", "marker": "x", "markersize": 9, "linestyle": "none"}
+    line_plot(path, rounds, series, styles=styles, xticks=rounds, xlabel="communication round",
+              title=f"{c['arch']} x{c['width']:g}, {c['clients']} clients, {c['split']}({c['alpha']:g})")
 
 
 # --- main -----------------------------------------------------------------------------------------------------------
@@ -389,7 +385,7 @@ def parse(argv):
               "batch_size", "lr", "arms"):
         if getattr(a, k) is None:
             setattr(a, k, d[k])
-    a.arms = [s for s in a.arms.split(",") if s]
+    a.arms = comma_list(a.arms)
     bad = [s for s in a.arms if s not in ARMS]
     if bad:
         p.error(f"unknown arms {bad}; choose from {', '.join(ARMS)}")
@@ -443,13 +439,14 @@ def main(argv=None):
         result, grid, cfg = run_arm(name, base, args, out, log)
         arms[name] = {"method": ARMS[name][0], "common_init": ARMS[name][1], "label": ARMS[name][2],
                       "wall_seconds": result["wall_seconds"], "rounds": round_rows(name, result, grid),
-                      "final_ensemble": result["accuracy"]["ensemble"], "result_json": str(Path(cfg.out) / "result.json")}
+                      "final_ensemble": result["accuracy"]["ensemble"],
+                      "result_json": str(Path(cfg.out) / "result.json")}
         if name == "cca":
             if args.equality_rounds != "none":
                 rounds = (sorted(grid.rounds) if args.equality_rounds == "all"
-                          else [int(r) for r in args.equality_rounds.split(",") if r])
+                          else comma_list(args.equality_rounds, int))
                 equality = equality_checks(result, grid, cfg, rounds, test, log)
-            methods = [m for m in args.one_shot.split(",") if m]
+            methods = method_list(args.one_shot)
             if methods:
                 one_shot = one_shot_baselines(grid, cfg, test, methods, log)
         del grid

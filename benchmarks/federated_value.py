@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .common import environment, fmt_mean_std, md_table, mean_std
+from .common import comma_list, environment, fmt_mean_std, md_table, mean_std
 
 ARMS = {  # name -> (method, method_schedule, common_init, long first round, label)
     "fedavg": ("avg", "", True, False, "FedAvg (shared init, 1 epoch/round)"),
@@ -142,7 +142,8 @@ def one_shot_run(args, split: str, alpha: float, clients: int, seed: int, log) -
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(rec, indent=2))
     log(f"[one-shot] {split_label(split, alpha)} N={clients} seed {seed}: clients "
-        f"{100 * rec['clients_mean']:.1f} (best {100 * rec['clients_best']:.1f}), ensemble {100 * rec['ensemble']:.1f}, "
+        f"{100 * rec['clients_mean']:.1f} (best {100 * rec['clients_best']:.1f}), "
+        f"ensemble {100 * rec['ensemble']:.1f}, "
         f"avg {100 * rec['avg']:.1f}, permute {100 * rec['permute']:.1f}, CCA {100 * rec['cca']:.1f} ({wall:.0f} s)")
     return rec
 
@@ -219,10 +220,10 @@ def summarise_few_round(recs: list[dict], settings, arms) -> list[dict]:
         if not seeds:   # no target without the fedavg arm
             continue
         setting = {"split": split, "alpha": alpha, "seeds": seeds, "arms": {}}
-        targets = {s: next(r for r in rs if r["arm"] == "fedavg" and r["seed"] == s)["final_accuracy"] for s in seeds}
+        fedavg = {s: next(r for r in rs if r["arm"] == "fedavg" and r["seed"] == s) for s in seeds}
+        targets = {s: fedavg[s]["final_accuracy"] for s in seeds}
         setting["target"] = mean_std([100 * t for t in targets.values()]) if targets else None
-        bests = {s: max(x["global_accuracy"] or 0.0 for x in next(r for r in rs if r["arm"] == "fedavg" and r["seed"] == s)[
-            "rounds"]) for s in seeds}
+        bests = {s: max(x["global_accuracy"] or 0.0 for x in fedavg[s]["rounds"]) for s in seeds}
         setting["target_best"] = mean_std([100 * t for t in bests.values()]) if bests else None
         for arm in arms:
             ar = sorted([r for r in rs if r["arm"] == arm and r["seed"] in targets], key=lambda r: r["seed"])
@@ -275,7 +276,8 @@ def build_markdown(payload: dict) -> str:
              f"out again to choose gamma and the reference, never the test set), test: {a['max_test'] or 'all'} "
              f"seeded test images. Training: SGD lr {a['lr']:g} (warm-up + linear decay per round), batch "
              f"{a['batch_size']}, augmentation {'on' if a['augment'] else 'off'}. Seeds {a['seed_list']} "
-             f"(client seeds 1000 seed + i); mean ± sample std over seeds. Threads {payload['environment']['threads']}.\n"]
+             f"(client seeds 1000 seed + i); mean ± sample std over seeds. "
+             f"Threads {payload['environment']['threads']}.\n"]
     if payload.get("one_shot"):
         lines.append(f"## One-shot federation: each client trains {a['epochs']:g} epochs once from its own "
                      "initialisation, one merge, no further rounds\n")
@@ -316,8 +318,9 @@ def build_markdown(payload: dict) -> str:
                                    "failed rounds per seed", "total MiB"], rows))
             nmax = max(v["rounds"] for v in s["arms"].values())
             hdr = ["round"] + [f"`{arm}`" for arm in s["arms"]]
-            rows = [[i + 1] + [(_ms(v["curve"][i]) + ("" if v["curve"][i] is None or v["curve"][i]["n"] == len(v["seeds"])
-                                                     else f" (n={v['curve'][i]['n']})")) if i < v["rounds"] else ""
+            rows = [[i + 1] + [(_ms(v["curve"][i])
+                                + ("" if v["curve"][i] is None or v["curve"][i]["n"] == len(v["seeds"])
+                                   else f" (n={v['curve'][i]['n']})")) if i < v["rounds"] else ""
                                for v in s["arms"].values()]
                     for i in range(nmax)]
             lines.append("\nGlobal test accuracy % per round:\n")
@@ -419,10 +422,10 @@ def parse(argv):
     a = p.parse_args(argv)
     a.out = Path(a.out)
     a.work = a.out / "federations"
-    a.clients = [int(x) for x in a.clients.split(",") if x]
-    a.splits = [split_spec(x) for x in a.splits.split(",") if x]
-    a.few_settings = [split_spec(x) for x in a.few_settings.split(",") if x]
-    a.arms = [x for x in a.arms.split(",") if x]
+    a.clients = comma_list(a.clients, int)
+    a.splits = comma_list(a.splits, split_spec)
+    a.few_settings = comma_list(a.few_settings, split_spec)
+    a.arms = comma_list(a.arms)
     bad = [x for x in a.arms if x not in ARMS]
     if bad:
         p.error(f"unknown arms {bad}; choose from {', '.join(ARMS)}")
@@ -478,7 +481,8 @@ def main(argv=None):
                "one_shot": summarise_one_shot(one, args.splits, args.clients),
                "few_round": summarise_few_round(few, args.few_settings, args.arms),
                "runs": {"one_shot": one, "few_round": few},
-               "command": "python -m benchmarks.federated_value " + " ".join(argv if argv is not None else sys.argv[1:]),
+               "command": "python -m benchmarks.federated_value "
+                          + " ".join(argv if argv is not None else sys.argv[1:]),
                "seconds": time.time() - t0}
     md = build_markdown(payload)
     (args.out / "federated_value.json").write_text(json.dumps(payload, indent=2, default=float))

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import time
 
-from fedmerge.common.engine.merge import METHODS, has_batchnorm
+from fedmerge.common.engine.merge import has_batchnorm
 
 from .common import (
     MergeCache,
@@ -43,6 +43,7 @@ from .common import (
     fmt_mean_std,
     md_table,
     mean_std,
+    method_list,
     pct,
     replicate_args,
     replicates_record,
@@ -76,7 +77,8 @@ def run_set(args, sc, methods) -> dict:
     cache = MergeCache(models, setup.probe_loader, device=args.device)
     raw, ensembles, mean_bases = [], [], []
     for n in range(2, args.clients + 1):
-        ensembles.append(acc_pct(sum(logits[:n]) / n, y))  # the logit ensemble (as common.task.evaluate.ensemble_evaluate)
+        # the logit ensemble (as common.task.evaluate.ensemble_evaluate)
+        ensembles.append(acc_pct(sum(logits[:n]) / n, y))
         mean_bases.append(sum(bases[:n]) / n)
         for method in methods:
             for use_post in (False, True):
@@ -108,10 +110,7 @@ def main(argv=None):
         p.error("--clients must be at least 2")
     if args.replicates < 1:
         p.error("--sets must be at least 1")
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        p.error(f"unknown method(s) {unknown}; available: {', '.join(sorted(METHODS))}")
+    methods = method_list(args.methods, p)
     sc = resolve(args, "many_models")
     reps = replicate_args(args)
     runs = [run_set(a, sc, methods) for a in reps]
@@ -135,7 +134,8 @@ def main(argv=None):
     stats_s = [r["statistics_s"] for r in runs]
     header = (f"# Many models — {args.arch} x{sc['width']} on {first['dataset']}, {args.split} split over "
               f"{args.clients} clients, {sc['epochs']} epochs (lr {sc['lr']:g}, batch {sc['batch_size']}), probe "
-              f"{sc['probe_size']}, gamma auto, reference client 0; n = {nrep} set{'s' if nrep > 1 else ''} of clients, "
+              f"{sc['probe_size']}, gamma auto, reference client 0; "
+              f"n = {nrep} set{'s' if nrep > 1 else ''} of clients, "
               f"seeds {', '.join(str(a.seed) for a in reps)} (client i of the set at seed s: seed "
               f"1000 s + i)\n\n"
               f"Data: {first['data_note']}; {first['train_images']} train / {first['test_images']} test images; "

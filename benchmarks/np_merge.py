@@ -3,10 +3,10 @@
     python -m benchmarks.np_merge --scale cpu --data-root ../shared/data --epochs 16   # reuse two_models' pair
 
 The two client models of ``benchmarks.two_models`` (same ``--split``, default ``same``; same tag and checkpoint
-folder, trained when missing). For each alignment (``--methods``, default permute and CCA; gamma auto) the plain weighted average
-and NP Merge (coefficients learned with Adam on the fitting 80% of the labelled probe, early stopping on the
-held-out 20%, the slice that also chooses gamma), each evaluated on the test set. REPAIR rows (nets without
-BatchNorm) are given for comparison: REPAIR and NP Merge are alternatives in ``merge_models``.
+folder, trained when missing). For each alignment (``--methods``, default permute and CCA; gamma auto) the plain
+weighted average and NP Merge (coefficients learned with Adam on the fitting 80% of the labelled probe, early
+stopping on the held-out 20%, the slice that also chooses gamma), each evaluated on the test set. REPAIR rows
+(nets without BatchNorm) are given for comparison: REPAIR and NP Merge are alternatives in ``merge_models``.
 """
 from __future__ import annotations
 
@@ -16,19 +16,17 @@ from fedmerge.common.engine.merge import has_batchnorm, merge_models
 from fedmerge.common.wire.probe import as_batches
 
 from .common import (
-    Setup,
     add_checkpoints_arg,
     add_split_arg,
     base_parser,
-    checkpoint_tag,
     command_line,
     data_note,
     environment,
     md_table,
+    method_list,
     pct,
     resolve,
-    shared_checkpoints,
-    train_clients,
+    reuse_clients,
     training_record,
     write_results,
 )
@@ -43,11 +41,9 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=200, help="NP Merge optimiser steps (at most)")
     p.add_argument("--np-lr", type=float, default=0.05, help="NP Merge learning rate")
     args = p.parse_args(argv)
+    methods = method_list(args.methods, p)
     sc = resolve(args, "np_merge")
-    setup = Setup(args, sc, args.split, 2)  # as benchmarks.two_models, so the checkpoints match
-    ckpt = shared_checkpoints(args, sc, "two_models")
-    tag = checkpoint_tag(args, sc, args.split)  # benchmarks.two_models' tag
-    models = train_clients(args, sc, setup, 2, tag, ckpt_dir=ckpt)
+    setup, models, _, _, _ = reuse_clients(args, sc, "two_models")
     bases = [pct(m, setup.test_loader, args.device) for m in models]
     probe = as_batches(setup.probe_loader)
     bn = has_batchnorm(models[0])
@@ -55,7 +51,7 @@ def main(argv=None):
     variants = [("average", {}), ("NP Merge", {"np_merge": {"steps": args.steps, "lr": args.np_lr}})]
     if not bn:
         variants.append(("REPAIR", {"repair": True}))
-    for method in [m for m in args.methods.split(",") if m]:
+    for method in methods:
         for label, kw in variants:
             t = time.perf_counter()
             merged, info = merge_models(models, probe, method=method, reference=0, gamma="auto", return_info=True,

@@ -2,6 +2,7 @@
 
     bar_chart(path, categories, {"series": [values per category], ...}, hlines={"ensemble": 75.4})
     line_plot(path, x, {"series": [y per x], ...}, logx=True, vlines={"auto": 0.3})
+    line_panels(path, [{"x": x, "series": {...}, "title": ...}, ...])   # several line plots in one figure
 
 Values that are ``None`` or NaN are left out (a missing bar, a gap in a line).
 """
@@ -14,7 +15,7 @@ from typing import Mapping, Sequence
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 
-__all__ = ["bar_chart", "line_plot"]
+__all__ = ["bar_chart", "line_plot", "line_panels"]
 
 _REF_STYLES = ({"color": "black", "linestyle": "--"}, {"color": "dimgray", "linestyle": ":"},
                {"color": "gray", "linestyle": "-."}, {"color": "darkgray", "linestyle": (0, (5, 2, 1, 2))})
@@ -24,7 +25,7 @@ def _ok(v) -> bool:
     return v is not None and isinstance(v, (int, float)) and math.isfinite(float(v))
 
 
-def _finish(fig: Figure, ax, path, title: str, xlabel: str, ylabel: str, hlines, vlines, legend_out: bool) -> Path:
+def _decorate(ax, title: str, xlabel: str, ylabel: str, hlines, vlines, legend_out: bool) -> None:
     for i, (name, v) in enumerate((hlines or {}).items()):
         if _ok(v):
             ax.axhline(float(v), linewidth=1.2, label=f"{name} ({float(v):.1f})", **_REF_STYLES[i % len(_REF_STYLES)])
@@ -39,11 +40,19 @@ def _finish(fig: Figure, ax, path, title: str, xlabel: str, ylabel: str, hlines,
         if legend_out:
             ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
         else:
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=7)
+
+
+def _save(fig: Figure, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     return path
+
+
+def _finish(fig: Figure, ax, path, title: str, xlabel: str, ylabel: str, hlines, vlines, legend_out: bool) -> Path:
+    _decorate(ax, title, xlabel, ylabel, hlines, vlines, legend_out)
+    return _save(fig, path)
 
 
 def bar_chart(path, categories: Sequence[str], series: Mapping[str, Sequence], *, title: str = "",
@@ -77,16 +86,41 @@ def bar_chart(path, categories: Sequence[str], series: Mapping[str, Sequence], *
 
 def line_plot(path, x: Sequence[float], series: Mapping[str, Sequence], *, title: str = "", xlabel: str = "",
               ylabel: str = "test accuracy %", hlines: Mapping[str, float] | None = None,
-              vlines: Mapping[str, float] | None = None, logx: bool = False,
+              vlines: Mapping[str, float] | None = None, logx: bool | float = False, logy: bool | float = False,
               styles: Mapping[str, dict] | None = None, xticks: Sequence[float] | None = None,
               ylim: tuple[float, float] | None = None,
               points: Mapping[str, tuple[float, float]] | None = None) -> Path:
     """One line per series over ``x`` (markers at the points); ``styles`` gives per-series matplotlib keyword
     arguments (e.g. ``{"linestyle": "--"}``); ``hlines``/``vlines``: name -> reference value; ``points``:
-    name -> (x, y) single highlighted points (stars)."""
-    xs = list(x)
+    name -> (x, y) single highlighted points (stars); ``logx``/``logy``: True (base 10) or the log base."""
     fig = Figure(figsize=(7.5, 4.5))
     ax = fig.subplots()
+    _lines(ax, x, series, logx=logx, logy=logy, styles=styles, xticks=xticks, ylim=ylim, points=points)
+    return _finish(fig, ax, path, title, xlabel, ylabel, hlines, vlines, legend_out=True)
+
+
+def line_panels(path, panels: Sequence[Mapping], *, ncols: int = 2) -> Path:
+    """Several line plots in one figure, ``ncols`` a row: each panel a mapping of :func:`line_plot`'s keyword
+    arguments, ``x`` and ``series`` included (legends inside the panels)."""
+    rows = max(1, -(-len(panels) // ncols))
+    fig = Figure(figsize=(5.5 * ncols, 4.2 * rows), layout="constrained")
+    axes = list(fig.subplots(rows, ncols, squeeze=False).flat)
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    for ax, panel in zip(axes, panels):
+        kw = dict(panel)
+        decor = {k: kw.pop(k, d) for k, d in (("title", ""), ("xlabel", ""), ("ylabel", "test accuracy %"),
+                                              ("hlines", None), ("vlines", None))}
+        _lines(ax, kw.pop("x"), kw.pop("series"), **kw)
+        _decorate(ax, **decor, legend_out=False)
+    return _save(fig, path)
+
+
+def _lines(ax, x: Sequence[float], series: Mapping[str, Sequence], *, logx: bool | float = False,
+           logy: bool | float = False, styles: Mapping[str, dict] | None = None,
+           xticks: Sequence[float] | None = None, ylim: tuple[float, float] | None = None,
+           points: Mapping[str, tuple[float, float]] | None = None) -> None:
+    xs = list(x)
     for j, (name, vals) in enumerate(series.items()):
         vals = list(vals)
         if len(vals) != len(xs):
@@ -101,11 +135,12 @@ def line_plot(path, x: Sequence[float], series: Mapping[str, Sequence], *, title
             ax.plot([float(px)], [float(py)], linestyle="none", marker="*", markersize=13, label=name,
                     color=f"C{j % 10}", markeredgecolor="black", zorder=5)
     if logx:
-        ax.set_xscale("log")
+        ax.set_xscale("log", base=10 if logx is True else float(logx))
+    if logy:
+        ax.set_yscale("log", base=10 if logy is True else float(logy))
     if xticks is not None:
         ax.set_xticks(list(xticks))
         ax.set_xticklabels([f"{t:g}" for t in xticks])
         ax.xaxis.set_minor_formatter(NullFormatter())
     if ylim is not None:
         ax.set_ylim(*ylim)
-    return _finish(fig, ax, path, title, xlabel, ylabel, hlines, vlines, legend_out=True)

@@ -25,18 +25,16 @@ from fedmerge.common.task.evaluate import ensemble_evaluate
 from fedmerge.common.wire.probe import as_batches
 
 from .common import (
-    Setup,
     add_checkpoints_arg,
     add_split_arg,
     base_parser,
-    checkpoint_tag,
+    comma_list,
     environment,
     first_models,
     md_table,
     pct,
     resolve,
-    shared_checkpoints,
-    train_clients,
+    reuse_clients,
     training_record,
     write_results,
 )
@@ -51,17 +49,13 @@ def main(argv=None):
     p.add_argument("--sumcor", action="store_true", help="also gcca variant='sumcor' (basis mean)")
     p.add_argument("--held-out", type=float, default=0.2, help="probe fraction held out to choose gamma")
     args = p.parse_args(argv)
-    posts = [s.strip() for s in args.post.split(",") if s.strip()]
+    posts = comma_list(args.post)
     if not posts or any(s not in ("none", "post") for s in posts):
         raise SystemExit(f"--post must be a comma list of none, post; got {args.post!r}")
     if args.clients < 2:
         raise SystemExit("--clients must be >= 2")
     sc = resolve(args, "reference_free")
-    ckpt = shared_checkpoints(args, sc, "many_models")
-    setup = Setup(args, sc, args.split, args.clients)
-    print(f"data: {setup.describe()}", flush=True)
-    tag = checkpoint_tag(args, sc, args.split, args.clients)  # as benchmarks.many_models names its checkpoints
-    models = train_clients(args, sc, setup, args.clients, tag, ckpt_dir=ckpt)
+    setup, models, ckpt, tag, _ = reuse_clients(args, sc, "many_models", args.clients)
     bases = [pct(m, setup.test_loader, args.device) for m in models]
     fit, held = as_batches(setup.probe_loader).split(args.held_out, args.seed)
     spec = derive_spec(models[0], fit.example())

@@ -26,7 +26,6 @@ under ``<out>/checkpoints`` so they never mix with the real ones.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 import torch.nn.functional as F
@@ -39,21 +38,19 @@ from fedmerge.common.task.evaluate import predict_logits
 from fedmerge.common.wire.probe import as_batches
 
 from .common import (
-    Setup,
     acc_pct,
     add_checkpoints_arg,
     add_split_arg,
     base_parser,
-    checkpoint_tag,
+    comma_list,
     command_line,
     data_note,
     environment,
     md_table,
     pct,
     resolve,
-    shared_checkpoints,
+    reuse_clients,
     test_logits,
-    train_clients,
     training_record,
     write_results,
 )
@@ -61,10 +58,6 @@ from .plots import line_plot
 
 GAMMAS = (1e-4, 1e-3, 1e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
 PROBE_SIZES = (100, 300, 1000, 3000, 10000)
-
-
-def _floats(text: str) -> list[float]:
-    return [float(v) for v in text.split(",") if v.strip()]
 
 
 def held_score(model, held, device=None) -> tuple[float, float]:
@@ -81,20 +74,15 @@ def main(argv=None):
     p.add_argument("--probe-sizes", default=",".join(str(k) for k in PROBE_SIZES), help="probe sizes of part (b)")
     p.add_argument("--parts", default="gamma,probe", help="which parts to run: gamma, probe or both")
     args = p.parse_args(argv)
-    parts = {s.strip() for s in args.parts.split(",") if s.strip()}
+    parts = set(comma_list(args.parts))
     if not parts or parts - {"gamma", "probe"}:
         p.error("--parts takes gamma, probe or gamma,probe")
-    gammas = sorted(_floats(args.gammas))
-    sizes = sorted(int(v) for v in _floats(args.probe_sizes))
+    gammas = sorted(comma_list(args.gammas, float))
+    sizes = sorted(int(v) for v in comma_list(args.probe_sizes, float))
     if any(g < 0 for g in gammas) or any(k < 10 for k in sizes):
         p.error("gammas must be >= 0 and probe sizes >= 10")
     sc = resolve(args, "sensitivity")
-    setup = Setup(args, sc, args.split, 2)  # as benchmarks.two_models, so the checkpoints match
-    print(f"data: {setup.describe()}", flush=True)
-    ckpt = shared_checkpoints(args, sc, "two_models")
-    tag = checkpoint_tag(args, sc, args.split)  # benchmarks.two_models' tag
-    cached = all(Path(f"{ckpt / tag}_client{i}.json").exists() for i in range(2))
-    models = train_clients(args, sc, setup, 2, tag, ckpt_dir=ckpt)
+    setup, models, ckpt, _, cached = reuse_clients(args, sc, "two_models")
     logits, y = test_logits(models, setup.test_loader, args.device)
     bases = [acc_pct(lg, y) for lg in logits]
     ens = acc_pct(sum(logits) / 2, y)

@@ -34,7 +34,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fedmerge.common.engine.merge import METHODS, has_batchnorm
+from fedmerge.common.engine.merge import has_batchnorm
 from fedmerge.common.task.models import ClassEmbeddingHead
 from fedmerge.common.task.splits import split_summary
 
@@ -46,12 +46,14 @@ from .common import (
     apply_arch_defaults,
     base_parser,
     checkpoint_tag,
+    comma_list,
     command_line,
     data_note,
     environment,
     fmt_mean_std,
     md_table,
     mean_std,
+    method_list,
     pct,
     replicate_args,
     replicates_record,
@@ -150,14 +152,11 @@ def main(argv=None):
     add_replicates_arg(p, "--sets", "sets of clients per split")
     args = p.parse_args(argv)
     apply_arch_defaults(args, ARCH_DEFAULTS)
-    splits = [s.strip() for s in args.splits.split(",") if s.strip()]
+    splits = comma_list(args.splits)
     bad = [s for s in splits if s not in SPLITS]
     if bad:
         p.error(f"unknown split(s) {bad}; choose from {', '.join(SPLITS)}")
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        p.error(f"unknown method(s) {unknown}; available: {', '.join(sorted(METHODS))}")
+    methods = method_list(args.methods, p)
     if args.replicates < 1:
         p.error("--sets must be at least 1")
     sc = resolve(args, "splits")

@@ -25,7 +25,6 @@ import time
 
 import torch
 
-from fedmerge.common.engine.merge import METHODS as MERGE_METHODS
 from fedmerge.common.engine.merge import has_batchnorm, merge_models
 from fedmerge.common.task.evaluate import ensemble_evaluate
 from fedmerge.common.wire.probe import as_batches
@@ -44,6 +43,7 @@ from .common import (
     forward_pass,
     md_table,
     mean_std,
+    method_list,
     pct,
     replicate_args,
     replicates_record,
@@ -148,11 +148,7 @@ def main(argv=None):
     add_split_arg(p)
     add_replicates_arg(p, "--pairs", "pairs of client models")
     args = p.parse_args(argv)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    extra = [m.strip() for m in args.extra_rows.split(",") if m.strip()]
-    unknown = [m for m in methods + extra if m not in MERGE_METHODS]
-    if unknown:
-        p.error(f"unknown method(s) {unknown}; available: {', '.join(sorted(MERGE_METHODS))}")
+    methods, extra = method_list(args.methods, p), method_list(args.extra_rows, p)
     if args.replicates < 1:
         p.error("--pairs must be at least 1")
     sc = resolve(args, "two_models")

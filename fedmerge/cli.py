@@ -3,101 +3,76 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import Field, fields
 from pathlib import Path
 
-__all__ = ["main"]
+__all__ = ["main", "add_config_args", "config_from_args", "config_to_args"]
 
 
-def _add_federation_args(p: argparse.ArgumentParser, defaults: dict) -> None:
-    from fedmerge.common.task.splits import SPLITS  # numpy only: the CLI still starts without torch
+_TYPES = {"int": int, "float": float, "str": str}
 
-    d = defaults.get
-    p.add_argument("--dataset", default=d("dataset", "cifar10-mini"),
-                   help="cifar10 | cifar10-mini (embedded) | mnist | fashion_mnist | cifar100")
-    p.add_argument("--data-root", default="", help="folder with the data sets (or set FEDMERGE_DATA)")
-    p.add_argument("--split", default=d("split", "iid"),
-                   help=" | ".join(SPLITS) + " (same: every client trains on all non-probe images, with its own seed, "
-                        "init and data order)")
-    p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration")
-    p.add_argument("--clients", type=int, default=d("clients", 2))
-    p.add_argument("--arch", default=d("arch", "cnn"))
-    p.add_argument("--width", type=float, default=d("width", 1.0))
-    p.add_argument("--epochs", type=float, default=d("epochs", 1.0))
-    p.add_argument("--lr", type=float, default=d("lr", 0.05))
-    p.add_argument("--batch-size", type=int, default=d("batch_size", 64))
-    p.add_argument("--rounds", type=int, default=1)
-    p.add_argument("--method", default=d("method", "cca"),
-                   help="cca | gcca | avg | permute | weight_matching | ot | zipit | merge_many")
-    p.add_argument("--method-schedule", default=d("method_schedule", "auto"), metavar="auto|M1,M2,...|''",
-                   help="method per round. auto (default): --method while clients start from their own "
-                        "initialisations (round 1 without --common-init), plain averaging once they all start from "
-                        "the merged model; M1,M2,...: one per round, the last repeating (e.g. cca,avg); '': --method "
-                        "in every round")
-    p.add_argument("--reference", default="best", help="'best' or a client index")
-    p.add_argument("--gamma", default="auto", help="'auto' or a number (CCA regularisation)")
-    p.add_argument("--gamma-clients", type=int, default=0,
-                   help="CCA, --gamma auto: choose gamma by merging the reference with this many - 1 clients, then "
-                        "merge all with it (0 = choose on all clients)")
-    p.add_argument("--bn-reset", default="auto", choices=["auto", "true", "false"])
-    p.add_argument("--bn-fold", action="store_true",
-                   help="fold BatchNorm into its conv/linear before aligning (exact for CCA; no BatchNorm reset)")
-    p.add_argument("--repair", action="store_true", help="REPAIR the merged model's unit statistics")
-    p.add_argument("--repair-target", default="average", choices=["average", "reference"],
-                   help="REPAIR to the clients' average statistics or the reference's (the paper's App. D)")
-    p.add_argument("--np-merge", action="store_true",
-                   help="NP Merge: learn per-parameter merge coefficients on the labelled probe after alignment")
-    p.add_argument("--probe-size", type=int, default=d("probe_size", 500))
-    p.add_argument("--probe-from-union", action="store_true", help="draw the probe from all training data")
-    p.add_argument("--stats-on-server", action="store_true",
-                   help="the server holds the probe and computes all statistics (one phase)")
-    p.add_argument("--stats-dtype", default="float64", choices=["float64", "float32", "float16", "bfloat16"],
-                   help="dtype the clients send their probe statistics in (accumulated in float64 anyway)")
-    p.add_argument("--norm-bound", type=float, default=10.0,
-                   help="reject (or clip) a client whose weight norm is beyond this factor of the median (0 = off)")
-    p.add_argument("--norm-action", default="reject", choices=["reject", "clip"])
-    p.add_argument("--stats-rank", type=int, default=0,
-                   help="send statistics blocks in low-rank form of this rank (0 = full blocks)")
-    p.add_argument("--common-init", action="store_true", help="round 1 from one shared initialisation")
-    p.add_argument("--min-clients", type=int, default=2)
-    p.add_argument("--timeout", type=float, default=600.0)
-    p.add_argument("--max-train", type=int, default=0, help="cap each client's training images (smoke runs)")
-    p.add_argument("--max-test", type=int, default=0, help="cap test images")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="", help="cpu | cuda (default: cuda when available)")
-    p.add_argument("--inject-fault", action="append", default=[], metavar="KIND[@ROUND]:CLIENT",
-                   help="make a client fail or attack (the server must reject it): "
-                        "nan | shape | bytes | huge | scale | count | partition | nonpsd | slow | drop-train | "
-                        "drop-query | nan-query | stale-ref, e.g. nan:1 or scale@2:0")
-    p.add_argument("--backend", default=d("backend", "ray"), choices=["ray", "inline"])
-    p.add_argument("--out", default=d("out", "runs/simulate"))
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its last finished round (same configuration)")
+
+def add_config_args(p: argparse.ArgumentParser, defaults: dict | None = None) -> None:
+    """One option per :class:`FedConfig` field, generated from the dataclass (its field metadata gives the help
+    text, the choices and, where it differs from the field's dashed name, the option's name); ``defaults`` maps
+    field names to this command's defaults (else the dataclass's); plus ``--backend`` and ``--verbose``."""
+    from fedmerge.common.task.config import FedConfig
+
+    defaults = defaults or {}
+    for f in fields(FedConfig):
+        m = f.metadata
+        default = defaults.get(f.name, f.default)
+        flag = option_flag(f)
+        kw = {"dest": f.name, "help": m.get("help") or None}
+        if f.type == "bool":
+            kw.update(action=argparse.BooleanOptionalAction, default=default)
+        else:
+            kw["metavar"] = m.get("metavar") or flag[2:].upper().replace("-", "_")
+            if m.get("repeat"):
+                kw.update(action="append", default=[v for v in str(default).split(",") if v])
+            else:
+                kw.update(type=_TYPES[f.type], default=default, choices=m.get("choices"))
+        p.add_argument(flag, **kw)
+    p.add_argument("--backend", default=defaults.get("backend", "ray"), choices=["ray", "inline"])
     p.add_argument("--verbose", action="store_true",
                    help="also show Flower's own log lines (or set FEDMERGE_VERBOSE=1); FEDMERGE_PROGRESS="
                         "auto|bar|lines|off chooses how training progress is shown")
 
 
-def _config(a: argparse.Namespace):
+def option_flag(f: Field) -> str:
+    """A FedConfig field's option: its ``flag`` metadata, else its dashed name (``--batch-size``)."""
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def config_from_args(a: argparse.Namespace):
+    """The :class:`FedConfig` of parsed :func:`add_config_args` options: every field from its option (a repeated
+    option's values joined with commas); ``min_clients`` is at most ``num_clients``, so ``--clients 1`` runs."""
     from fedmerge.common.task.config import FedConfig
 
-    return FedConfig(dataset=a.dataset, data_root=a.data_root, split=a.split, alpha=a.alpha,
-                     num_clients=a.clients, arch=a.arch, width=a.width, epochs=a.epochs, lr=a.lr,
-                     batch_size=a.batch_size, num_server_rounds=a.rounds, method=a.method,
-                     method_schedule=a.method_schedule, reference=a.reference, gamma=a.gamma,
-                     gamma_clients=a.gamma_clients, bn_reset=a.bn_reset, bn_fold=a.bn_fold, repair=a.repair,
-                     repair_target=a.repair_target, np_merge=a.np_merge, probe_size=a.probe_size,
-                     probe_from_union=a.probe_from_union, stats_on_server=a.stats_on_server,
-                     stats_dtype=a.stats_dtype, stats_rank=a.stats_rank, norm_bound=a.norm_bound,
-                     norm_action=a.norm_action,
-                     common_init=a.common_init, min_clients=min(a.min_clients, a.clients), timeout=a.timeout,
-                     max_train=a.max_train, max_test=a.max_test, seed=a.seed, device=a.device, out=a.out,
-                     faults=",".join(a.inject_fault), resume=a.resume)
+    values = {f.name: ",".join(getattr(a, f.name)) if f.metadata.get("repeat") else getattr(a, f.name)
+              for f in fields(FedConfig)}
+    values["min_clients"] = min(values["min_clients"], values["num_clients"])
+    return FedConfig(**values)
+
+
+def config_to_args(cfg) -> list[str]:
+    """The command-line options that give ``cfg`` back through :func:`config_from_args` (every field)."""
+    argv = []
+    for f in fields(cfg):
+        flag, v = option_flag(f), getattr(cfg, f.name)
+        if f.metadata.get("repeat"):
+            argv += [a for item in str(v).split(",") if item for a in (flag, item)]
+        elif f.type == "bool":
+            argv.append(flag if v else "--no-" + flag[2:])
+        else:
+            argv.append(f"{flag}={v}")
+    return argv
 
 
 def cmd_simulate(a: argparse.Namespace) -> int:
     from fedmerge.simulate import format_result, simulate
 
-    cfg = _config(a)
+    cfg = config_from_args(a)
     result = simulate(cfg, backend=a.backend, verbose=a.verbose)
     print(format_result(result))
     print(f"\nwrote {Path(cfg.out) / 'result.json'} and {Path(cfg.out) / 'accuracy.png'}")
@@ -114,11 +89,13 @@ def cmd_demo(a: argparse.Namespace) -> int:
     merged offline with plain averaging and Permute for comparison."""
     from fedmerge.demo import run_demo
 
-    run_demo(_config(a), backend=a.backend)
+    run_demo(config_from_args(a), backend=a.backend)
     return 0
 
 
-DEMO_DEFAULTS = {"dataset": "cifar10-mini", "split": "80/20", "clients": 2, "arch": "vgg11", "width": 0.25,
+#: each command's defaults where they are not FedConfig's (field names; ``backend`` is the run option)
+SIMULATE_DEFAULTS = {"out": "runs/simulate"}
+DEMO_DEFAULTS = {"dataset": "cifar10-mini", "split": "80/20", "num_clients": 2, "arch": "vgg11", "width": 0.25,
                  "epochs": 30, "lr": 0.05, "batch_size": 64, "probe_size": 1000, "method": "cca",
                  "backend": "inline", "out": "runs/demo"}
 
@@ -127,10 +104,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="fedmerge", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("simulate", help="run a simulated federation")
-    _add_federation_args(s, {})
+    add_config_args(s, SIMULATE_DEFAULTS)
     s.set_defaults(fn=cmd_simulate)
     d = sub.add_parser("demo", help="the demo: 2 clients (CIFAR-10 80/20, embedded subset), CCA vs baselines")
-    _add_federation_args(d, DEMO_DEFAULTS)
+    add_config_args(d, DEMO_DEFAULTS)
     d.set_defaults(fn=cmd_demo)
     a = p.parse_args(argv)
     try:

@@ -15,13 +15,15 @@ from benchmarks import many_models, sensitivity, splits, two_models
 from benchmarks.common import (
     MergeCache,
     apply_arch_defaults,
+    comma_list,
     fmt_mean_std,
     mean_std,
+    method_list,
     replicate_args,
     replicates_record,
     summarise,
 )
-from benchmarks.plots import bar_chart, line_plot
+from benchmarks.plots import bar_chart, line_panels, line_plot
 from fedmerge.common.engine.merge import GAMMA_GRID, merge_models
 from fedmerge.common.task.models import build_model
 
@@ -67,6 +69,14 @@ def test_plots(tmp_path):
     assert is_png(p)
     with pytest.raises(ValueError):
         line_plot(tmp_path / "bad.png", [1, 2], {"s": [1.0]})
+    p = line_panels(tmp_path / "panels.png", [
+        {"x": [0.25, 0.5, 1.0], "series": {"a": [1.0, 2.0, None]}, "logx": 2, "hlines": {"target": 1.5},
+         "styles": {"a": {"linestyle": "--", "marker": "s"}}, "title": "one"},
+        {"x": [2, 4, 8], "series": {"b": [0.1, 1.0, 10.0]}, "logy": True, "xticks": [2, 4, 8]},
+        {"x": [1, 2], "series": {}}])
+    assert is_png(p)
+    with pytest.raises(ValueError):
+        line_panels(tmp_path / "bad.png", [{"x": [1, 2], "series": {"s": [1.0]}}])
 
 
 def test_arch_defaults_fill_only_unset_values():
@@ -77,6 +87,21 @@ def test_arch_defaults_fill_only_unset_values():
     b = argparse.Namespace(arch="vgg11", scale="cpu", clients=None, width=None, epochs=None)
     apply_arch_defaults(b, table)
     assert (b.clients, b.width, b.epochs) == (None, None, None)
+
+
+def test_method_list_takes_names_from_the_merge_registry():
+    from fedmerge.common.engine.merge import METHODS
+
+    assert comma_list(" a, b,,c ") == ["a", "b", "c"] and comma_list("2, 4", int) == [2, 4]
+    assert method_list(" avg, cca,,permute ") == ["avg", "cca", "permute"]
+    assert method_list(",".join(METHODS)) == list(METHODS) and method_list("") == []
+    with pytest.raises(ValueError, match="unknown method"):
+        method_list("cca,nope")
+    p = argparse.ArgumentParser()
+    with pytest.raises(SystemExit):
+        method_list("nope", p)
+    with pytest.raises(SystemExit):
+        two_models.main(["--methods", "avg,nope"] + TINY)
 
 
 def test_mean_std_summarise_and_replicates():
@@ -296,8 +321,9 @@ def test_forward_time_runs_models_where_they_are():
 def test_residual_sites_benchmark(tmp_path):
     from benchmarks import residual_sites
 
-    residual_sites.main(["--dataset", "cifar10-mini", "--arch", "resnet20", "--width", "0.125", "--epochs", "1", "--max-train", "400",
-                         "--max-test", "200", "--probe-size", "100", "--pairs", "2", "--out", str(tmp_path)])
+    residual_sites.main(["--dataset", "cifar10-mini", "--arch", "resnet20", "--width", "0.125", "--epochs", "1",
+                         "--max-train", "400", "--max-test", "200", "--probe-size", "100", "--pairs", "2",
+                         "--out", str(tmp_path)])
     payload = json.loads((tmp_path / "residual_sites.json").read_text())
     assert payload["replicates"]["n"] == 2 and len(payload["runs"]) == 2
     assert {(r["sites"], r["method"], r["post"]) for r in payload["rows"]} == {

@@ -283,11 +283,11 @@ def test_options_are_validated():
     assert cfg.stats_dtype == "bfloat16" and cfg.stats_rank == 8
     import argparse
 
-    from fedmerge.cli import _add_federation_args, _config
+    from fedmerge.cli import add_config_args, config_from_args
 
     p = argparse.ArgumentParser()
-    _add_federation_args(p, {})
-    cfg = _config(p.parse_args(["--stats-dtype", "float16", "--stats-rank", "4"]))
+    add_config_args(p)
+    cfg = config_from_args(p.parse_args(["--stats-dtype", "float16", "--stats-rank", "4"]))
     assert cfg.stats_dtype == "float16" and cfg.stats_rank == 4
 
 

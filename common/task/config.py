@@ -9,8 +9,9 @@ from dataclasses import dataclass, fields
 from typing import Any, Sequence
 
 from fedmerge.common.task.data import dataset_info
+from fedmerge.common.task.splits import ALIASES, SPLITS
 
-__all__ = ["FedConfig", "METHOD_CHOICES", "FAULT_KINDS", "parse_faults", "parse_method_schedule"]
+__all__ = ["FedConfig", "METHOD_CHOICES", "FAULT_KINDS", "option", "parse_faults", "parse_method_schedule"]
 
 METHOD_CHOICES = ("avg", "permute", "weight_matching", "ot", "zipit", "merge_many", "cca", "gcca")
 #: ``method_schedule="auto"``: the configured method in a round whose clients start from their own
@@ -26,69 +27,91 @@ SCHEDULE_AUTO = "auto"
 #: cross statistic), ``stale-ref`` (cross statistics against another reference).
 FAULT_KINDS = ("nan", "shape", "bytes", "huge", "scale", "count", "partition", "nonpsd", "slow", "drop-train",
                "drop-query", "nan-query", "stale-ref")
+BN_RESET_CHOICES = ("auto", "true", "false")
+NORM_ACTIONS = ("reject", "clip")
+
+
+def option(default, help: str = "", *, flag: str | None = None, choices: Sequence[str] | None = None,
+           metavar: str | None = None, repeat: bool = False):
+    """A :class:`FedConfig` field and how the command line shows it (``fedmerge simulate`` / ``demo`` build their
+    options from these): ``help``; ``flag`` where the option's name is not the field's dashed name (``--clients``
+    for ``num_clients``); ``choices``; ``metavar``; ``repeat``: the option may be given several times and its
+    values are joined with commas (``--inject-fault``). The Flower run-config key is always the dashed name."""
+    return dataclasses.field(default=default, metadata={"help": help, "flag": flag, "choices": choices,
+                                                        "metavar": metavar, "repeat": repeat})
 
 
 @dataclass
 class FedConfig:
     # data
-    dataset: str = "cifar10-mini"
-    data_root: str = ""
-    split: str = "iid"
-    alpha: float = 0.5
-    num_clients: int = 2
-    probe_size: int = 500
-    probe_from_union: bool = False
-    held_out: float = 0.2
-    max_train: int = 0                 # cap on each client's training images (0 = all), for smoke runs
-    max_test: int = 0                  # cap on test images (0 = all)
+    dataset: str = option("cifar10-mini", "cifar10 | cifar10-mini (embedded) | mnist | fashion_mnist | cifar100")
+    data_root: str = option("", "folder with the data sets (or set FEDMERGE_DATA)")
+    split: str = option("iid", " | ".join(SPLITS) + " (same: every client trains on all non-probe images, with its "
+                        "own seed, init and data order)")
+    alpha: float = option(0.5, "Dirichlet concentration")
+    num_clients: int = option(2, "number of clients", flag="--clients")
+    probe_size: int = option(500, "probe images")
+    probe_from_union: bool = option(False, "draw the probe from all training data")
+    held_out: float = option(0.2, "fraction of the probe held out to choose gamma")
+    max_train: int = option(0, "cap each client's training images (0 = all; smoke runs)")
+    max_test: int = option(0, "cap test images (0 = all)")
     # model and training
-    arch: str = "cnn"
-    width: float = 1.0
-    epochs: float = 1.0
-    lr: float = 0.05
-    batch_size: int = 64
-    seed: int = 0
-    common_init: bool = False          # round 1 from one shared init (True) or each client's own seed
-    augment: bool = True               # random crop (+ flip for RGB) in local training
-    embedding_dim: int = 0             # class-embedding head size for split=disjoint (0 = num_classes)
+    arch: str = option("cnn")
+    width: float = option(1.0)
+    epochs: float = option(1.0)
+    lr: float = option(0.05)
+    batch_size: int = option(64)
+    seed: int = option(0)
+    common_init: bool = option(False, "round 1 from one shared initialisation (else each client's own seed)")
+    augment: bool = option(True, "random crop (+ flip for RGB) in local training")
+    embedding_dim: int = option(0, "class-embedding head size for split=disjoint (0 = number of classes)")
     # merging
-    method: str = "cca"
-    method_schedule: str = "auto"      # "auto": method while clients start from own inits, then avg; "cca,avg"
-                                       # (per round, the last repeating); "": method in every round
-    reference: str = "best"            # "best" or a client index as a string
-    gamma: str = "auto"                # "auto" or a number
-    gamma_clients: int = 0             # gamma="auto": choose gamma on the reference + this many - 1 clients (0 = all)
-    bn_reset: str = "auto"             # "auto" (when the model has BatchNorm), "true", "false"
-    repair: bool = False
-    repair_target: str = "average"     # REPAIR to the clients' "average" statistics or the "reference"'s
-    bn_fold: bool = False              # fold BatchNorm into its producer before aligning (no BatchNorm reset)
-    np_merge: bool = False             # learn per-parameter merge coefficients on the labelled probe
-    stats_on_server: bool = False      # server holds the probe and computes all statistics (one phase)
-    weighted: bool = True              # average weighted by client sample counts
-    stats_dtype: str = "float64"       # statistics on the wire: float64 | float32 | float16 | bfloat16
-    stats_rank: int = 0                # low-rank statistics blocks of rank k (0 = full blocks)
-    norm_bound: float = 10.0           # client weight norm within this factor of the median (0 = off)
-    norm_action: str = "reject"        # what happens to a client outside the norm bound: reject | clip
+    method: str = option("cca", " | ".join(METHOD_CHOICES))
+    method_schedule: str = option(
+        SCHEDULE_AUTO, "method per round. auto (default): --method while clients start from their own "
+        "initialisations (round 1 without --common-init), plain averaging once they all start from the merged "
+        "model; M1,M2,...: one per round, the last repeating (e.g. cca,avg); '': --method in every round",
+        metavar="auto|M1,M2,...|''")
+    reference: str = option("best", "'best' or a client index")
+    gamma: str = option("auto", "'auto' or a number (CCA regularisation)")
+    gamma_clients: int = option(0, "CCA, --gamma auto: choose gamma by merging the reference with this many - 1 "
+                                   "clients, then merge all with it (0 = choose on all clients)")
+    bn_reset: str = option("auto", "reset BatchNorm statistics after merging (auto: when the model has BatchNorm)",
+                           choices=BN_RESET_CHOICES)
+    repair: bool = option(False, "REPAIR the merged model's unit statistics")
+    repair_target: str = option("average", "REPAIR to the clients' average statistics or the reference's (the "
+                                           "paper's App. D)", choices=("average", "reference"))
+    bn_fold: bool = option(False, "fold BatchNorm into its conv/linear before aligning (exact for CCA; no BatchNorm "
+                                  "reset)")
+    np_merge: bool = option(False, "NP Merge: learn per-parameter merge coefficients on the labelled probe after "
+                                   "alignment")
+    stats_on_server: bool = option(False, "the server holds the probe and computes all statistics (one phase)")
+    weighted: bool = option(True, "average weighted by the clients' sample counts")
+    stats_dtype: str = option("float64", "dtype the clients send their probe statistics in (accumulated in float64 "
+                                         "anyway)", choices=("float64", "float32", "float16", "bfloat16"))
+    stats_rank: int = option(0, "send statistics blocks in low-rank form of this rank (0 = full blocks)")
+    norm_bound: float = option(10.0, "reject (or clip) a client whose weight norm is beyond this factor of the "
+                                     "median (0 = off)")
+    norm_action: str = option("reject", "what happens to a client outside the norm bound", choices=NORM_ACTIONS)
     # federation
-    num_server_rounds: int = 1
-    min_clients: int = 2
-    timeout: float = 600.0
-    device: str = ""
-    out: str = "runs/flwr"
-    faults: str = ""                   # fault injection "KIND:CLIENT,KIND:CLIENT" (tests and demos)
-    resume: bool = False               # continue from the last finished round saved in ``out``
+    num_server_rounds: int = option(1, "federated rounds", flag="--rounds")
+    min_clients: int = option(2, "fewest clients a round needs (at most --clients)")
+    timeout: float = option(600.0, "seconds a round waits for the clients' replies")
+    device: str = option("", "cpu | cuda (default: cuda when available)")
+    out: str = option("runs/flwr", "output folder")
+    faults: str = option("", "make a client fail or attack (the server must reject it): " + " | ".join(FAULT_KINDS)
+                         + ", e.g. nan:1 or scale@2:0", flag="--inject-fault", metavar="KIND[@ROUND]:CLIENT",
+                         repeat=True)
+    resume: bool = option(False, "continue the run in --out from its last finished round (same configuration)")
 
     def __post_init__(self):
         self.validate()
 
     def validate(self) -> None:
-        from fedmerge.common.task.splits import SPLITS
-
         if self.method not in METHOD_CHOICES:
             raise ValueError(f"method must be one of {METHOD_CHOICES}, got {self.method!r}")
         parse_method_schedule(self.method_schedule)
         dataset_info(self.dataset)  # raises for an unknown data set
-        from fedmerge.common.task.splits import ALIASES
         if self.split not in SPLITS and self.split not in ALIASES:
             raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
         if self.num_clients < 1 or self.min_clients < 1:
@@ -110,7 +133,7 @@ class FedConfig:
         if self.gamma_clients != 0 and (self.gamma_clients < 2 or self.method != "cca"):
             raise ValueError(f"gamma_clients must be 0 (all clients) or an integer >= 2, with method 'cca'; got "
                              f"{self.gamma_clients!r} with method {self.method!r}")
-        if str(self.bn_reset).lower() not in ("auto", "true", "false"):
+        if str(self.bn_reset).lower() not in BN_RESET_CHOICES:
             raise ValueError(f"bn_reset must be auto|true|false, got {self.bn_reset!r}")
         if not 0 < self.held_out < 1:
             raise ValueError("held_out must be in (0, 1)")
@@ -126,7 +149,7 @@ class FedConfig:
         from fedmerge.common.engine.merge import REPAIR_TARGETS
         if self.repair_target not in REPAIR_TARGETS:
             raise ValueError(f"repair_target must be one of {REPAIR_TARGETS}, got {self.repair_target!r}")
-        if self.norm_action not in ("reject", "clip"):
+        if self.norm_action not in NORM_ACTIONS:
             raise ValueError(f"norm_action must be reject|clip, got {self.norm_action!r}")
 
     # --- conversions ------------------------------------------------------------------------------------
