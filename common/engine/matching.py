@@ -1,5 +1,11 @@
 """Matching methods: pure functions from statistics (or weights) to per-group transforms.
 
+Every method has one signature, ``fn(inputs: MatchInputs, spec: MergeSpec, reference: int = 0, **hyper) ->
+Alignment`` (:class:`MatchInputs` carries the statistics and/or the parameter dicts), and is registered with
+what it reads and which hyper-parameters are tuned in :mod:`fedmerge.common.engine.methods`. Here: plain
+averaging (:func:`identity_alignment`), Permute and CCA Merge; the shared numerics are in
+:mod:`fedmerge.common.engine.linalg`.
+
 An :data:`Alignment` maps each merge group to one ``(T, T_inv)`` pair per model, in float64: ``T`` maps the
 model's units into the shared basis (the reference's, for all-to-one methods: there ``T_ref = I``), ``T_inv``
 maps back. A merged layer is ``W = sum_i w_i T_i,out W_i T_i,in^-1`` (see :mod:`fedmerge.common.engine.align`).
@@ -41,7 +47,8 @@ class MatchInputs:
 
     @property
     def num_models(self) -> int:
-        return self.stats.num_models if self.stats is not None else len(self.states or ())
+        """The number of models: of ``states`` when given, else of ``stats``."""
+        return len(self.states) if self.states is not None else (self.stats.num_models if self.stats else 0)
 
     def need_stats(self, method: str) -> Statistics:
         if self.stats is None:
