@@ -661,3 +661,29 @@ def test_a_registered_toy_method_merges_through_merge_models():
     finally:
         del METHODS["toy_rescale"]
     assert "toy_rescale" not in METHODS
+
+
+def test_the_registry_and_the_shared_numerics():
+    from fedmerge.common.engine.linalg import dead_units, default_device, polar, sym_powers, unit_scales
+    from fedmerge.common.engine.methods import METHODS, NEEDS, Method
+    from fedmerge.common.task.config import METHOD_CHOICES
+    from fedmerge.common.task.evaluate import default_device as evaluate_device
+
+    assert METHOD_CHOICES == tuple(METHODS) and evaluate_device is default_device
+    assert all(m.needs in NEEDS and callable(m.fn) for m in METHODS.values())
+    assert {n for n, m in METHODS.items() if m.tunable_gamma} == {"cca", "gcca"}
+    assert dict(METHODS["zipit"].tuned).keys() == {"alpha", "beta"}
+    assert (METHODS["cca"].pairs, METHODS["gcca"].pairs, METHODS["avg"].pairs) == ("reference", "all", None)
+    with pytest.raises(ValueError, match="needs"):
+        Method(lambda *a: {}, "everything")
+    assert default_device("cpu") == torch.device("cpu")
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(6, 6, generator=g, dtype=torch.float64)
+    s = a @ a.T + 0.1 * torch.eye(6, dtype=torch.float64)
+    h, mh = sym_powers(s)
+    assert torch.allclose(h @ h, s) and torch.allclose(h @ mh, torch.eye(6, dtype=torch.float64))
+    q = polar(a)
+    assert torch.allclose(q @ q.T, torch.eye(6, dtype=torch.float64))
+    s[2, :] = s[:, 2] = 0
+    sd, dead = unit_scales(s)
+    assert dead.tolist() == [i == 2 for i in range(6)] and dead_units(s).tolist() == [2] and bool((sd > 0).all())
