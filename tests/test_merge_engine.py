@@ -291,7 +291,8 @@ def test_cca_is_finite_on_degenerate_statistics(case):
     d = 12
     n = 5 if case == "rank_deficient" else 400
     xa = torch.randn(n, d, generator=g, dtype=torch.float64)
-    xb = xa @ torch.randn(d, d, generator=g, dtype=torch.float64) + 0.1 * torch.randn(n, d, generator=g, dtype=torch.float64)
+    xb = xa @ torch.randn(d, d, generator=g, dtype=torch.float64) \
+        + 0.1 * torch.randn(n, d, generator=g, dtype=torch.float64)
     if case == "dead":
         xa[:, :3] = 0
         xb[:, 5] = 0

@@ -9,6 +9,11 @@ when something must be selected (``gamma="auto"``, ZipIt!'s ``alpha``/``beta`` w
 reset BatchNorm statistics (default for nets with BN) or apply REPAIR (nets without BN).
 :func:`merge_from_statistics` does the same from statistics computed elsewhere (the Flower server, with
 statistics uploaded by clients).
+
+The pieces: the matching methods and their registry (:mod:`~fedmerge.common.engine.methods`: ``METHODS``,
+``compute_alignment``, ``selection_candidates``), the held-out scoring (:mod:`~fedmerge.common.engine.selection`),
+BatchNorm reset and REPAIR (:mod:`~fedmerge.common.engine.repair`) and the align/average step
+(:mod:`~fedmerge.common.engine.align`); their public names are re-exported here.
 """
 from __future__ import annotations
 

@@ -23,6 +23,7 @@ REPAIR_TARGETS = ("average", "reference")
 
 
 def has_batchnorm(model: nn.Module) -> bool:
+    """Whether ``model`` has a BatchNorm layer (then the merge re-estimates their statistics by default)."""
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
@@ -48,8 +49,8 @@ def reset_bn_stats(model: nn.Module, batches: Batches, device=None) -> nn.Module
     return model.eval().to(orig_device)
 
 
-
 def check_repair_target(target) -> None:
+    """``target`` must be one of :data:`REPAIR_TARGETS` (ValueError otherwise)."""
     if target not in REPAIR_TARGETS:
         raise ValueError(f"unknown repair_target {target!r}; choose one of {list(REPAIR_TARGETS)}")
 
