@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from fedmerge.client.train import TrainConfig, train
+from fedmerge.common.engine.methods import METHODS
 from fedmerge.common.task.checkpoint import load_checkpoint, save_checkpoint
 from fedmerge.common.task.data import (
     canonical_name,
@@ -296,8 +297,8 @@ def command_line(module: str, argv) -> str:
 
 
 # Methods whose merge the cache below reproduces through merge_from_statistics (checked against merge_models
-# in tests/test_benchmarks.py); any other method name goes to merge_models unchanged.
-CACHEABLE_METHODS = ("avg", "permute", "cca", "ot", "zipit", "weight_matching", "merge_many")
+# in tests/test_benchmarks.py): every registered method but gcca; any other method name goes to merge_models.
+CACHEABLE_METHODS = tuple(m for m in METHODS if m != "gcca")
 
 
 def first_models(stats, n: int):

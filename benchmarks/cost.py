@@ -52,6 +52,8 @@ from pathlib import Path
 
 import torch
 
+from fedmerge.common.engine.methods import METHODS as MERGE_METHODS
+
 from .common import comma_list, data_note, forward_pass, method_list, sync
 from .cost_bytes import round_bytes, upload_bytes
 from .cost_memory import memory_child, memory_in_child, memory_measurements
@@ -66,7 +68,7 @@ SCALES = {
 }
 ARCHS = ["vgg11", "resnet20"]
 NS = [2, 4, 8]
-METHODS = ["avg", "permute", "cca", "ot", "zipit", "weight_matching", "merge_many"]
+METHODS = [m for m in MERGE_METHODS if m != "gcca"]  # every registered method but gcca
 TARGET = 1.5
 MEMORY_BATCH = 250  # statistics stream over batches of 250: the peak is that of one batch, whatever the probe size
 

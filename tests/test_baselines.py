@@ -19,7 +19,7 @@ from fedmerge.common.engine.baselines import (
     zipit_group,
 )
 from fedmerge.common.engine.graph import derive_spec
-from fedmerge.common.engine.matching import correlation, permute_pair
+from fedmerge.common.engine.matching import MatchInputs, correlation, permute_pair
 from fedmerge.common.engine.merge import (
     ZIPIT_GRID,
     compute_alignment,
@@ -124,9 +124,9 @@ def test_zipit_needs_all_pairs():
     spec = derive_spec(models[0], X)
     stats = collect_statistics(models, X, pairs="reference", spec=spec)
     with pytest.raises(ValueError, match=r"zipit needs statistics for all pairs; collect with pairs='all'"):
-        match_zipit(stats, spec)
+        match_zipit(MatchInputs(stats), spec)
     # the reference-only statistics suffice for OT
-    assert set(match_ot(stats, spec)) == set(spec.groups)
+    assert set(match_ot(MatchInputs(stats), spec)) == set(spec.groups)
 
 
 def test_zipit_allows_same_model_merges_and_options():
@@ -365,17 +365,17 @@ def test_weight_matching_objective_is_the_published_one(method, case):
 def test_bad_inputs():
     models, spec, stats, states = _two_vggs()
     with pytest.raises(ValueError, match="reference"):
-        match_ot(stats, spec, reference=5)
+        match_ot(MatchInputs(stats), spec, reference=5)
     with pytest.raises(ValueError, match="at least 2"):
-        match_weights(states[:1], spec)
+        match_weights(MatchInputs(states=states[:1]), spec)
     with pytest.raises(ValueError, match="max_iter"):
-        match_merge_many(states, spec, max_iter=0)
+        match_merge_many(MatchInputs(states=states), spec, max_iter=0)
     bad = dict(states[1])
     bad["classifier.weight"] = bad["classifier.weight"][:, :-1]
     with pytest.raises(ValueError, match="classifier.weight"):
-        match_weights([states[0], bad], spec)
+        match_weights(MatchInputs(states=[states[0], bad]), spec)
     with pytest.raises(TypeError, match="unexpected"):
-        match_weights(states, spec, max_iters=3)
+        match_weights(MatchInputs(states=states), spec, max_iters=3)
 
 
 def _train_mlp(seed, x, y, steps=300):

@@ -12,7 +12,7 @@ from toy_models import TinyMLP, TinyResNet, TinyVGG, randomize_bn
 from fedmerge import collect_statistics, merge_models
 from fedmerge.common.engine.gcca import match_gcca
 from fedmerge.common.engine.graph import derive_spec
-from fedmerge.common.engine.matching import match_cca
+from fedmerge.common.engine.matching import MatchInputs, match_cca
 from fedmerge.common.engine.merge import GAMMA_GRID, METHODS
 from fedmerge.common.engine.stats import Statistics
 
@@ -71,7 +71,7 @@ def test_rescaled_and_permuted_copies_merge_exactly(basis, reg, gamma):
 def test_transforms_are_exact_inverses(different_models, basis, variant):
     models = different_models["resnet"]
     stats, spec = stats_of(models)
-    al = match_gcca(stats, spec, reference=1, gamma=0.1, variant=variant, basis=basis)
+    al = match_gcca(MatchInputs(stats), spec, reference=1, gamma=0.1, variant=variant, basis=basis)
     assert set(al) == set(spec.groups)
     for g, row in al.items():
         eye = torch.eye(spec.groups[g].dim, dtype=torch.float64)
@@ -90,8 +90,8 @@ def test_two_models_reference_basis_is_cca(different_models, variant, reference)
     # units as basis the transform is CCA Merge's R_A^1/2 U V^T R_B^-1/2, to rounding
     models = different_models["vgg"][:2]
     stats, spec = stats_of(models)
-    g_al = match_gcca(stats, spec, reference=reference, gamma=0.1, variant=variant, basis="reference")
-    c_al = match_cca(stats, spec, reference=reference, gamma=0.1)
+    g_al = match_gcca(MatchInputs(stats), spec, reference=reference, gamma=0.1, variant=variant, basis="reference")
+    c_al = match_cca(MatchInputs(stats), spec, reference=reference, gamma=0.1)
     for g in spec.groups:
         for (t, t_inv), (tc, tc_inv) in zip(g_al[g], c_al[g]):
             assert rel_err(t, tc) < 1e-8 and rel_err(t_inv, tc_inv) < 1e-8
@@ -134,7 +134,7 @@ def test_dead_units_stay_finite_and_copies_stay_exact(gamma, basis):
     models = [a, equivalent_copy(a, X, "perm", 2), _with_dead_units(ARCHS["vgg"](5))]
     stats, spec = stats_of(models)
     for variant in ("maxvar", "sumcor"):
-        al = match_gcca(stats, spec, gamma=gamma, variant=variant, basis=basis)
+        al = match_gcca(MatchInputs(stats), spec, gamma=gamma, variant=variant, basis=basis)
         for row in al.values():
             for t, t_inv in row:
                 assert torch.isfinite(t).all() and torch.isfinite(t_inv).all()
@@ -153,7 +153,7 @@ def test_rank_deficient_statistics_stay_finite():
     for variant in ("maxvar", "sumcor"):
         for basis in ("mean", "reference"):
             for gamma in (0.0, 1e-3):
-                al = match_gcca(stats, spec, gamma=gamma, variant=variant, basis=basis)
+                al = match_gcca(MatchInputs(stats), spec, gamma=gamma, variant=variant, basis=basis)
                 for row in al.values():
                     for t, t_inv in row:
                         assert torch.isfinite(t).all() and torch.isfinite(t_inv).all()
@@ -168,8 +168,8 @@ def test_singular_consensus_falls_back_to_the_reference_basis(different_models, 
     stats, spec = stats_of(different_models["vgg"])
     monkeypatch.setattr(gcca, "_MAX_COND", 0.0)
     with pytest.warns(UserWarning, match="numerically singular"):
-        al = match_gcca(stats, spec, reference=2, gamma=0.1, basis="mean")
-    expected = match_gcca(stats, spec, reference=2, gamma=0.1, basis="reference")
+        al = match_gcca(MatchInputs(stats), spec, reference=2, gamma=0.1, basis="mean")
+    expected = match_gcca(MatchInputs(stats), spec, reference=2, gamma=0.1, basis="reference")
     for g in spec.groups:
         assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(al[g], expected[g]))
 
@@ -178,20 +178,20 @@ def test_bad_arguments_are_named(different_models):
     models = different_models["vgg"]
     stats, spec = stats_of(models)
     with pytest.raises(ValueError, match="variant.*'maxvr'"):
-        match_gcca(stats, spec, variant="maxvr")
+        match_gcca(MatchInputs(stats), spec, variant="maxvr")
     with pytest.raises(ValueError, match="basis.*'median'"):
-        match_gcca(stats, spec, basis="median")
+        match_gcca(MatchInputs(stats), spec, basis="median")
     with pytest.raises(ValueError, match="regularization.*'ridge'"):
-        match_gcca(stats, spec, regularization="ridge")
+        match_gcca(MatchInputs(stats), spec, regularization="ridge")
     with pytest.raises(ValueError, match="gamma"):
-        match_gcca(stats, spec, gamma=-1.0)
+        match_gcca(MatchInputs(stats), spec, gamma=-1.0)
     with pytest.raises(ValueError, match="reference"):
-        match_gcca(stats, spec, reference=3)
+        match_gcca(MatchInputs(stats), spec, reference=3)
     with pytest.raises(ValueError, match="variant.*'bogus'"):
         merge_models(models, X, method="gcca", gamma=0.1, variant="bogus")
     ref_only = collect_statistics(models, X, reference=0, pairs="reference", spec=spec)
     with pytest.raises(ValueError, match="pairs='all'"):
-        match_gcca(ref_only, spec)
+        match_gcca(MatchInputs(ref_only), spec)
     assert isinstance(ref_only, Statistics)
 
 

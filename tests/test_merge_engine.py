@@ -10,7 +10,7 @@ from toy_models import ConcatNet, TinyMLP, TinyResNet, TinyVGG, randomize_bn
 from fedmerge import collect_statistics, merge_models
 from fedmerge.common.engine.align import align_state
 from fedmerge.common.engine.graph import FIXED, Group, MergeSpec, UnsupportedModelError, derive_spec
-from fedmerge.common.engine.matching import cca_pair, cca_rows, match_cca
+from fedmerge.common.engine.matching import MatchInputs, cca_pair, cca_rows, match_cca
 from fedmerge.common.engine.merge import GAMMA_GRID, merge_from_statistics, reset_bn_stats
 from fedmerge.common.engine.stats import (
     CrossMoments,
@@ -291,7 +291,8 @@ def test_cca_is_finite_on_degenerate_statistics(case):
     d = 12
     n = 5 if case == "rank_deficient" else 400
     xa = torch.randn(n, d, generator=g, dtype=torch.float64)
-    xb = xa @ torch.randn(d, d, generator=g, dtype=torch.float64) + 0.1 * torch.randn(n, d, generator=g, dtype=torch.float64)
+    xb = xa @ torch.randn(d, d, generator=g, dtype=torch.float64) \
+        + 0.1 * torch.randn(n, d, generator=g, dtype=torch.float64)
     if case == "dead":
         xa[:, :3] = 0
         xb[:, 5] = 0
@@ -354,7 +355,7 @@ def test_cca_gamma_grid_reuse_equals_solving_each_gamma(reg, dead):
             t, t_inv = cca_pair(s_aa, s_bb, s_ab, gamma=gamma, regularization=reg)
             t2, t_inv2 = rows[i][k][1]
             assert rel_fro(t2, t) < 1e-10 and rel_fro(t_inv2, t_inv) < 1e-10, (gamma, i)
-        al = match_cca(stats, spec, 0, gamma, regularization=reg)
+        al = match_cca(MatchInputs(stats), spec, 0, gamma, regularization=reg)
         assert all(torch.equal(al[1][i][0], rows[i][k][1][0]) for i in range(3))
 
 
@@ -451,7 +452,7 @@ def test_mlp_and_statistics_container():
     stats = collect_statistics([a, b], x)
     assert isinstance(stats, Statistics) and stats.num_models == 2 and stats.has_pair(0, 1)
     spec = derive_spec(a, x)
-    al = match_cca(stats, spec, gamma=0.1)
+    al = match_cca(MatchInputs(stats), spec, gamma=0.1)
     for g, pairs in al.items():
         t, t_inv = pairs[1]
         assert torch.allclose(t @ t_inv, torch.eye(spec.groups[g].dim, dtype=torch.float64), atol=1e-8)
@@ -628,3 +629,62 @@ def test_gamma_chosen_on_a_subset_of_the_models():
             merge_models(models[:3], (X, y), method="cca", gamma_clients=bad)
     with pytest.raises(ValueError, match="gamma_clients applies to method 'cca'"):
         merge_models(models[:3], (X, y), method="gcca", gamma_clients=2)
+
+
+def test_a_registered_toy_method_merges_through_merge_models():
+    """A new matching method is one function with the common signature plus one registration line: here every
+    non-reference model's hidden units rescaled by a positive ``scale``, with ``scale`` chosen on the held-out
+    probe slice from its registered grid. Merging a model with its copy is exact for ``scale = 1`` only, which
+    is the one that agrees with the ensemble (unlabelled probe) best."""
+    from fedmerge.common.engine.linalg import DTYPE
+    from fedmerge.common.engine.matching import all_to_one
+    from fedmerge.common.engine.methods import METHODS, compute_alignment, register
+
+    seen = []
+
+    def rescale(inputs: MatchInputs, spec, reference: int = 0, scale: float = 1.0):
+        seen.append(scale)
+        return all_to_one(spec, inputs.num_models, reference,
+                          lambda i, g: (scale * torch.eye(spec.groups[g].dim, dtype=DTYPE),
+                                        torch.eye(spec.groups[g].dim, dtype=DTYPE) / scale))
+
+    register("toy_rescale", rescale, "weights", tuned=(("scale", (2.0, 1.0)),))
+    try:
+        a = TinyMLP().eval()
+        x = torch.randn(96, 12, generator=torch.Generator().manual_seed(0))
+        merged, info = merge_models([a, copy.deepcopy(a)], x, method="toy_rescale", return_info=True)
+        assert sorted(seen) == [1.0, 2.0] and info.params == {"scale": 1.0} and len(info.param_scores) == 2
+        with torch.no_grad():
+            assert rel_err(merged(x), a(x)) <= 1e-5
+        spec = derive_spec(a, x)
+        al = compute_alignment("toy_rescale", spec, None, [a.state_dict()] * 2, 0, gamma=0.3, scale=3.0)
+        assert seen[-1] == 3.0 and all(torch.equal(row[1][0], 3.0 * row[0][0]) for row in al.values())
+    finally:
+        del METHODS["toy_rescale"]
+    assert "toy_rescale" not in METHODS
+
+
+def test_the_registry_and_the_shared_numerics():
+    from fedmerge.common.engine.linalg import dead_units, default_device, polar, sym_powers, unit_scales
+    from fedmerge.common.engine.methods import METHODS, NEEDS, Method
+    from fedmerge.common.task.config import METHOD_CHOICES
+    from fedmerge.common.task.evaluate import default_device as evaluate_device
+
+    assert METHOD_CHOICES == tuple(METHODS) and evaluate_device is default_device
+    assert all(m.needs in NEEDS and callable(m.fn) for m in METHODS.values())
+    assert {n for n, m in METHODS.items() if m.tunable_gamma} == {"cca", "gcca"}
+    assert dict(METHODS["zipit"].tuned).keys() == {"alpha", "beta"}
+    assert (METHODS["cca"].pairs, METHODS["gcca"].pairs, METHODS["avg"].pairs) == ("reference", "all", None)
+    with pytest.raises(ValueError, match="needs"):
+        Method(lambda *a: {}, "everything")
+    assert default_device("cpu") == torch.device("cpu")
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(6, 6, generator=g, dtype=torch.float64)
+    s = a @ a.T + 0.1 * torch.eye(6, dtype=torch.float64)
+    h, mh = sym_powers(s)
+    assert torch.allclose(h @ h, s) and torch.allclose(h @ mh, torch.eye(6, dtype=torch.float64))
+    q = polar(a)
+    assert torch.allclose(q @ q.T, torch.eye(6, dtype=torch.float64))
+    s[2, :] = s[:, 2] = 0
+    sd, dead = unit_scales(s)
+    assert dead.tolist() == [i == 2 for i in range(6)] and dead_units(s).tolist() == [2] and bool((sd > 0).all())

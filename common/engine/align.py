@@ -76,27 +76,37 @@ def _align_layer(sd: StateDict, layer: LayerSpec, t, t_inv, eps: float) -> None:
 
 def average_states(states: Sequence[StateDict], weights: Sequence[float], reference: int = 0) -> StateDict:
     """Weighted average of floating-point entries; integer buffers (BN counters) from the reference."""
-    out = {}
-    for k, ref in states[reference].items():
-        if ref.is_floating_point():
-            acc = torch.zeros_like(ref, dtype=torch.float64)
-            for w, s in zip(weights, states):
-                acc += w * s[k].to(torch.float64)
-            out[k] = acc.to(ref.dtype)
-        else:
-            out[k] = ref.clone()
-    return out
+    total = None
+    for w, s in zip(weights, states):
+        total = accumulate(total, s, w)
+    return finish_average(total, states[reference])
 
 
 def aligned_states(states: Sequence[StateDict], spec: MergeSpec, alignment: Alignment,
                    bn_eps: dict[str, float] | None = None) -> list[StateDict]:
     """Every model's parameters expressed in the reference basis."""
-    aligned = []
-    for i, sd in enumerate(states):
-        t = {g: pairs[i][0] for g, pairs in alignment.items()}
-        t_inv = {g: pairs[i][1] for g, pairs in alignment.items()}
-        aligned.append(align_state(sd, spec, t, t_inv, bn_eps))
-    return aligned
+    return [aligned_row(sd, spec, {g: pairs[i] for g, pairs in alignment.items()}, bn_eps)
+            for i, sd in enumerate(states)]
+
+
+def aligned_row(state, spec: MergeSpec, row: dict, bn_eps) -> dict:
+    """One model's parameters in the shared basis, from its ``{group: (T, T^-1)}``."""
+    return align_state(state, spec, {g: p[0] for g, p in row.items()}, {g: p[1] for g, p in row.items()}, bn_eps)
+
+
+def accumulate(total: dict | None, state: dict, weight: float) -> dict:
+    """Running weighted sum of the floating-point entries in float64, in model order (the sum
+    :func:`~fedmerge.common.engine.align.average_states` forms, without holding the summands)."""
+    if total is None:
+        total = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in state.items() if v.is_floating_point()}
+    for k, acc in total.items():
+        acc += weight * state[k].to(torch.float64)
+    return total
+
+
+def finish_average(total: dict, reference_state: dict) -> dict:
+    """The averaged parameters in the reference's dtypes; integer buffers (BN counters) from the reference."""
+    return {k: total[k].to(v.dtype) if v.is_floating_point() else v.clone() for k, v in reference_state.items()}
 
 
 def merge_states(states: Sequence[StateDict], spec: MergeSpec, alignment: Alignment, weights: Sequence[float],

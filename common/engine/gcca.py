@@ -8,8 +8,8 @@ unchanged.
 
 Notation per merge group (d units): S_ii, S_ij the probe (cross-)covariances; R_i = S_ii + gamma tr(S_ii)/d I
 the ridge-regularised covariance (``regularization="trace"``, the same relative ridge as
-:func:`~fedmerge.common.engine.matching.cca_pair`); W_i = R_i^-1/2 (eigh, as ``_sym_powers``); whitened units
-y_i = W_i x_i; K_ij = W_i S_ij W_j^T.
+:func:`~fedmerge.common.engine.matching.cca_pair`); W_i = R_i^-1/2 (eigh,
+:func:`~fedmerge.common.engine.linalg.sym_powers`); whitened units y_i = W_i x_i; K_ij = W_i S_ij W_j^T.
 
 **MAXVAR** (Kettenring 1971; Carroll 1968). C is the Nd x Nd block matrix with K_ij off the diagonal and
 identity blocks on it (the regularised whitening defines each view's metric). Its top-d eigenvectors
@@ -83,7 +83,8 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from fedmerge.common.engine.graph import MergeSpec
-from fedmerge.common.engine.matching import DTYPE, Alignment, _dead, _sym_powers, _unit_scales
+from fedmerge.common.engine.linalg import DTYPE, dead_units, polar, sym_powers, unit_scales
+from fedmerge.common.engine.matching import Alignment, MatchInputs, check_all_pairs, check_reference
 from fedmerge.common.engine.stats import Statistics
 
 __all__ = ["match_gcca", "VARIANTS", "BASES"]
@@ -95,21 +96,16 @@ _PRIOR = 1.0  # dead units: treated as perfectly correlated with their prior par
 _MAX_COND = 1e12  # consensus bases worse conditioned than this fall back to the reference basis
 
 
-def _polar(m: torch.Tensor) -> torch.Tensor:
-    u, _, vh = torch.linalg.svd(m)
-    return u @ vh
-
-
 def _whitening(s: torch.Tensor, gamma: float, regularization: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(W, W^-1) with W R W^T = I for the regularised covariance R (raw units)."""
     d = s.shape[0]
     eye = torch.eye(d, dtype=DTYPE)
     if regularization == "trace":
         sc = max(float(torch.trace(s)) / d, 1e-300)
-        h, mh = _sym_powers(s + gamma * sc * eye)
+        h, mh = sym_powers(s + gamma * sc * eye)
         return mh, h
-    sd = _unit_scales(s)[0]
-    h, mh = _sym_powers(s / torch.outer(sd, sd) + gamma * eye)
+    sd = unit_scales(s)[0]
+    h, mh = sym_powers(s / torch.outer(sd, sd) + gamma * eye)
     return mh / sd[None, :], sd[:, None] * h  # W = R_std^-1/2 D^-1, W^-1 = D R_std^1/2
 
 
@@ -125,12 +121,8 @@ def _check(stats: Statistics, spec: MergeSpec, reference, gamma, variant, basis,
     if not isinstance(stats, Statistics):
         raise ValueError(f"expected a Statistics object, got {type(stats).__name__}")
     n = stats.num_models
-    if isinstance(reference, bool) or not isinstance(reference, (int, np.integer)) or not 0 <= reference < n:
-        raise ValueError(f"reference must be a model index in [0, {n}), got {reference!r}")
-    missing = [(i, j) for i in range(n) for j in range(i + 1, n) if not stats.has_pair(i, j)]
-    if missing:
-        raise ValueError(f"gcca needs statistics for all pairs; collect with pairs='all' "
-                         f"(missing model pairs {missing[:5]})")
+    check_reference(reference, n)
+    check_all_pairs(stats, "gcca")
     for i, own in enumerate(stats.own):
         for g, grp in spec.groups.items():
             if g not in own or tuple(own[g].m2.shape) != (grp.dim, grp.dim):
@@ -142,7 +134,7 @@ def _blocks(stats: Statistics, g: int, n: int, gamma: float, regularization: str
     """Whitening pairs and the whitened cross blocks K_ij (with the dead-unit prior) of one group."""
     covs = [stats.own[i][g].cov.to(DTYPE) for i in range(n)]
     whit = [_whitening(s, gamma, regularization) for s in covs]
-    dead = [torch.nonzero(_dead(s)).flatten() for s in covs]
+    dead = [dead_units(s) for s in covs]
     k = {}
     for i in range(n):
         for j in range(i + 1, n):
@@ -164,7 +156,7 @@ def _joint(k: dict, n: int, d: int) -> torch.Tensor:
 
 
 def _blockwise_polar(m: torch.Tensor, n: int, d: int) -> list[torch.Tensor]:
-    return [_polar(m[i * d:(i + 1) * d]) for i in range(n)]
+    return [polar(m[i * d:(i + 1) * d]) for i in range(n)]
 
 
 def _maxvar(c: torch.Tensor, n: int, d: int) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -230,7 +222,7 @@ def _consensus(backs: list[torch.Tensor], max_iter: int = 50) -> torch.Tensor:
     return torch.as_tensor(best[1], dtype=DTYPE)
 
 
-def match_gcca(stats: Statistics, spec: MergeSpec, reference: int = 0, gamma: float = 0.1,
+def match_gcca(inputs: MatchInputs, spec: MergeSpec, reference: int = 0, gamma: float = 0.1,
                variant: str = "maxvar", basis: str = "reference", regularization: str = "trace",
                max_iter: int = 100, tol: float = 1e-6) -> Alignment:
     """Generalised (multi-view) CCA Merge: every model mapped into one shared basis computed from all
@@ -243,6 +235,7 @@ def match_gcca(stats: Statistics, spec: MergeSpec, reference: int = 0, gamma: fl
     gamma, regularization: the ridge, as in :func:`~fedmerge.common.engine.matching.cca_pair`.
     Needs cross statistics of every pair. Returns per group one float64 ``(T_i, T_i^-1)`` per model.
     """
+    stats = inputs.need_stats("gcca")
     n = _check(stats, spec, reference, gamma, variant, basis, regularization)
     gamma = float(gamma)
     out: Alignment = {}

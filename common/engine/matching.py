@@ -1,5 +1,11 @@
 """Matching methods: pure functions from statistics (or weights) to per-group transforms.
 
+Every method has one signature, ``fn(inputs: MatchInputs, spec: MergeSpec, reference: int = 0, **hyper) ->
+Alignment`` (:class:`MatchInputs` carries the statistics and/or the parameter dicts), and is registered with
+what it reads and which hyper-parameters are tuned in :mod:`fedmerge.common.engine.methods`. Here: plain
+averaging (:func:`identity_alignment`), Permute and CCA Merge; the shared numerics are in
+:mod:`fedmerge.common.engine.linalg`.
+
 An :data:`Alignment` maps each merge group to one ``(T, T_inv)`` pair per model, in float64: ``T`` maps the
 model's units into the shared basis (the reference's, for all-to-one methods: there ``T_ref = I``), ``T_inv``
 maps back. A merged layer is ``W = sum_i w_i T_i,out W_i T_i,in^-1`` (see :mod:`fedmerge.common.engine.align`).
@@ -11,40 +17,98 @@ P_B = S_BB^-1/2 V; the transform mapping B's units onto A's is T = (P_B P_A^-1)^
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
 from fedmerge.common.engine.graph import MergeSpec
+from fedmerge.common.engine.linalg import DTYPE, dead_units, polar, single_threaded, sym_powers, unit_scales
 from fedmerge.common.engine.stats import Statistics
 
+__all__ = ["Alignment", "MatchInputs", "DTYPE", "identity_alignment", "all_to_one", "check_reference",
+           "check_stats", "check_all_pairs", "correlation", "permutation_from_scores", "permute_pair",
+           "match_permute", "cca_pair", "CCABasis", "CCAPair", "CCARows", "cca_rows", "match_cca",
+           "single_threaded", "REGULARIZATIONS"]
+
 Alignment = dict[int, list[tuple[torch.Tensor, torch.Tensor]]]
-DTYPE = torch.float64
+PairFn = Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]
 
 
-def identity_alignment(spec: MergeSpec, num_models: int) -> Alignment:
-    return {g: [(torch.eye(grp.dim, dtype=DTYPE), torch.eye(grp.dim, dtype=DTYPE)) for _ in range(num_models)]
+@dataclass(frozen=True)
+class MatchInputs:
+    """What a matching method reads: the models' activation statistics (:class:`Statistics`, for the methods that
+    need them) and/or their parameter dicts (``states``, for the weight-based ones). Every matching method is
+    ``fn(inputs: MatchInputs, spec: MergeSpec, reference: int = 0, **hyper) -> Alignment``."""
+    stats: Statistics | None = None
+    states: Sequence[Mapping[str, torch.Tensor]] | None = None
+
+    @property
+    def num_models(self) -> int:
+        """The number of models: of ``states`` when given, else of ``stats``."""
+        return len(self.states) if self.states is not None else (self.stats.num_models if self.stats else 0)
+
+    def need_stats(self, method: str) -> Statistics:
+        if self.stats is None:
+            raise ValueError(f"method {method!r} needs activation statistics")
+        return self.stats
+
+    def need_states(self, method: str) -> Sequence[Mapping[str, torch.Tensor]]:
+        if self.states is None:
+            raise ValueError(f"method {method!r} needs the models' parameters")
+        return self.states
+
+
+def identity_alignment(inputs: MatchInputs, spec: MergeSpec, reference: int = 0) -> Alignment:
+    """Plain averaging: every model keeps its own units (identity transforms)."""
+    return {g: [(torch.eye(grp.dim, dtype=DTYPE), torch.eye(grp.dim, dtype=DTYPE)) for _ in range(inputs.num_models)]
             for g, grp in spec.groups.items()}
 
 
-def _all_to_one(stats: Statistics, spec: MergeSpec, reference: int,
-                pair_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-                ) -> Alignment:
+def all_to_one(spec: MergeSpec, num_models: int, reference: int, pair_fn: PairFn) -> Alignment:
+    """An all-to-one alignment: the reference keeps its units (identity), model i at group g gets
+    ``pair_fn(i, g)``, its ``(T, T^-1)`` onto the reference."""
     out: Alignment = {}
     for g, grp in spec.groups.items():
         eye = torch.eye(grp.dim, dtype=DTYPE)
-        row = []
-        for i in range(stats.num_models):
-            if i == reference:
-                row.append((eye, eye))
-            else:
-                s_aa, s_bb, s_ab = stats.pair(reference, i, g)
-                row.append(pair_fn(s_aa, s_bb, s_ab))
-        out[g] = row
+        out[g] = [(eye, eye) if i == reference else pair_fn(i, g) for i in range(num_models)]
     return out
+
+
+def check_reference(reference, n: int) -> int:
+    """``reference`` as a model index in ``[0, n)`` (ValueError otherwise)."""
+    if isinstance(reference, bool) or not isinstance(reference, (int, np.integer)) or not 0 <= reference < n:
+        raise ValueError(f"reference must be a model index in [0, {n}), got {reference!r}")
+    return int(reference)
+
+
+def check_stats(stats: Statistics, spec: MergeSpec) -> int:
+    """The number of models of ``stats``, after checking that they hold every merge group of ``spec``."""
+    if not isinstance(stats, Statistics):
+        raise ValueError(f"expected a Statistics object, got {type(stats).__name__}")
+    n = stats.num_models
+    if n < 2:
+        raise ValueError(f"matching needs statistics of at least 2 models, got {n}")
+    for i, own in enumerate(stats.own):
+        missing = [g for g in spec.groups if g not in own]
+        if missing:
+            raise ValueError(f"statistics of model {i} lack merge groups {missing[:5]}: do they match the spec?")
+        for g, grp in spec.groups.items():
+            if tuple(own[g].m2.shape) != (grp.dim, grp.dim):
+                raise ValueError(f"statistics of model {i} at group {g} have shape {tuple(own[g].m2.shape)}, "
+                                 f"the spec says {grp.dim} units")
+    return n
+
+
+def check_all_pairs(stats: Statistics, method: str) -> None:
+    """Methods over all N models at once need the cross statistics of every pair (ValueError otherwise)."""
+    n = stats.num_models
+    missing = [(i, j) for i in range(n) for j in range(i + 1, n) if not stats.has_pair(i, j)]
+    if missing:
+        raise ValueError(f"{method} needs statistics for all pairs; collect with pairs='all' "
+                         f"(missing model pairs {missing[:5]})")
 
 
 # --- permutation (linear assignment on correlations) --------------------------------------------------------
@@ -68,36 +132,13 @@ def permute_pair(s_aa, s_bb, s_ab):
     return p, p.T.clone()
 
 
-def match_permute(stats: Statistics, spec: MergeSpec, reference: int = 0) -> Alignment:
+def match_permute(inputs: MatchInputs, spec: MergeSpec, reference: int = 0) -> Alignment:
     """Permute: each model's units matched one-to-one to the reference's by maximal activation correlation."""
-    return _all_to_one(stats, spec, reference, permute_pair)
+    stats = inputs.need_stats("permute")
+    return all_to_one(spec, stats.num_models, reference, lambda i, g: permute_pair(*stats.pair(reference, i, g)))
 
 
 # --- CCA --------------------------------------------------------------------------------------------------
-def _sym_powers(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(S^1/2, S^-1/2) of a symmetric positive definite matrix via eigh."""
-    s = (s + s.T) / 2
-    evals, evecs = torch.linalg.eigh(s)
-    floor = torch.clamp(evals.max(), min=1e-300) * 1e-8  # condition number <= 1e8 even with gamma = 0
-    evals = torch.clamp(evals, min=floor)
-    r = torch.sqrt(evals)
-    return (evecs * r) @ evecs.T, (evecs / r) @ evecs.T
-
-
-def _unit_scales(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-unit standard deviations and the dead-unit mask. Dead units (no variance on the probe) get the
-    live units' typical scale, so that mapping them never produces huge weights."""
-    var = torch.clamp(torch.diagonal(s), min=0)
-    dead = var <= max(float(var.mean()), 1e-300) * 1e-12
-    live = var[~dead]
-    fill = float(live.mean()) if live.numel() else 1.0
-    return torch.sqrt(torch.where(dead, torch.full_like(var, fill), var)), dead
-
-
-def _dead(s: torch.Tensor) -> torch.Tensor:
-    return _unit_scales(s)[1]
-
-
 def cca_pair(s_aa: torch.Tensor, s_bb: torch.Tensor, s_ab: torch.Tensor, gamma: float = 0.1,
              regularization: str = "trace") -> tuple[torch.Tensor, torch.Tensor]:
     """CCA transform (T, T^-1) mapping model B's units onto model A's.
@@ -116,11 +157,11 @@ def cca_pair(s_aa: torch.Tensor, s_bb: torch.Tensor, s_ab: torch.Tensor, gamma: 
         raise ValueError(f"gamma must be >= 0, got {gamma}")
     d_a, d_b = s_aa.shape[0], s_bb.shape[0]
     prior = torch.zeros(d_a, d_b, dtype=s_ab.dtype)
-    dead_a, dead_b = torch.nonzero(_dead(s_aa)).flatten(), torch.nonzero(_dead(s_bb)).flatten()
+    dead_a, dead_b = dead_units(s_aa), dead_units(s_bb)
     k = min(len(dead_a), len(dead_b))
     prior[dead_a[:k], dead_b[:k]] = 1.0
     if regularization == "corr":
-        sd_a, sd_b = _unit_scales(s_aa)[0], _unit_scales(s_bb)[0]
+        sd_a, sd_b = unit_scales(s_aa)[0], unit_scales(s_bb)[0]
         r_aa = s_aa / torch.outer(sd_a, sd_a) + gamma * torch.eye(d_a, dtype=s_aa.dtype)
         r_bb = s_bb / torch.outer(sd_b, sd_b) + gamma * torch.eye(d_b, dtype=s_bb.dtype)
         r_ab = s_ab / torch.outer(sd_a, sd_b)
@@ -135,20 +176,15 @@ def cca_pair(s_aa: torch.Tensor, s_bb: torch.Tensor, s_ab: torch.Tensor, gamma: 
     raise ValueError(f"regularization must be 'corr' or 'trace', got {regularization!r}")
 
 
-def _polar(m: torch.Tensor) -> torch.Tensor:
-    u, _, vh = torch.linalg.svd(m)
-    return u @ vh
-
-
 def _cca_core(s_aa, s_bb, s_ab, prior=None):
-    a_h, a_mh = _sym_powers(s_aa)
-    b_h, b_mh = _sym_powers(s_bb)
+    a_h, a_mh = sym_powers(s_aa)
+    b_h, b_mh = sym_powers(s_bb)
     u, sv, vh = torch.linalg.svd(a_mh @ s_ab @ b_mh)
     null = sv <= sv.max().clamp_min(1e-300) * 1e-9
     if bool(null.any()):  # undetermined directions: best orthogonal map towards the prior pairing
         u0, v0 = u[:, null], vh[null].T
         k = u0.T @ (prior if prior is not None else torch.zeros_like(s_ab)) @ v0
-        q = _polar(k) if float(k.abs().max()) > 0 else torch.eye(k.shape[0], dtype=k.dtype)
+        q = polar(k) if float(k.abs().max()) > 0 else torch.eye(k.shape[0], dtype=k.dtype)
         live = ~null
         rot = u[:, live] @ vh[live] + u0 @ q @ v0.T
     else:
@@ -174,7 +210,7 @@ class CCABasis:
             raise ValueError(f"regularization must be 'corr' or 'trace', got {regularization!r}")
         s = s.to(DTYPE)
         d = s.shape[0]
-        scales, dead = _unit_scales(s)
+        scales, dead = unit_scales(s)
         self.dead = torch.nonzero(dead).flatten()
         if regularization == "corr":
             self.sd, self.scale = scales, 1.0
@@ -184,7 +220,8 @@ class CCABasis:
         self.evals, self.evecs = torch.linalg.eigh((s + s.T) / 2)
 
     def roots(self, gamma: float) -> torch.Tensor:
-        """Square roots of the regularised covariance's eigenvalues, floored as :func:`_sym_powers` floors them
+        """Square roots of the regularised covariance's eigenvalues, floored as
+        :func:`~fedmerge.common.engine.linalg.sym_powers` floors them
         (condition number <= 1e8)."""
         e = self.evals + gamma * self.scale
         return torch.sqrt(torch.clamp(e, min=torch.clamp(e.max(), min=1e-300) * 1e-8))
@@ -216,7 +253,7 @@ class CCAPair:
         if bool(null.any()):  # as _cca_core: the best orthogonal map towards the prior pairing
             u0, v0 = u[:, null], vh[null].T
             k = u0.T @ self.prior @ v0 if self.prior is not None else torch.zeros(u0.shape[1], v0.shape[1], dtype=DTYPE)
-            q = _polar(k) if float(k.abs().max()) > 0 else torch.eye(k.shape[0], dtype=k.dtype)
+            q = polar(k) if float(k.abs().max()) > 0 else torch.eye(k.shape[0], dtype=k.dtype)
             live = ~null
             rot = u[:, live] @ vh[live] + u0 @ q @ v0.T
         else:
@@ -228,23 +265,6 @@ class CCAPair:
             sd_a, sd_b = self.a.sd, self.b.sd
             t, t_inv = sd_a[:, None] * t / sd_b[None, :], sd_b[:, None] * t_inv / sd_a[None, :]
         return t, t_inv
-
-
-@contextmanager
-def single_threaded():
-    """torch's intra-op threads set to 1 for the block (and restored). Dense LAPACK on matrices of a few hundred
-    rows (eigh, SVD) runs in many short parallel regions: on a machine whose cores are busy (shared, or running
-    the clients) two threads measured 4-6x slower than one for the CCA transforms of 512-unit layers
-    (docs/results.md, "Scale"). The merge runs its per-model linear algebra single-threaded and spreads the models
-    over threads instead, so that the transforms also do not depend on the thread count."""
-    prev = torch.get_num_threads()
-    if prev != 1:
-        torch.set_num_threads(1)
-    try:
-        yield prev
-    finally:
-        if prev != 1:
-            torch.set_num_threads(prev)
 
 
 class CCARows:
@@ -292,10 +312,11 @@ def cca_rows(stats: Statistics, spec: MergeSpec, reference: int, gammas, regular
         yield rows.row(i)
 
 
-def match_cca(stats: Statistics, spec: MergeSpec, reference: int = 0, gamma: float = 0.1,
+def match_cca(inputs: MatchInputs, spec: MergeSpec, reference: int = 0, gamma: float = 0.1,
               regularization: str = "trace") -> Alignment:
     """CCA Merge all-to-one: every model's units mapped onto the reference's canonical directions (the
     reference's covariance decomposed once for all models: :func:`cca_rows`)."""
+    stats = inputs.need_stats("cca")
     out: Alignment = {g: [] for g in spec.groups}
     for (row,) in cca_rows(stats, spec, reference, [gamma], regularization):
         for g, pair in row.items():

@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from fedmerge.common.engine.linalg import default_device
 from fedmerge.common.wire.probe import Batches
 
 __all__ = ["np_merge"]
@@ -43,7 +44,7 @@ def np_merge(template: nn.Module, aligned: Sequence[dict[str, torch.Tensor]], we
         raise ValueError("NP Merge needs at least 2 aligned models")
     if steps < 0 or lr <= 0:
         raise ValueError("steps must be >= 0 and lr > 0")
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = default_device(device)
     model = copy.deepcopy(template).to(dev).eval()
     names = [n for n, _ in model.named_parameters()]
     buffers = {n: b.to(dev) for n, b in model.named_buffers()}

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from fedmerge.common.engine.graph import MergeSpec, derive_spec, trace
+from fedmerge.common.engine.linalg import default_device
 from fedmerge.common.wire.probe import Batches, as_batches
 
 DTYPE = torch.float64
@@ -200,15 +201,9 @@ def _centred(parts: list[torch.Tensor], who: str, g: int) -> list[_Centred]:
     return out
 
 
-def _device(device) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 @torch.no_grad()
 def _stream(models: Sequence[nn.Module], spec: MergeSpec, batches: Batches, device) -> Iterable[list[dict]]:
-    dev = _device(device)
+    dev = default_device(device)
     extractors = []
     states = []
     for m in models:

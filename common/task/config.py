@@ -8,12 +8,14 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any, Sequence
 
+from fedmerge.common.engine.methods import METHODS
 from fedmerge.common.task.data import dataset_info
 from fedmerge.common.task.splits import ALIASES, SPLITS
 
 __all__ = ["FedConfig", "METHOD_CHOICES", "FAULT_KINDS", "option", "parse_faults", "parse_method_schedule"]
 
-METHOD_CHOICES = ("avg", "permute", "weight_matching", "ot", "zipit", "merge_many", "cca", "gcca")
+#: The matching methods, from the one registry (:data:`fedmerge.common.engine.methods.METHODS`).
+METHOD_CHOICES = tuple(METHODS)
 #: ``method_schedule="auto"``: the configured method in a round whose clients start from their own
 #: initialisations (no global weights sent: round 1 without ``common_init``), plain averaging in a round whose
 #: clients all start from the global model.

@@ -1,5 +1,6 @@
 """Evaluation shared by the server, the clients and the offline runs: test accuracy and loss of a model, of
-the logit ensemble (the upper bound for merging), and the one device rule (CUDA when present)."""
+the logit ensemble (the upper bound for merging). ``default_device`` (the one device rule: CUDA when present)
+is :func:`fedmerge.common.engine.linalg.default_device`, re-exported here."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -8,14 +9,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fedmerge.common.engine.linalg import default_device
+
 __all__ = ["default_device", "predict_logits", "evaluate", "ensemble_evaluate"]
-
-
-def default_device(device=None) -> torch.device:
-    """``device`` as a torch device; None: CUDA when present, else the CPU."""
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @torch.no_grad()
