@@ -38,9 +38,10 @@ from fedmerge.common.engine.matching import single_threaded
 from fedmerge.common.wire.compress import WHITEN_GAMMA, block_encoding
 from fedmerge.common.wire.records import WireError, decode_array, record_to_arrays
 
-__all__ = ["ReplyRejected", "CrossCheckFailed", "ClientMetrics", "record_bytes", "check_size", "read_int", "read_metrics",
-           "read_echo", "check_echo", "decode_statistics", "decode_weights", "weight_norm", "norm_outliers", "psd_tolerance", "check_moments",
-           "check_cross", "check_own_matches", "check_cross_matches", "transport", "MAX_VARIANCE", "MAX_EXAMPLES", "CROSS_CORR_TOL", "MEAN_TOL"]
+__all__ = ["ReplyRejected", "CrossCheckFailed", "ClientMetrics", "record_bytes", "check_size", "read_int",
+           "read_metrics", "read_echo", "check_echo", "decode_statistics", "decode_weights", "weight_norm",
+           "norm_outliers", "psd_tolerance", "check_moments", "check_cross", "check_own_matches", "check_cross_matches",
+           "transport", "MAX_VARIANCE", "MAX_EXAMPLES", "CROSS_CORR_TOL", "MEAN_TOL"]
 
 MAX_VARIANCE = 1e24          # per-unit variance / squared mean of an activation
 MAX_EXAMPLES = 10 ** 9        # num-examples cap when the server knows neither partition sizes nor a cap
