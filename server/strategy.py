@@ -273,7 +273,6 @@ class CCAMerge(MethodSchedule, Identities, Screening, PhaseTwo, Merging, FedAvg)
         log(INFO, "\t└──> merge spec: %d groups, %d layers; min clients %d; norm bound %s (%s)", len(self.spec.groups),
             len(self.spec.layers), self.min_clients, self.norm_bound, self.norm_action)
 
-
     # --- phase 1 ------------------------------------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -291,7 +290,6 @@ class CCAMerge(MethodSchedule, Identities, Screening, PhaseTwo, Merging, FedAvg)
         messages = [self._train_message(server_round, node, arrays, config) for node in nodes]
         progress.info("round %d: %d clients training", server_round, len(messages))
         return messages
-
 
     def _train_message(self, server_round: int, node: int, arrays: ArrayRecord, config: ConfigRecord) -> Message:
         extra = {**self.probe_split, **({keys.PROBE_DIGEST: self.probe_digest} if self.probe_digest else {})}
@@ -316,6 +314,26 @@ class CCAMerge(MethodSchedule, Identities, Screening, PhaseTwo, Merging, FedAvg)
         rec = RoundRecord(round=server_round, method=self.method)
         self.history.append(rec)
         t_round = time.time()
+        accepted = self._read_train_replies(rec, replies)
+        rec.timings["phase1_wait"] = t_round - self._round_start
+        progress.info("round %d: %d of %d training replies pass the reply checks (after %.1f s)", server_round,
+                      len(accepted), len(self._sampled), rec.timings["phase1_wait"])
+        try:
+            accepted = self._settle_claims(rec, self._verify_own(
+                rec, self._bound_norms(rec, self._agree_on_counts(rec, accepted))))
+            accepted.sort(key=lambda u: u.partition)
+            return self._merge_round(server_round, rec, accepted)
+        except RoundFailedError as exc:
+            rec.ok, rec.error = False, str(exc)
+            log(ERROR, "round %d failed: %s; keeping the previous global model", server_round, exc)
+            if self.on_failed_round == "raise":
+                raise
+            return None, None
+        finally:   # configure_train to the merged model (or the failure): what the round cost, clients included
+            rec.timings["round"] = time.time() - self._round_start
+
+    def _read_train_replies(self, rec: RoundRecord, replies: Iterable[Message]) -> list[ClientUpdate]:
+        """The replies that pass every check, one per sampled node; every other node is rejected with a reason."""
         accepted: list[ClientUpdate] = []
         seen: set[int] = set()
         for msg in sorted(replies, key=lambda m: int(m.metadata.src_node_id)):
@@ -343,22 +361,7 @@ class CCAMerge(MethodSchedule, Identities, Screening, PhaseTwo, Merging, FedAvg)
                     del msg.content[key]
         for node in sorted(self._sampled - seen):
             self._reject(rec, node, "train", "no reply (timed out)")
-        rec.timings["phase1_wait"] = t_round - self._round_start
-        progress.info("round %d: %d of %d training replies pass the reply checks (after %.1f s)", server_round,
-                      len(accepted), len(self._sampled), rec.timings["phase1_wait"])
-        try:
-            accepted = self._settle_claims(rec, self._verify_own(
-                rec, self._bound_norms(rec, self._agree_on_counts(rec, accepted))))
-            accepted.sort(key=lambda u: u.partition)
-            return self._merge_round(server_round, rec, accepted)
-        except RoundFailedError as exc:
-            rec.ok, rec.error = False, str(exc)
-            log(ERROR, "round %d failed: %s; keeping the previous global model", server_round, exc)
-            if self.on_failed_round == "raise":
-                raise
-            return None, None
-        finally:   # configure_train to the merged model (or the failure): what the round cost, clients included
-            rec.timings["round"] = time.time() - self._round_start
+        return accepted
 
     def _account(self, rec: RoundRecord, part: int, rd: RecordDict, weights_key: str | None, stats_key: str) -> None:
         ars = rd.array_records
