@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedmerge.common import progress
@@ -32,9 +32,10 @@ from fedmerge.common.engine.stats import Moments, own_statistics
 from fedmerge.common.task.config import FedConfig
 from fedmerge.common.task.evaluate import evaluate
 from fedmerge.common.task.loaders import build_global_model, probe_batches, test_loader, train_loader
+from fedmerge.common.wire import keys
 from fedmerge.common.wire.records import weights_digest
 
-from .protocol import LOCAL_KEY, cross_stats_records, node_partition, train_reply
+from .protocol import LOCAL_KEY, OWN_KEY, cross_stats_records, node_partition, remember_training, train_reply
 from .train import TrainConfig, train
 
 __all__ = ["task_client_app", "app", "LOCAL_KEY"]
@@ -42,7 +43,7 @@ __all__ = ["task_client_app", "app", "LOCAL_KEY"]
 
 def _faults(cfg: FedConfig, pid: int, config: ConfigRecord) -> list[str]:
     faults = cfg.fault_for(pid)
-    rnd = int(config.get("server-round", 1))
+    rnd = int(config.get(keys.SERVER_ROUND, 1))
     # a fault may be limited to one round: KIND@ROUND (e.g. nan@2)
     out = []
     for f in faults:
@@ -64,16 +65,16 @@ def task_client_app(overrides: dict | None = None) -> ClientApp:
     @app.train()
     def train_handler(msg: Message, context: Context) -> Message:
         cfg = config_of(context)
-        config = msg.content.config_records.get("config", ConfigRecord())
+        config = msg.content.config_records.get(keys.CONFIG, ConfigRecord())
         pid, nparts = node_partition(context, config)
-        rnd = int(config.get("server-round", 1))
+        rnd = int(config.get(keys.SERVER_ROUND, 1))
         faults = _faults(cfg, pid, config)
         if "drop-train" in faults:
             raise RuntimeError(f"injected fault: client {pid} drops out of training")
         device = cfg.device or None
         t0 = time.perf_counter()
         model = build_global_model(cfg, seed=cfg.seed * 1000 + pid)  # own init unless weights are sent
-        arrays = msg.content.array_records.get("arrays")
+        arrays = msg.content.array_records.get(keys.ARRAYS)
         if arrays is not None and len(arrays) > 0:
             model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
         loader = train_loader(cfg, pid, nparts, seed=cfg.seed * 1000 + pid + 7919 * rnd)
@@ -88,9 +89,8 @@ def task_client_app(overrides: dict | None = None) -> ClientApp:
         held_m = evaluate(model, held, device=device)
         t_eval = time.perf_counter() - t
 
-        context.state[LOCAL_KEY] = ArrayRecord({k: v.detach().cpu() for k, v in model.state_dict().items()})
         own, t_stats = None, 0.0
-        if bool(config.get("want-stats", True)):
+        if bool(config.get(keys.WANT_STATS, True)):
             t = time.perf_counter()
             own = own_statistics(model, fit, derive_spec(model, fit.example()), device=device)
             if "nonpsd" in faults:
@@ -101,16 +101,17 @@ def task_client_app(overrides: dict | None = None) -> ClientApp:
                                      "test-loss": test["loss"], "probe-accuracy": held_m["accuracy"],
                                      "seconds-train": t_train, "seconds-eval": t_eval},
                             dtype=cfg.stats_dtype, rank=cfg.stats_rank, own=own)
-        reply.content["metrics"]["seconds-stats"] += t_stats   # computing ``own`` here, then encoding it there
+        reply.content[keys.METRICS][keys.SECONDS_STATS] += t_stats   # computing ``own`` here, encoding it there
+        remember_training(context, model, reply)   # before the faults: they corrupt the upload, not the client
         _inject(reply.content, faults, cfg, pid, nparts)
         progress.info("client %d round %d: test accuracy %.2f%% after %.1f s of training; statistics %.1f s", pid, rnd,
-                      100 * test["accuracy"], t_train, reply.content["metrics"]["seconds-stats"])
+                      100 * test["accuracy"], t_train, reply.content[keys.METRICS][keys.SECONDS_STATS])
         return reply
 
     @app.query("cross_stats")
     def cross_handler(msg: Message, context: Context) -> Message:
         cfg = config_of(context)
-        config = msg.content.config_records.get("config", ConfigRecord())
+        config = msg.content.config_records.get(keys.CONFIG, ConfigRecord())
         pid, _ = node_partition(context, config)
         faults = _faults(cfg, pid, config)
         if "drop-query" in faults:
@@ -121,30 +122,32 @@ def task_client_app(overrides: dict | None = None) -> ClientApp:
         own_model = build_global_model(cfg)
         own_model.load_state_dict(context.state.array_records[LOCAL_KEY].to_torch_state_dict())
         ref_model = build_global_model(cfg)
-        ref_state = msg.content.array_records["reference"].to_torch_state_dict()
+        ref_state = msg.content.array_records[keys.REFERENCE].to_torch_state_dict()
         if "stale-ref" in faults:  # computes against another reference (its own weights) and says so
             ref_state = context.state.array_records[LOCAL_KEY].to_torch_state_dict()
         ref_model.load_state_dict(ref_state, strict=True)
         fit, _ = probe_batches(cfg)
         content = RecordDict(cross_stats_records(ref_model, own_model, fit, reference_digest=weights_digest(ref_state),
                                                  dtype=cfg.stats_dtype, rank=cfg.stats_rank,
-                                                 device=cfg.device or None))
+                                                 device=cfg.device or None,
+                                                 own=context.state.array_records.get(OWN_KEY)))
         if "nan-query" in faults:
-            key = next(k for k in content["cross-stats"].keys() if k.endswith((".c", ".c.left")))
-            bad = content["cross-stats"][key].numpy().copy()
+            key = next(k for k in content[keys.CROSS_STATS].keys() if k.endswith((".c", ".c.left")))
+            bad = content[keys.CROSS_STATS][key].numpy().copy()
             bad.reshape(-1)[0] = 0x7FC0 if bad.dtype == np.uint16 else np.nan  # bfloat16 travels as its bits
-            content["cross-stats"][key] = Array(bad)
-        content["metrics"] = MetricRecord({"seconds-cross-stats": time.perf_counter() - t, "partition-id": pid})
+            content[keys.CROSS_STATS][key] = Array(bad)
+        content[keys.METRICS] = MetricRecord({keys.SECONDS_CROSS_STATS: time.perf_counter() - t,
+                                              keys.PARTITION_ID: pid})
         return Message(content, reply_to=msg)
 
     @app.evaluate()
     def evaluate_handler(msg: Message, context: Context) -> Message:
         cfg = config_of(context)
         model = build_global_model(cfg)
-        model.load_state_dict(msg.content.array_records["arrays"].to_torch_state_dict(), strict=True)
+        model.load_state_dict(msg.content.array_records[keys.ARRAYS].to_torch_state_dict(), strict=True)
         m = evaluate(model, test_loader(cfg), device=cfg.device or None)
-        return Message(RecordDict({"metrics": MetricRecord({"num-examples": m["n"], "accuracy": m["accuracy"],
-                                                            "loss": m["loss"]})}), reply_to=msg)
+        return Message(RecordDict({keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: m["n"], "accuracy": m["accuracy"],
+                                                               "loss": m["loss"]})}), reply_to=msg)
 
     return app
 
@@ -163,7 +166,7 @@ def _inject(content: RecordDict, faults: list[str], cfg: FedConfig, pid: int, np
     Kinds: :data:`fedmerge.common.task.config.FAULT_KINDS`."""
     if not faults:
         return
-    arrays = content["arrays"]
+    arrays = content[keys.ARRAYS]
     if "bytes" in faults:  # the payload holds another shape than the Array declares
         key = next(k for k in arrays.keys() if len(arrays[k].shape) > 0)
         a = arrays[key]
@@ -175,9 +178,9 @@ def _inject(content: RecordDict, faults: list[str], cfg: FedConfig, pid: int, np
             if v.dtype.kind == "f":
                 arrays[k] = Array(v * np.float32(1e6))
     if "count" in faults:  # inflated sample count
-        content["metrics"]["num-examples"] = 10 ** 12
+        content[keys.METRICS][keys.NUM_EXAMPLES] = 10 ** 12
     if "partition" in faults:  # claims the next client's partition
-        content["metrics"]["partition-id"] = (pid + 1) % max(nparts, 2)
+        content[keys.METRICS][keys.PARTITION_ID] = (pid + 1) % max(nparts, 2)
     if "nan" in faults:
         key = next(k for k in arrays.keys() if arrays[k].numpy().dtype.kind == "f")
         bad = arrays[key].numpy().copy()

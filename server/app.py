@@ -70,17 +70,8 @@ def run_federation(grid: Grid, cfg: FedConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     template = build_global_model(cfg, seed=cfg.seed)
     fit, held = probe_batches(cfg)
-    strategy = CCAMerge(
-        model_fn=lambda: build_global_model(cfg, seed=cfg.seed), probe=(fit, held), method=cfg.method,
-        reference=cfg.reference_value, gamma=cfg.gamma_value, bn_reset=cfg.bn_reset_value, repair=cfg.repair,
-        repair_target=cfg.repair_target, bn_fold=cfg.bn_fold, weighted=cfg.weighted,
-        num_clients=cfg.num_clients, min_clients=cfg.min_clients, stats_on_server=cfg.stats_on_server,
-        query_timeout=cfg.timeout, held_out=cfg.held_out, seed=cfg.seed,
-        device=cfg.device or None, max_examples=lambda part: _partition_size(cfg, part, strategy),
-        norm_bound=cfg.norm_bound or None, norm_action=cfg.norm_action,
-        method_schedule=cfg.method_schedule or None,
-        **({"np_merge": True} if cfg.np_merge else {}),
-        **({"gamma_clients": cfg.gamma_clients} if cfg.gamma_clients else {}))
+    strategy = CCAMerge.from_config(cfg, probe=(fit, held),
+                                    max_examples=lambda part: _partition_size(cfg, part, strategy))
     test = test_loader(cfg)
     evals: dict[int, dict] = {}
     initial = ArrayRecord(template.state_dict()) if cfg.common_init else ArrayRecord()

@@ -35,12 +35,14 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedmerge.common.engine.matching import single_threaded
+from fedmerge.common.wire import keys as wire
 from fedmerge.common.wire.compress import WHITEN_GAMMA, block_encoding
 from fedmerge.common.wire.records import WireError, decode_array, record_to_arrays
 
-__all__ = ["ReplyRejected", "CrossCheckFailed", "ClientMetrics", "record_bytes", "check_size", "read_int", "read_metrics",
-           "read_echo", "check_echo", "decode_statistics", "decode_weights", "weight_norm", "norm_outliers", "psd_tolerance", "check_moments",
-           "check_cross", "check_own_matches", "check_cross_matches", "transport", "MAX_VARIANCE", "MAX_EXAMPLES", "CROSS_CORR_TOL", "MEAN_TOL"]
+__all__ = ["ReplyRejected", "CrossCheckFailed", "ClientMetrics", "record_bytes", "check_size", "read_int",
+           "read_metrics", "read_echo", "check_echo", "decode_statistics", "decode_weights", "weight_norm",
+           "norm_outliers", "psd_tolerance", "check_moments", "check_cross", "check_own_matches", "check_cross_matches",
+           "transport", "MAX_VARIANCE", "MAX_EXAMPLES", "CROSS_CORR_TOL", "MEAN_TOL"]
 
 MAX_VARIANCE = 1e24          # per-unit variance / squared mean of an activation
 MAX_EXAMPLES = 10 ** 9        # num-examples cap when the server knows neither partition sizes nor a cap
@@ -116,22 +118,22 @@ def read_metrics(rd: RecordDict, *, need_examples: bool = True, max_examples: in
     """The ``metrics`` record: ``num-examples`` (an integer in [1, max_examples]), ``partition-id`` (an integer
     in [0, num_partitions)), ``probe-accuracy`` in [0, 1], ``seconds-*`` finite and >= 0; other keys are kept
     when they are finite scalars and dropped otherwise (they are only reported)."""
-    if "metrics" not in rd.metric_records:
-        raise ReplyRejected("reply has no 'metrics' record")
-    mr: MetricRecord = rd.metric_records["metrics"]
+    if wire.METRICS not in rd.metric_records:
+        raise ReplyRejected(f"reply has no '{wire.METRICS}' record")
+    mr: MetricRecord = rd.metric_records[wire.METRICS]
     keys = list(mr.keys())
     n = None
     if need_examples:
-        if "num-examples" not in keys:
-            raise ReplyRejected("metrics have no num-examples")
-        n = read_int(mr["num-examples"], "num-examples", 1, max_examples)
+        if wire.NUM_EXAMPLES not in keys:
+            raise ReplyRejected(f"metrics have no {wire.NUM_EXAMPLES}")
+        n = read_int(mr[wire.NUM_EXAMPLES], wire.NUM_EXAMPLES, 1, max_examples)
     part = None
-    if "partition-id" in keys:
+    if wire.PARTITION_ID in keys:
         hi = (num_partitions - 1) if num_partitions else 2 ** 31
-        part = read_int(mr["partition-id"], "partition-id", 0, hi)
+        part = read_int(mr[wire.PARTITION_ID], wire.PARTITION_ID, 0, hi)
     acc = None
-    if "probe-accuracy" in keys:
-        acc = _finite_number(mr["probe-accuracy"], "probe-accuracy", 0.0, 1.0)
+    if wire.PROBE_ACCURACY in keys:
+        acc = _finite_number(mr[wire.PROBE_ACCURACY], wire.PROBE_ACCURACY, 0.0, 1.0)
     values: dict[str, float] = {}
     for k in keys:
         v = mr[k]
@@ -144,7 +146,7 @@ def read_metrics(rd: RecordDict, *, need_examples: bool = True, max_examples: in
 
 def read_echo(rd: RecordDict, key: str) -> str | None:
     """A string the client echoes in its ``fedmerge`` config record (a probe or reference digest), or None."""
-    cr: ConfigRecord | None = rd.config_records.get("fedmerge")
+    cr: ConfigRecord | None = rd.config_records.get(wire.FEDMERGE)
     if cr is None or key not in cr.keys():
         return None
     v = cr[key]
@@ -157,7 +159,7 @@ def check_echo(rd: RecordDict, key: str, expected: str, mismatch: str) -> None:
     """The client must echo ``expected`` under ``key`` in its ``fedmerge`` config record."""
     echo = read_echo(rd, key)
     if echo is None:
-        raise ReplyRejected(f"reply does not echo the {key.replace('-', ' ')} (fedmerge.{key})")
+        raise ReplyRejected(f"reply does not echo the {key.replace('-', ' ')} ({wire.FEDMERGE}.{key})")
     if echo != expected:
         raise ReplyRejected(mismatch)
 

@@ -67,7 +67,8 @@ class InlineGrid(Grid):
             log(30, "node %d answered after the timeout (%.1f s); reply dropped", node, time.time() - t)
             return None
         log(20, "node %d (%d of %d) answered %s in %.1f s%s", node, self.node_ids.index(node) + 1,
-            len(self.node_ids), msg.metadata.message_type, time.time() - t, " with an error" if reply.has_error() else "")
+            len(self.node_ids), msg.metadata.message_type, time.time() - t,
+            " with an error" if reply.has_error() else "")
         reply.metadata.__dict__["_src_node_id"] = node
         return reply
 

@@ -15,10 +15,11 @@ One round:
 3. It aligns every model to the reference, averages (weighted by sample counts), resets BatchNorm or
    applies REPAIR, and returns the merged weights, which ``Strategy.start`` redistributes next round.
 
-Identity: the server's node -> partition map is the only identity. A node's partition is fixed by its first
-reply (the partition the server proposed, or the one the node has of its own, if no other node holds it)
-or given up front (``node_partitions``); afterwards a reply that reports another partition, a second reply
-from one node in a phase, and a reply from a node that was not asked are rejected.
+The parts: reply checks (:mod:`~fedmerge.server.checks`, :mod:`~fedmerge.server.replies`), node identity
+(:mod:`~fedmerge.server.identity`), round-level screening (:mod:`~fedmerge.server.screening`), the cross-statistics
+phase (:mod:`~fedmerge.server.phase2`), the merge (:mod:`~fedmerge.server.merging`) and the round record
+(:mod:`~fedmerge.server.history`). A second reply from one node in a phase, and a reply from a node that was not
+asked, are rejected.
 
 A bad or missing reply never stops the round: the client is dropped with a reason (``history``, the log and
 result.json), and the merge goes on if at least ``min_clients`` remain. A merge that fails (non-finite
@@ -32,15 +33,10 @@ previous global model is kept and the error is recorded.
 from __future__ import annotations
 
 import copy
-import math
-import re
 import time
-from collections import Counter
-from dataclasses import dataclass, field
 from logging import ERROR, INFO, WARNING
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-import numpy as np
 import torch
 import torch.nn as nn
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -56,184 +52,29 @@ from fedmerge.common.engine.merge import (
     REPAIR_TARGETS,
     check_gamma_clients,
     has_batchnorm,
-    merge_from_statistics,
-    probe_logits,
-    probe_score,
-    selection_candidates,
 )
-from fedmerge.common.engine.stats import (
-    ReferenceActivations,
-    Statistics,
-    collect_statistics,
-    cross_statistics,
-    own_statistics,
-    samples_per_input,
-)
-from fedmerge.common.task.config import SCHEDULE_AUTO, parse_method_schedule
-from fedmerge.common.wire.compress import decode_cross, decode_moments
+from fedmerge.common.engine.stats import samples_per_input
+from fedmerge.common.task.config import FedConfig, parse_method_schedule
+from fedmerge.common.wire import keys
 from fedmerge.common.wire.probe import Batches, as_batches, probe_digest
-from fedmerge.common.wire.records import weights_digest
 
-from .checks import (
-    MAX_EXAMPLES,
-    ClientMetrics,
-    CrossCheckFailed,
-    ReplyRejected,
-    check_cross,
-    check_cross_matches,
-    check_echo,
-    check_moments,
-    check_own_matches,
-    check_size,
-    decode_statistics,
-    decode_weights,
-    norm_outliers,
-    psd_tolerance,
-    read_metrics,
-    record_bytes,
-    transport,
-    weight_norm,
-)
+from .checks import MAX_EXAMPLES, ReplyRejected, read_metrics, record_bytes, weight_norm
+from .history import RoundFailedError, RoundRecord
+from .identity import Identities
+from .merging import Merging
+from .phase2 import PhaseTwo
+from .replies import ClientUpdate, OwnExpectation, read_train_reply, reply_content
+from .schedule import MethodSchedule
+from .screening import Screening
 
 __all__ = ["CCAMerge", "RoundRecord", "ReplyRejected", "RoundFailedError", "ClientUpdate", "QUERY_CROSS"]
 
-QUERY_CROSS = "query.cross_stats"
-REASON_CHARS = 500   # a client's error text is untrusted: it is cut to this length in logs and result.json
+QUERY_CROSS = keys.QUERY_CROSS
 NORM_ACTIONS = ("reject", "clip")
 ON_FAILED_ROUND = ("keep", "raise")
 
 
-@dataclass
-class RoundRecord:
-    """What happened in one round (kept in ``CCAMerge.history`` and written to result.json)."""
-
-    round: int
-    ok: bool = False
-    method: str | None = None                                     # the method this round merged with
-    error: str | None = None
-    clients_merged: list[int] = field(default_factory=list)       # partition ids
-    clients_rejected: list[dict] = field(default_factory=list)    # {node, partition, phase, reason}
-    clients_clipped: dict[int, float] = field(default_factory=dict)  # partition -> scale applied (norm bound)
-    blamed: list[int] = field(default_factory=list)               # partitions whose data alone fail the merge
-    reference: int | None = None                                  # partition id of the reference
-    gamma: float | None = None
-    client_metrics: dict[int, dict] = field(default_factory=dict)  # partition id -> reported metrics
-    bytes_uploaded: dict[int, int] = field(default_factory=dict)   # partition id -> bytes (both phases)
-    bytes_weights: dict[int, int] = field(default_factory=dict)    # partition id -> bytes of the weights record
-    bytes_statistics: dict[int, int] = field(default_factory=dict)  # partition id -> own + cross statistics bytes
-    timings: dict[str, float] = field(default_factory=dict)
-    merge_info: dict = field(default_factory=dict)
-
-    _INT_KEYED = ("clients_clipped", "client_metrics", "bytes_uploaded", "bytes_weights", "bytes_statistics")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "RoundRecord":
-        """From ``to_dict``'s output (a resumed run's state.json), every field's type checked (ValueError)."""
-        _check_record(d)
-        kw = {k: d[k] for k in ("error", "reference", "gamma", "method") if k in d}
-        kw.update({k: {int(p): v for p, v in dict(d.get(k, {})).items()} for k in cls._INT_KEYED})
-        return cls(round=int(d["round"]), ok=bool(d["ok"]), clients_merged=[int(p) for p in d.get("clients_merged", [])],
-                   clients_rejected=[dict(r) for r in d.get("clients_rejected", [])],
-                   blamed=[int(p) for p in d.get("blamed", [])], timings=dict(d.get("timings", {})),
-                   merge_info=dict(d.get("merge_info", {})), **kw)
-
-    def to_dict(self) -> dict:
-        out = {"round": self.round, "ok": self.ok, "method": self.method, "error": self.error,
-               "clients_merged": self.clients_merged,
-               "clients_rejected": self.clients_rejected, "blamed": self.blamed, "reference": self.reference,
-               "gamma": self.gamma, "timings": self.timings, "merge_info": self.merge_info}
-        out.update({k: {str(p): v for p, v in getattr(self, k).items()} for k in self._INT_KEYED})
-        return out
-
-
-def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _check_record(d) -> None:
-    """The types a RoundRecord's fields must have when read back from JSON."""
-    def need(ok: bool, field_: str, what: str) -> None:
-        if not ok:
-            raise ValueError(f"round record field '{field_}' must be {what}")
-
-    need(isinstance(d, dict), "(record)", "an object")
-    need(isinstance(d.get("round"), int) and not isinstance(d.get("round"), bool), "round", "an integer")
-    need(isinstance(d.get("ok"), bool), "ok", "true or false")
-    need(d.get("error") is None or isinstance(d.get("error"), str), "error", "a string or null")
-    need(d.get("method") is None or d.get("method") in METHODS, "method", "a known method or null")
-    for k in ("reference", "gamma"):
-        need(d.get(k) is None or _number(d.get(k)), k, "a number or null")
-    for k in ("clients_merged", "blamed"):
-        need(isinstance(d.get(k, []), list) and all(isinstance(p, int) for p in d.get(k, [])), k, "a list of integers")
-    need(isinstance(d.get("clients_rejected", []), list) and all(isinstance(r, dict) for r in d.get(
-        "clients_rejected", [])), "clients_rejected", "a list of objects")
-    for k in ("timings", "clients_clipped", "bytes_uploaded", "bytes_weights", "bytes_statistics"):
-        need(isinstance(d.get(k, {}), dict) and all(_number(v) for v in d.get(k, {}).values()), k,
-             "an object of finite numbers")
-    need(isinstance(d.get("client_metrics", {}), dict) and all(
-        isinstance(m, dict) and all(_number(v) for v in m.values()) for m in d.get("client_metrics", {}).values()),
-        "client_metrics", "an object of objects of finite numbers")
-    need(isinstance(d.get("merge_info", {}), dict), "merge_info", "an object")
-
-
-@dataclass(eq=False)
-class ClientUpdate:
-    """One client's checked training reply."""
-
-    node: int
-    partition: int
-    state: dict[str, torch.Tensor]
-    metrics: ClientMetrics
-    own: dict | None = None   # decoded own statistics (two-phase protocol)
-    own_encoding: dict = field(default_factory=dict)  # group -> how the own block was sent (dtype, form)
-    clipped: bool = False     # weights scaled by the norm bound: its statistics are the server's
-
-
-def _subset(stats: Statistics, keep: list[int]) -> Statistics:
-    """The statistics of the models ``keep`` (indices, the reference among them), re-indexed."""
-    ref = keep.index(stats.reference)
-    return Statistics(own=[stats.own[i] for i in keep],
-                      cross={(ref, j): stats.cross[(stats.reference, i)] for j, i in enumerate(keep) if j != ref},
-                      reference=ref)
-
-
-class _Models(Sequence):
-    """The clients' models, each built from its weights when it is read (REPAIR reads each once): not N more
-    model copies at once."""
-
-    def __init__(self, states: list, build: Callable[[dict], nn.Module]):
-        self.states, self.build = states, build
-
-    def __len__(self) -> int:
-        return len(self.states)
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self.build(s) for s in self.states[i]]
-        return self.build(self.states[i])
-
-
-class RoundFailedError(RuntimeError):
-    """A round could not merge (too few valid clients, a failed merge); raised with ``on_failed_round='raise'``."""
-
-
-def _cut(text: str) -> str:
-    text = str(text)
-    return text if len(text) <= REASON_CHARS else text[:REASON_CHARS] + "…"
-
-
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-def client_error(reason: str) -> str:
-    """A client's error reply in one line: the runtime's traceback (Ray's included) cut to its last line."""
-    lines = [ln.strip() for ln in _ANSI.sub("", str(reason)).splitlines() if ln.strip()]
-    last = next((ln for ln in reversed(lines) if not ln.startswith(("^", "File ", "'>", ">"))), "")
-    last = last.strip("'<> ") or "no reason given"
-    return f"client error: {_cut(last)}"
-
-
-class CCAMerge(FedAvg):
+class CCAMerge(MethodSchedule, Identities, Screening, PhaseTwo, Merging, FedAvg):
     """Merge client models by aligning them to one reference (CCA Merge by default) and averaging.
 
     model_fn: builds the architecture (a zero-argument callable, or a module used as template).
@@ -352,6 +193,11 @@ class CCAMerge(FedAvg):
         if self.fit is not None:
             per = samples_per_input(self.template, self.spec, self.fit.example())
             self.expected_counts = {g: per[g] * self.fit.num_samples for g in self.spec.groups}
+        mismatch = "" if self.fit is None else (
+            "statistics computed on a different probe (probe digest differs; the server's probe is "
+            f"{self.fit.num_samples + self.held.num_samples} inputs, of which the clients' statistics "
+            f"use {self.fit.num_samples}: every client needs the same probe inputs in the same order)")
+        self.own_expectation = OwnExpectation(self.spec, self.expected_counts, self.probe_digest, mismatch)
 
         if weighted and max_examples is None:
             log(WARNING, "CCAMerge: the average is weighted by client-reported num-examples, bounded only by %d; "
@@ -364,46 +210,41 @@ class CCAMerge(FedAvg):
         self._proposed: dict[int, int] = {}      # node -> partition proposed this round (not yet confirmed)
         self._claimed: dict[int, int] = {}       # node -> valid partition it claims this round (for names)
         self._sampled: set[int] = set()
-        self._global: dict[str, torch.Tensor] | None = None
-        self._grid: Grid | None = None
+        self._global: dict[str, torch.Tensor] | None = None   # this round's global weights (None: own inits)
+        self.grid: Grid | None = None   # where phase 2 queries: attached by start (or attach)
         self._round_start = 0.0
 
-    # --- the method of each round -------------------------------------------------------------------------
-    def scheduled_methods(self) -> tuple[str, ...]:
-        """Every method a round may use (the configured one first, unless an explicit schedule replaces it)."""
-        s = self.method_schedule
-        if s is None:
-            return (self.base_method,)
-        if s == SCHEDULE_AUTO:
-            return (self.base_method, "avg")
-        return tuple(dict.fromkeys(s))
+    @classmethod
+    def from_config(cls, cfg: FedConfig, *, probe: Any = None, model_fn: Callable[[], nn.Module] | None = None,
+                    max_examples: int | Mapping[int, int] | Callable[[int], int] | None = None,
+                    **overrides) -> "CCAMerge":
+        """The strategy a :class:`~fedmerge.common.task.config.FedConfig` describes (what ``fedmerge simulate`` and
+        the ServerApp run): the config's model (``model_fn``) and probe split (``probe``, default
+        ``probe_batches(cfg)``); ``overrides`` replace any keyword argument."""
+        from fedmerge.common.task.loaders import build_global_model, probe_batches
 
-    def method_for_round(self, server_round: int, from_global: bool) -> str:
-        """The method of round ``server_round`` (1-based, resumed rounds included): the configured method
-        without a schedule; with ``"auto"`` the configured method when the clients start from their own
-        initialisations (``from_global`` false: no global weights sent) and plain averaging when they all start
-        from the global model; with an explicit schedule its entry ``min(round, len) - 1``."""
-        s = self.method_schedule
-        if s is None:
-            return self.base_method
-        if s == SCHEDULE_AUTO:
-            return "avg" if from_global else self.base_method
-        return s[min(max(server_round, 1), len(s)) - 1]
+        kw = dict(
+            model_fn=model_fn or (lambda: build_global_model(cfg, seed=cfg.seed)),
+            probe=probe if probe is not None else probe_batches(cfg), method=cfg.method,
+            reference=cfg.reference_value, gamma=cfg.gamma_value, bn_reset=cfg.bn_reset_value, repair=cfg.repair,
+            repair_target=cfg.repair_target, bn_fold=cfg.bn_fold, weighted=cfg.weighted,
+            num_clients=cfg.num_clients, min_clients=cfg.min_clients, stats_on_server=cfg.stats_on_server,
+            query_timeout=cfg.timeout, held_out=cfg.held_out, seed=cfg.seed,
+            device=cfg.device or None, max_examples=max_examples,
+            norm_bound=cfg.norm_bound or None, norm_action=cfg.norm_action,
+            method_schedule=cfg.method_schedule or None,
+            **({"np_merge": True} if cfg.np_merge else {}),
+            **({"gamma_clients": cfg.gamma_clients} if cfg.gamma_clients else {}))
+        return cls(**{**kw, **overrides})
 
-    def _schedule_text(self) -> str:
-        s = self.method_schedule
-        return "none" if s is None else s if isinstance(s, str) else ",".join(s)
+    # --- the grid ---------------------------------------------------------------------------------------------
+    def attach(self, grid: Grid) -> None:
+        """Hold the grid that phase 2 queries (Flower hands a grid only to ``configure_*``); ``start`` does this."""
+        self.grid = grid
 
-    def _use_method(self, method: str) -> None:
-        """Make ``method`` this round's: what it needs and where its statistics are computed."""
-        self.method = method
-        self.needs = METHODS[method].needs
-        if self.needs == "stats_all" or (self.stats_on_server and self.needs == "stats"):
-            self.stats_where = "server"
-        elif self.needs == "stats":
-            self.stats_where = "clients"
-        else:
-            self.stats_where = "none"
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, *args, **kwargs):
+        self.attach(grid)
+        return super().start(grid, initial_arrays, *args, **kwargs)
 
     # --- set-up checks ----------------------------------------------------------------------------------
     def _check_needs_probe(self) -> None:
@@ -432,79 +273,10 @@ class CCAMerge(FedAvg):
         log(INFO, "\t└──> merge spec: %d groups, %d layers; min clients %d; norm bound %s (%s)", len(self.spec.groups),
             len(self.spec.layers), self.min_clients, self.norm_bound, self.norm_action)
 
-    # --- identity -----------------------------------------------------------------------------------------
-    def _sample(self, grid: Grid) -> list[int]:
-        want = self.num_clients or self.min_clients
-        t0 = time.time()
-        while True:
-            nodes = sorted(int(n) for n in grid.get_node_ids())
-            if len(nodes) >= want:
-                break
-            if time.time() - t0 > self.wait_for_clients and len(nodes) >= self.min_clients:
-                log(WARNING, "only %d of %d expected clients connected; going on", len(nodes), want)
-                break
-            time.sleep(0.5)
-        if self.num_partitions is None:
-            self.num_partitions = len(nodes)
-        self._proposed, self._claimed = {}, {}
-        taken = set(self.partitions.values())
-        free = [p for p in range(self.num_partitions) if p not in taken]
-        sampled = []
-        for n in nodes:
-            if n in self.partitions:
-                sampled.append(n)
-            elif free:
-                self._proposed[n] = free.pop(0)
-                sampled.append(n)
-        left = [n for n in nodes if n not in sampled]
-        if left:
-            log(WARNING, "nodes %s have no free partition (of %d); not sampled", left, self.num_partitions)
-        return sampled
-
-    def _label(self, node: int) -> int:
-        """How logs and result.json name a node: its registered partition, else the valid partition it claims
-        this round (its own --node-config, e.g. under Ray), else the one the server proposed."""
-        if node in self.partitions:
-            return self.partitions[node]
-        return self._claimed.get(node, self._proposed.get(node, -1))
-
-    def _identify(self, node: int, claimed: int | None) -> int:
-        """The node's partition: the registered one (a different claim is rejected), else its claim (or the
-        server's proposal) if no other node holds it. Registered by :meth:`_register` only once the client is
-        merged, so a rejected reply never takes a partition; clashes within a round: :meth:`_settle_claims`."""
-        registered = self.partitions.get(node)
-        if registered is not None:
-            if claimed is not None and claimed != registered:
-                raise ReplyRejected(f"reports partition {claimed}, but node {node} is partition {registered}")
-            return registered
-        part = claimed if claimed is not None else self._proposed.get(node)
-        if part is None:
-            raise ReplyRejected("reports no partition-id and none was assigned")
-        owner = next((n for n, p in self.partitions.items() if p == part), None)
-        if owner is not None:
-            raise ReplyRejected(f"claims partition {part}, which belongs to node {owner}")
-        return part
-
-    def _register(self, node: int, part: int) -> None:
-        if node not in self.partitions:
-            self.partitions[node] = part
-            self._proposed.pop(node, None)
-
-    def _examples_cap(self, part: int) -> int:
-        cap = self.max_examples
-        if cap is None:
-            return MAX_EXAMPLES
-        if callable(cap):
-            return int(cap(part))
-        if isinstance(cap, Mapping):
-            return int(cap.get(part, MAX_EXAMPLES))
-        return int(cap)
-
     # --- phase 1 ------------------------------------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         server_round += self.round_offset
-        self._grid = grid
         self._round_start = time.time()
         self._global = {k: v.detach().cpu() for k, v in arrays.to_torch_state_dict().items()} if len(arrays) else None
         self._use_method(self.method_for_round(server_round, self._global is not None))
@@ -515,57 +287,26 @@ class CCAMerge(FedAvg):
         if self.method == "avg" and self._global is None:
             log(WARNING, "method='avg' on clients that start from their own initialisations: plain averaging of "
                 "independently initialised models is near chance; pass a common initial ArrayRecord")
-        messages = []
-        extra = {**self.probe_split, **({"probe-digest": self.probe_digest} if self.probe_digest else {})}
-        for node in nodes:
-            cfg = ConfigRecord({**dict(config), **self.train_config, **extra, "server-round": server_round,
-                                "partition-id": self._label(node), "num-partitions": self.num_partitions,
-                                "want-stats": self.stats_where == "clients"})
-            messages.append(Message(RecordDict({"arrays": arrays, "config": cfg}), message_type="train",
-                                    dst_node_id=node))
+        messages = [self._train_message(server_round, node, arrays, config) for node in nodes]
         progress.info("round %d: %d clients training", server_round, len(messages))
         return messages
 
+    def _train_message(self, server_round: int, node: int, arrays: ArrayRecord, config: ConfigRecord) -> Message:
+        extra = {**self.probe_split, **({keys.PROBE_DIGEST: self.probe_digest} if self.probe_digest else {})}
+        cfg = ConfigRecord({**dict(config), **self.train_config, **extra, keys.SERVER_ROUND: server_round,
+                            keys.PARTITION_ID: self._label(node), keys.NUM_PARTITIONS: self.num_partitions,
+                            keys.WANT_STATS: self.stats_where == "clients"})
+        return Message(RecordDict({keys.ARRAYS: arrays, keys.CONFIG: cfg}), message_type="train", dst_node_id=node)
+
     def _read_train_reply(self, node: int, msg: Message) -> ClientUpdate:
         """Every check of one training reply (raises ReplyRejected naming the failed check)."""
-        rd = msg.content
+        rd = reply_content(msg)
         metrics = read_metrics(rd, num_partitions=self.num_partitions)
         part = self._identify(node, metrics.partition)
         self._claimed[node] = part
-        cap = self._examples_cap(part)
-        if metrics.num_examples > cap:
-            raise ReplyRejected(f"num-examples {metrics.num_examples} exceeds partition {part}'s bound of {cap}")
-        check_size(rd, self.max_upload_bytes)
-        if "arrays" not in rd.array_records:
-            raise ReplyRejected("reply has no 'arrays' record (model weights)")
-        state = decode_weights(rd.array_records["arrays"], self.keys)
-        own = None
-        if self.stats_where == "clients":
-            if self.probe_digest is not None:
-                check_echo(rd, "probe-digest", self.probe_digest,
-                           "statistics computed on a different probe (probe digest differs; the server's probe is "
-                           f"{self.fit.num_samples + self.held.num_samples} inputs, of which the clients' statistics "
-                           f"use {self.fit.num_samples}: every client needs the same probe inputs in the same order)")
-            own, enc = decode_statistics(rd, "own-stats", decode_moments, self.spec, "own", "own statistics")
-            check_moments(own, self.expected_counts, {g: psd_tolerance(e["dtype"]) for g, e in enc.items()})
-            return ClientUpdate(node, part, state, metrics, own, enc)
-        return ClientUpdate(node, part, state, metrics, own)
-
-    def _agree_on_counts(self, rec: RoundRecord, accepted: list[ClientUpdate]) -> list[ClientUpdate]:
-        """Without a server probe the expected sample counts are unknown: the most common counts win and
-        clients with other counts are rejected (statistics on another probe)."""
-        if self.expected_counts is not None or self.stats_where != "clients" or not accepted:
-            return accepted
-        keys = [tuple(sorted((g, m.n) for g, m in u.own.items())) for u in accepted]
-        common, votes = Counter(keys).most_common(1)[0]
-        if 2 * votes <= len(keys):
-            raise RoundFailedError(f"the clients' statistics disagree on the probe's sample counts and no counts "
-                                   f"have a majority ({votes} of {len(keys)}); nobody is rejected")
-        for u, k in zip(accepted, keys):
-            if k != common:
-                self._reject(rec, u.node, "train", f"statistics sample counts {dict(k)} differ from the other "
-                             f"clients' {dict(common)}: computed on a different probe?")
-        return [u for u, k in zip(accepted, keys) if k == common]
+        return read_train_reply(rd, node, part, metrics, max_examples=self._examples_cap(part),
+                                max_upload_bytes=self.max_upload_bytes, weights=self.keys,
+                                own=self.own_expectation if self.stats_where == "clients" else None)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -573,38 +314,10 @@ class CCAMerge(FedAvg):
         rec = RoundRecord(round=server_round, method=self.method)
         self.history.append(rec)
         t_round = time.time()
-        accepted: list[ClientUpdate] = []
-        seen: set[int] = set()
-        for msg in sorted(replies, key=lambda m: int(m.metadata.src_node_id)):
-            node = int(msg.metadata.src_node_id)
-            if node not in self._sampled:
-                self._reject(rec, node, "train", "reply from a node that was not sampled this round")
-                continue
-            if node in seen:
-                self._reject(rec, node, "train", "a second reply from this node in this phase")
-                continue
-            seen.add(node)
-            try:
-                if msg.has_error():
-                    raise ReplyRejected(client_error(msg.error.reason))
-                upd = self._read_train_reply(node, msg)
-            except ReplyRejected as exc:
-                self._reject(rec, node, "train", str(exc))
-                continue
-            except Exception as exc:  # noqa: BLE001 - any failure reading a reply rejects that client only
-                self._reject(rec, node, "train", f"unreadable reply ({type(exc).__name__}: {exc})")
-                continue
-            self._account(rec, upd.partition, msg.content, "arrays", "own-stats")
-            rec.client_metrics[upd.partition] = dict(upd.metrics.values)
-            accepted.append(upd)
-            for key in ("arrays", "own-stats"):   # decoded above: the reply's copy of the arrays is released
-                if key in msg.content.array_records:
-                    del msg.content[key]
-        for node in sorted(self._sampled - seen):
-            self._reject(rec, node, "train", "no reply (timed out)")
+        accepted = self._read_train_replies(rec, replies)
         rec.timings["phase1_wait"] = t_round - self._round_start
-        progress.info("round %d: %d of %d training replies pass the reply checks (after %.1f s)", server_round, len(accepted),
-                      len(self._sampled), rec.timings["phase1_wait"])
+        progress.info("round %d: %d of %d training replies pass the reply checks (after %.1f s)", server_round,
+                      len(accepted), len(self._sampled), rec.timings["phase1_wait"])
         try:
             accepted = self._settle_claims(rec, self._verify_own(
                 rec, self._bound_norms(rec, self._agree_on_counts(rec, accepted))))
@@ -619,6 +332,37 @@ class CCAMerge(FedAvg):
         finally:   # configure_train to the merged model (or the failure): what the round cost, clients included
             rec.timings["round"] = time.time() - self._round_start
 
+    def _read_train_replies(self, rec: RoundRecord, replies: Iterable[Message]) -> list[ClientUpdate]:
+        """The replies that pass every check, one per sampled node; every other node is rejected with a reason."""
+        accepted: list[ClientUpdate] = []
+        seen: set[int] = set()
+        for msg in sorted(replies, key=lambda m: int(m.metadata.src_node_id)):
+            node = int(msg.metadata.src_node_id)
+            if node not in self._sampled:
+                self._reject(rec, node, "train", "reply from a node that was not sampled this round")
+                continue
+            if node in seen:
+                self._reject(rec, node, "train", "a second reply from this node in this phase")
+                continue
+            seen.add(node)
+            try:
+                upd = self._read_train_reply(node, msg)
+            except ReplyRejected as exc:
+                self._reject(rec, node, "train", str(exc))
+                continue
+            except Exception as exc:  # noqa: BLE001 - any failure reading a reply rejects that client only
+                self._reject(rec, node, "train", f"unreadable reply ({type(exc).__name__}: {exc})")
+                continue
+            self._account(rec, upd.partition, msg.content, keys.ARRAYS, keys.OWN_STATS)
+            rec.client_metrics[upd.partition] = dict(upd.metrics.values)
+            accepted.append(upd)
+            for key in (keys.ARRAYS, keys.OWN_STATS):   # decoded above: the reply's copy is released
+                if key in msg.content.array_records:
+                    del msg.content[key]
+        for node in sorted(self._sampled - seen):
+            self._reject(rec, node, "train", "no reply (timed out)")
+        return accepted
+
     def _account(self, rec: RoundRecord, part: int, rd: RecordDict, weights_key: str | None, stats_key: str) -> None:
         ars = rd.array_records
         rec.bytes_uploaded[part] = rec.bytes_uploaded.get(part, 0) + record_bytes(rd)
@@ -627,105 +371,7 @@ class CCAMerge(FedAvg):
         if stats_key in ars:
             rec.bytes_statistics[part] = rec.bytes_statistics.get(part, 0) + ars[stats_key].count_bytes()
 
-    def _reject(self, rec: RoundRecord, node: int, phase: str, reason: str) -> None:
-        part = self._label(node)
-        rec.clients_rejected.append({"node": node, "partition": part, "phase": phase, "reason": _cut(reason)})
-        log(WARNING, "round %d: rejected client %s (node %d) in %s: %s", rec.round, part, node, phase, _cut(reason))
-
-    def _bound_norms(self, rec: RoundRecord, accepted: list[ClientUpdate]) -> list[ClientUpdate]:
-        """The weight-norm bound: clients outside [anchor / f, anchor * f] are rejected, or clipped."""
-        if self.norm_bound is None or not accepted:
-            return accepted
-        norms = [weight_norm(u.state) for u in accepted]
-        trusted = weight_norm(self._global) if self._global is not None else self.template_norm
-        anchor, outliers = norm_outliers(norms, trusted, self.norm_bound)
-        rec.merge_info["norm_anchor"] = anchor
-        kept = []
-        for i, u in enumerate(accepted):
-            if i not in outliers:
-                kept.append(u)
-                continue
-            ratio = norms[i] / anchor
-            if self.norm_action == "clip" and ratio > 1:
-                scale = self._clip(u, anchor * self.norm_bound, norms[i])
-                u.clipped = True
-                rec.clients_clipped[u.partition] = scale
-                log(WARNING, "round %d: client %d's weights clipped (norm %.3g = %.3g x the anchor; scale %.3g)",
-                    rec.round, u.partition, norms[i], ratio, scale)
-                kept.append(u)
-            else:
-                self._reject(rec, u.node, "train", f"weight norm {norms[i]:.4g} is {ratio:.3g} x the median anchor "
-                             f"{anchor:.4g} (allowed factor {self.norm_bound:g})")
-        return kept
-
-    def _settle_claims(self, rec: RoundRecord, accepted: list[ClientUpdate]) -> list[ClientUpdate]:
-        """Unregistered nodes that passed every check so far and claim the same partition: the node the server
-        proposed it to keeps it; if none of them was, none keeps it (no order decides)."""
-        by_part: dict[int, list[ClientUpdate]] = {}
-        for u in accepted:
-            by_part.setdefault(u.partition, []).append(u)
-        kept = []
-        for part, us in by_part.items():
-            if len(us) == 1:
-                kept.extend(us)
-                continue
-            owner = next((u for u in us if self._proposed.get(u.node) == part), None)
-            for u in us:
-                if u is owner:
-                    kept.append(u)
-                else:
-                    who = f"the server proposed it to node {owner.node}" if owner else \
-                        f"nodes {sorted(v.node for v in us)} claim it and the server proposed it to none of them"
-                    self._claimed.pop(u.node, None)   # named by its proposal, not by the claim it lost
-                    self._reject(rec, u.node, "train", f"claims partition {part}: {who}")
-        return kept
-
-    def _verify_own(self, rec: RoundRecord, accepted: list[ClientUpdate]) -> list[ClientUpdate]:
-        """With a server probe, every client's own statistics are recomputed from its uploaded weights (one
-        forward pass over the probe), the client's are checked against them, and the merge uses the server's:
-        own blocks decide the scale of every transform, so they are never taken on trust."""
-        if self.fit is None or self.stats_where != "clients":
-            return accepted
-        t = time.time()
-        kept = []
-        for u in accepted:
-            try:
-                computed = own_statistics(self._model(u.state), self.fit, self.spec, device=self._dev())
-                if not u.clipped:   # a clipped client's upload describes weights that are no longer merged
-                    check_own_matches(u.own, computed, u.own_encoding)
-            except ReplyRejected as exc:
-                self._reject(rec, u.node, "train", str(exc))
-                continue
-            except Exception as exc:  # noqa: BLE001 - weights whose activations are not finite, for example
-                self._reject(rec, u.node, "train", f"own statistics could not be recomputed ({type(exc).__name__}: "
-                             f"{exc})")
-                continue
-            u.own = computed
-            u.own_encoding = {g: {"dtype": "float64", "form": "dense"} for g in computed}
-            kept.append(u)
-        rec.timings["verify_statistics"] = time.time() - t
-        return kept
-
-    def _within_bound(self, rec: RoundRecord, state: Mapping[str, torch.Tensor]) -> bool:
-        anchor = rec.merge_info.get("norm_anchor")
-        return self.norm_bound is None or not anchor or weight_norm(state) <= self.norm_bound * anchor
-
-    def _clip(self, u: ClientUpdate, bound: float, norm: float) -> float:
-        """Scale the client's update (its weights minus the global model; the weights themselves in a round
-        without one) so that the weight norm is at most ``bound``; returns the factor applied."""
-        g = self._global
-        if g is None:
-            scale = bound / norm
-            u.state = {k: v * scale if v.is_floating_point() else v for k, v in u.state.items()}
-            return scale
-        delta = {k: u.state[k].double() - g[k].double() for k in u.state if u.state[k].is_floating_point()}
-        dn = float(np.sqrt(sum(float(d.pow(2).sum()) for d in delta.values())))
-        scale = max(0.0, min(1.0, (bound - weight_norm(g)) / dn)) if dn > 0 else 1.0
-        u.state = {k: ((g[k].double() + scale * delta[k]).to(v.dtype) if k in delta else v)
-                   for k, v in u.state.items()}
-        return scale
-
-    # --- reference ------------------------------------------------------------------------------------------
+    # --- helpers -------------------------------------------------------------------------------------------
     def _model(self, state) -> nn.Module:
         m = self.model_fn()
         m.load_state_dict(state)
@@ -736,304 +382,3 @@ class CCAMerge(FedAvg):
             return torch.device(self.device)
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-    def _ensemble_target(self, updates: Sequence[ClientUpdate]) -> torch.Tensor | None:
-        """Without probe labels, the clients' mean logits on the held-out slice are the target for γ and the
-        reference (agreement with the ensemble)."""
-        if self.held is None or self.held.has_labels:
-            return None
-        return torch.stack([probe_logits(self._model(u.state), self.held, self._dev()) for u in updates]).mean(0)
-
-    def _rank_references(self, accepted: list[ClientUpdate]) -> tuple[list[int], list[float], str]:
-        """Candidate references, best first, with the scores and the rule that ranked them."""
-        if self.held is not None:
-            target = self._ensemble_target(accepted)
-            scores = []
-            for u in accepted:
-                try:
-                    scores.append(probe_score(probe_logits(self._model(u.state), self.held, self._dev()),
-                                              self.held, target)[0])
-                except Exception:  # noqa: BLE001 - a model that cannot be scored is never the reference
-                    scores.append(float("-inf"))
-            rule = "held-out probe accuracy" if self.held.has_labels else "agreement with the ensemble (no labels)"
-        else:
-            scores = [u.metrics.probe_accuracy if u.metrics.probe_accuracy is not None else 0.0 for u in accepted]
-            rule = "client-reported probe accuracy (no server probe)"
-        order = sorted(range(len(accepted)), key=lambda i: (-scores[i], accepted[i].partition))
-        if self.reference != "best":
-            parts = [u.partition for u in accepted]
-            r = int(self.reference)
-            if r in parts:
-                order.remove(parts.index(r))
-                order.insert(0, parts.index(r))
-                rule = "fixed"
-            else:
-                log(WARNING, "reference client %d is not among the merged clients; using the best instead", r)
-        return order, [float(s) for s in scores], rule
-
-    # --- phase 2 and merge ------------------------------------------------------------------------------------
-    def _merge_round(self, server_round: int, rec: RoundRecord, accepted: list[ClientUpdate]):
-        if len(accepted) < self.min_clients:
-            raise RoundFailedError(f"only {len(accepted)} valid client replies, fewer than min_clients="
-                               f"{self.min_clients}")
-        t = time.time()
-        order, scores, rule = self._rank_references(accepted)
-        rec.timings["select_reference"] = time.time() - t
-        rec.merge_info.update({"reference_scores": scores, "reference_rule": rule})
-        ranking = [accepted[i] for i in order]
-        for attempt in range(self.max_reference_retries + 1):
-            stats = None
-            if self.stats_where == "clients":
-                accepted, ref_u, stats = self._phase_two(server_round, rec, accepted, ranking)
-            else:
-                ref_u = next(u for u in ranking if u in accepted)
-            if len(accepted) < self.min_clients:
-                raise RoundFailedError(f"only {len(accepted)} clients left after the statistics phase, fewer than "
-                                       f"min_clients={self.min_clients}")
-            try:
-                merged, info, t = self._merge(rec, accepted, stats, accepted.index(ref_u))
-                break
-            except Exception as exc:  # noqa: BLE001 - a merge that fails fails this round, not the federation
-                error = f"{type(exc).__name__}: {_cut(exc)}"
-                rec.blamed = self._blame(rec, accepted, stats, accepted.index(ref_u))
-            left = [u for u in accepted if u.partition not in rec.blamed]
-            if rec.blamed == [ref_u.partition] and len(left) >= self.min_clients and attempt < self.max_reference_retries:
-                self._reject(rec, ref_u.node, "merge", f"as reference: the merge with every other client fails ({error})")
-                accepted = left   # another reference, and its statistics phase
-                continue
-            if not rec.blamed or ref_u.partition in rec.blamed or len(left) < self.min_clients:
-                who = f"; it fails on the data of client(s) {rec.blamed}" if rec.blamed else \
-                    "; which client's data it fails on cannot be told apart"
-                raise RoundFailedError(f"merge failed ({error}){who}")
-            for u in accepted:   # the merge fails on these clients' data alone: merge the others
-                if u.partition in rec.blamed:
-                    self._reject(rec, u.node, "merge", f"the merge with the reference fails on this client's data "
-                                 f"({error})")
-            keep = [i for i, u in enumerate(accepted) if u.partition not in rec.blamed]
-            stats = None if stats is None or self.stats_where != "clients" else _subset(stats, keep)
-            accepted = left
-            try:
-                merged, info, t = self._merge(rec, accepted, stats, accepted.index(ref_u))
-            except Exception as again:  # noqa: BLE001
-                raise RoundFailedError(f"merge failed ({type(again).__name__}: {_cut(again)}) after dropping "
-                                       f"client(s) {rec.blamed}") from None
-            break
-        counts = [float(u.metrics.num_examples) for u in accepted]
-        weights = [c / sum(counts) for c in counts] if self.weighted else None
-        rec.timings["merge"] = time.time() - t
-        rec.timings.update({f"merge_{k}": v for k, v in info.timings.items()})
-        for u in accepted:
-            self.last_states[u.partition] = u.state
-            self._register(u.node, u.partition)   # a partition is fixed by a node's first merged reply
-        rec.ok = True
-        rec.clients_merged = [u.partition for u in accepted]
-        rec.reference = ref_u.partition
-        rec.gamma = info.gamma
-        rec.merge_info.update({"gamma_scores": {str(k): v for k, v in info.gamma_scores.items()},
-                               "params": info.params, "gamma_selected_on": None if info.selected_on is None else
-                               [accepted[i].partition for i in info.selected_on],
-                               "bn_reset": info.bn_reset, "repair": info.repair,
-                               "repair_target": info.repair_target, "bn_fold": info.bn_fold, "weights": weights})
-        progress.info("round %d: merged %d clients with %s in %.1f s (reference client %d by %s, gamma %s)",
-                      server_round, len(accepted), self.method, rec.timings["merge"], rec.reference, rule, info.gamma)
-        sd = {k: v.detach().cpu() for k, v in merged.state_dict().items()}
-        metrics = MetricRecord({"clients-merged": len(accepted), "clients-rejected": len(rec.clients_rejected),
-                                "num-examples": int(sum(counts))})
-        return ArrayRecord(sd), metrics
-
-    def _merge(self, rec: RoundRecord, accepted: list[ClientUpdate], stats: Statistics | None, ref: int):
-        """(merged model, MergeInfo, start time of the merge) of ``accepted`` around ``accepted[ref]``; raises
-        when the merge fails or leaves the norm bound."""
-        states = [u.state for u in accepted]
-        counts = [float(u.metrics.num_examples) for u in accepted]
-        weights = [c / sum(counts) for c in counts] if self.weighted else None
-        t = time.time()
-        if self.stats_where == "server":
-            stats = collect_statistics([self._model(s) for s in states], self.fit, reference=ref,
-                                       pairs="all" if self.needs == "stats_all" else "reference", spec=self.spec,
-                                       device=self._dev())
-            rec.timings["server_statistics"] = time.time() - t
-            t = time.time()
-        merged, info = merge_from_statistics(
-            self.template, states, self.spec, stats, method=self.method, reference=ref,
-            gamma=self.gamma if METHODS[self.method].tunable_gamma else None, weights=weights,
-            bn_reset=self.bn_reset, bn_fold=self.bn_fold, repair=self.repair, repair_target=self.repair_target,
-            reset_batches=self.fit,
-            eval_batches=self.held,
-            eval_target=self._ensemble_target(accepted), gamma_grid=self.gamma_grid, device=self._dev(),
-            repair_models=_Models(states, self._model) if self.repair else None,
-            gamma_clients=self.gamma_clients if self.method == "cca" else None, **self.method_kwargs)
-        if not self._within_bound(rec, merged.state_dict()):
-            raise FloatingPointError(f"the merged weight norm {weight_norm(merged.state_dict()):.4g} exceeds "
-                                     f"{self.norm_bound:g} x the anchor {rec.merge_info['norm_anchor']:.4g}")
-        return merged, info, t
-
-    def _blame(self, rec: RoundRecord, accepted: list[ClientUpdate], stats: Statistics | None, ref: int
-               ) -> list[int]:
-        """After a failed merge: merge the reference with each other client alone, with the round's statistics;
-        the clients whose pair fails (or leaves the norm bound) are named. When every pair fails (two or more),
-        the reference is named; with a single pair nobody is (the two cannot be told apart)."""
-        cands = selection_candidates(self.method, self.gamma, self.method_kwargs, self.gamma_grid)
-        fixed = dict(cands[len(cands) // 2]) if cands else {}   # one setting: a diagnosis, not a selection
-        gamma = fixed.pop("gamma", self.gamma if METHODS[self.method].tunable_gamma else None)
-
-        def fails(i: int, j: int) -> bool:
-            states = [accepted[i].state, accepted[j].state]
-            try:
-                pair = None
-                if self.stats_where == "clients" and stats is not None:
-                    pair = Statistics(own=[stats.own[i], stats.own[j]], cross={(0, 1): stats.cross[(i, j)]},
-                                      reference=0)
-                elif self.stats_where == "server":
-                    pair = collect_statistics([self._model(s) for s in states], self.fit, reference=0,
-                                              pairs="all" if self.needs == "stats_all" else "reference",
-                                              spec=self.spec, device=self._dev())
-                merged, _ = merge_from_statistics(self.template, states, self.spec, pair, method=self.method,
-                                                  reference=0, gamma=gamma, bn_reset=self.bn_reset,
-                                                  bn_fold=self.bn_fold,
-                                                  reset_batches=self.fit, device=self._dev(),
-                                                  **{**self.method_kwargs, **fixed})
-                return not self._within_bound(rec, merged.state_dict())
-            except Exception:  # noqa: BLE001 - this is the diagnosis
-                return True
-
-        others = [i for i in range(len(accepted)) if i != ref]
-        failing = [i for i in others if fails(ref, i)]
-        if not failing:
-            return []
-        if len(others) >= 2 and len(failing) == len(others):
-            return [accepted[ref].partition]
-        if len(others) == 1:   # one pair: which of the two it fails on cannot be told apart
-            return []
-        return sorted(accepted[i].partition for i in failing)
-
-    def _phase_two(self, server_round: int, rec: RoundRecord, accepted: list[ClientUpdate],
-                   ranking: list[ClientUpdate]):
-        """Send the reference weights to every client (the reference included); collect and check cross
-        statistics. A reference that fails, or whose own statistics every other client contradicts, is
-        replaced by the next best client and the phase is redone."""
-        if self._grid is None:
-            raise RoundFailedError("no grid: configure_train was not called")
-        kept = list(accepted)
-        for attempt in range(self.max_reference_retries + 1):
-            ref = next(u for u in ranking if u in kept)
-            cross, failed, ref_problem, cross_check_failed = self._query(server_round, rec, kept, ref)
-            others = [u for u in kept if u is not ref]
-            disagree = [u for u in others if u.partition in cross_check_failed]
-            if ref_problem is None and len(others) >= 2 and len(disagree) == len(others):
-                ref_problem = (f"the cross statistics of all {len(others)} other clients fail the checks against "
-                               "its own statistics (reference mismatch)")
-            if ref_problem is None:
-                break
-            unanswered = ("client error", "no reply")   # the query failed on the client, not a check of its reply
-            if not cross and others and all(failed.get(u.partition, "").startswith(unanswered) for u in others) \
-                    and ref_problem.startswith(unanswered):
-                why = {failed[u.partition] for u in others} | {ref_problem}
-                raise RoundFailedError(
-                    f"no client answered the cross-statistics query ({'; '.join(sorted(why))}); every ClientApp must "
-                    f"answer '{QUERY_CROSS}' (fedmerge.client.make_client_app does, or @app.query() with "
-                    "fedmerge.client.cross_reply)")
-            self._reject(rec, ref.node, "cross-statistics", f"as reference: {ref_problem}")
-            kept.remove(ref)
-            if len(kept) < self.min_clients:
-                raise RoundFailedError(f"the reference failed and only {len(kept)} clients are left, fewer than "
-                                   f"min_clients={self.min_clients}")
-            if attempt == self.max_reference_retries:
-                raise RoundFailedError(f"{attempt + 1} references failed in the statistics phase")
-            log(WARNING, "round %d: reference client %d failed; redoing the statistics phase with another reference",
-                rec.round, ref.partition)
-        for u in others:
-            if u.partition in failed:
-                self._reject(rec, u.node, "cross-statistics", failed[u.partition])
-        kept = sorted([ref] + [u for u in others if u.partition in cross], key=lambda u: u.partition)
-        r = kept.index(ref)
-        stats = Statistics(own=[u.own for u in kept],
-                           cross={(r, i): cross[u.partition] for i, u in enumerate(kept) if i != r}, reference=r)
-        return kept, ref, stats
-
-    def _query(self, server_round: int, rec: RoundRecord, kept: list[ClientUpdate], ref: ClientUpdate):
-        """One cross-statistics exchange: (cross blocks by partition, rejection reasons by partition, the
-        reference's own problem or None, the partitions whose cross block failed a check against the own blocks)."""
-        digest = weights_digest(ref.state)
-        ref_record = ArrayRecord({k: v for k, v in ref.state.items()})
-        messages = [Message(RecordDict({"reference": ref_record, "config": ConfigRecord({
-            "server-round": server_round, "reference-partition": ref.partition, "reference-digest": digest,
-            "partition-id": u.partition, "num-partitions": self.num_partitions})}),
-            message_type=QUERY_CROSS, dst_node_id=u.node) for u in kept if not u.clipped]
-        t = time.time()
-        replies = list(self._grid.send_and_receive(messages, timeout=self.query_timeout))
-        rec.timings["phase2"] = rec.timings.get("phase2", 0.0) + time.time() - t
-        progress.info("round %d: cross statistics against reference client %d: %d replies in %.1f s", server_round,
-                      ref.partition, len(replies), time.time() - t)
-        by_node = {u.node: u for u in kept}
-        got: dict[int, Message] = {}
-        for msg in replies:
-            node = int(msg.metadata.src_node_id)
-            if node not in by_node:
-                self._reject(rec, node, "cross-statistics", "reply from a node that was not queried")
-            elif node in got:
-                self._reject(rec, node, "cross-statistics", "a second reply from this node in this phase")
-            else:
-                got[node] = msg
-        del replies   # each reply is dropped once read (got.pop below): statistics are not held twice
-        cross, failed, ref_problem, cross_check_failed = {}, {}, None, set()
-        t = time.time()
-        ref_model = self._model(ref.state) if self.fit is not None else None   # the server's own cross blocks
-        ref_acts, whiteners = None, {}
-        if ref_model is not None:
-            try:   # its activations once for every client's block (recomputed per client, as before, if this fails)
-                ref_acts = ReferenceActivations(ref_model, self.fit, self.spec, device=self._dev())
-            except Exception:  # noqa: BLE001 - each client's recomputation then reports the problem as before
-                ref_acts = None
-        for u in kept:
-            if u.clipped:   # its upload describes other weights: the server computes its cross block itself
-                if u is not ref:
-                    try:
-                        cross[u.partition] = cross_statistics(ref_model, self._model(u.state), self.fit, self.spec,
-                                                              device=self._dev(), cache=ref_acts)
-                    except Exception as exc:  # noqa: BLE001 - e.g. non-finite activations of the clipped weights
-                        failed[u.partition] = f"cross statistics of the clipped weights ({type(exc).__name__}: {exc})"
-                continue
-            try:
-                c = self._read_cross_reply(rec, got.get(u.node), u, ref, digest, ref_model, ref_acts, whiteners)
-            except Exception as exc:  # noqa: BLE001 - ReplyRejected or anything else: this client only
-                reason = str(exc) if isinstance(exc, ReplyRejected) else f"unreadable reply ({type(exc).__name__}: {exc})"
-                if u is ref:
-                    ref_problem = reason
-                else:
-                    failed[u.partition] = reason
-                    if isinstance(exc, CrossCheckFailed):
-                        cross_check_failed.add(u.partition)
-                continue
-            self._account(rec, u.partition, got.pop(u.node).content, None, "cross-stats")
-            if u is not ref:
-                cross[u.partition] = c
-        rec.timings["verify_cross_statistics"] = rec.timings.get("verify_cross_statistics", 0.0) + time.time() - t
-        return cross, failed, ref_problem, cross_check_failed
-
-    def _read_cross_reply(self, rec: RoundRecord, msg: Message | None, u: ClientUpdate, ref: ClientUpdate, digest: str,
-                          ref_model: nn.Module | None, ref_acts: ReferenceActivations | None = None,
-                          whiteners: dict | None = None):
-        if msg is None:
-            raise ReplyRejected("no reply to the cross-statistics query (timed out)")
-        if msg.has_error():
-            raise ReplyRejected(client_error(msg.error.reason))
-        rd = msg.content
-        metrics = read_metrics(rd, need_examples=False, num_partitions=self.num_partitions)
-        if metrics.partition is not None and metrics.partition != u.partition:
-            raise ReplyRejected(f"reports partition {metrics.partition}, but node {u.node} is partition {u.partition}")
-        check_size(rd, self.max_upload_bytes)
-        check_echo(rd, "reference-digest", digest,
-                   "cross statistics computed against another reference (reference digest differs)")
-        c, enc = decode_statistics(rd, "cross-stats", decode_cross, self.spec, "cross", "cross statistics")
-        wire = transport([enc, ref.own_encoding, u.own_encoding])
-        check_cross(c, ref.own, u.own, self.expected_counts, wire=wire, whiteners=whiteners)
-        if ref_model is not None and u is not ref:
-            # with a server probe the cross block is recomputed from the two uploaded models, checked and used:
-            # it decides CCA's rotation, which no consistency check can pin down
-            computed = cross_statistics(ref_model, self._model(u.state), self.fit, self.spec, device=self._dev(),
-                                        cache=ref_acts)
-            check_cross_matches(c, computed, wire)
-            c = computed
-        if "seconds-cross-stats" in metrics.values and u.partition in rec.client_metrics:
-            rec.client_metrics[u.partition]["seconds-cross-stats"] = metrics.values["seconds-cross-stats"]
-        return c

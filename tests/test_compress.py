@@ -14,8 +14,6 @@ from fedmerge.common.engine.stats import (
     Moments,
     Statistics,
     collect_statistics,
-    cross_to_arrays,
-    moments_to_arrays,
 )
 from fedmerge.common.wire.compress import (
     DTYPES,
@@ -33,6 +31,16 @@ from fedmerge.common.wire.records import arrays_to_record
 torch.manual_seed(0)
 X = torch.randn(128, 3, 16, 16)
 BOUND = {"float64": 0.0, "float32": 1e-7, "float16": 1e-3, "bfloat16": 1e-2}
+
+
+def legacy_arrays(blocks, prefix: str = "own") -> dict:
+    """The legacy wire form, written out by hand: per group ``n`` and the dense float64 blocks, no header."""
+    out = {}
+    for g, m in blocks.items():
+        out[f"{prefix}.{g}.n"] = np.array([m.n], dtype=np.int64)
+        fields = ("mean", "m2") if prefix == "own" else ("mean_a", "mean_b", "c")
+        out.update({f"{prefix}.{g}.{f}": getattr(m, f).numpy() for f in fields})
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -78,18 +86,18 @@ def test_round_trip_error_bounds(setup, dtype):
         # scaled by the unit standard deviations: variances come back to float32 precision in every dtype
         var, var_back = torch.diagonal(own[g].m2), torch.diagonal(do[g].m2)
         assert float(((var_back - var).abs() / var.clamp_min(1e-30)).max()) < 1e-6
-    if dtype == "float64":  # the default is the legacy format, bit for bit
-        legacy = moments_to_arrays(own)
+    if dtype == "float64":  # the default is the legacy format (no header, dense float64 blocks), bit for bit
+        legacy, legacy_cross = legacy_arrays(own), legacy_arrays(cross, "cross")
         assert eo.keys() == legacy.keys() and all(np.array_equal(eo[k], legacy[k]) for k in legacy)
-        assert ec.keys() == cross_to_arrays(cross).keys()
+        assert ec.keys() == legacy_cross.keys() and all(np.array_equal(ec[k], legacy_cross[k]) for k in ec)
     else:
         assert block_encoding(eo, "own.1") == {"dtype": dtype, "form": "dense", "rank": 0, "legacy": False}
 
 
 def test_legacy_float64_upload_still_decodes(setup):
     _, _, spec, st = setup
-    do = decode_moments(moments_to_arrays(st.own[0]), spec)
-    dc = decode_cross(cross_to_arrays(st.cross[(0, 1)]), spec)
+    do = decode_moments(legacy_arrays(st.own[0]), spec)
+    dc = decode_cross(legacy_arrays(st.cross[(0, 1)], "cross"), spec)
     for g in spec.groups:
         assert torch.equal(do[g].m2, st.own[0][g].m2) and torch.equal(dc[g].c, st.cross[(0, 1)][g].c)
 
@@ -196,7 +204,7 @@ def test_bytes_shrink_as_expected(setup):
     _, _, spec, st = setup
     own, cross = st.own[1], st.cross[(0, 1)]
     dims = [g.dim for g in spec.groups.values()]
-    base_own, base_cross = payload_bytes(moments_to_arrays(own)), payload_bytes(cross_to_arrays(cross))
+    base_own, base_cross = payload_bytes(legacy_arrays(own)), payload_bytes(legacy_arrays(cross, "cross"))
     for dtype, size in (("float32", 4), ("float16", 2), ("bfloat16", 2)):
         po, pc = payload_bytes(encode_moments(own, dtype)), payload_bytes(encode_cross(cross, dtype))
         scale = 0 if dtype == "float32" else 1
@@ -210,7 +218,7 @@ def test_bytes_shrink_as_expected(setup):
     assert po == sum(2 * d * k + 4 * (d + k + 1) + 8 * 5 for d in dims)
     assert pc == sum(2 * 2 * d * k + 4 * (2 * d + k) + 8 * 5 for d in dims)
     # what the server counts (Flower records: + ~130 bytes of header per array, a lot for these tiny blocks)
-    rec64 = arrays_to_record(cross_to_arrays(cross)).count_bytes()
+    rec64 = arrays_to_record(legacy_arrays(cross, "cross")).count_bytes()
     e16 = encode_cross(cross, "float16")
     rec16 = arrays_to_record(e16).count_bytes()
     assert rec16 - payload_bytes(e16) < 200 * len(e16) and rec16 < 0.45 * rec64
@@ -387,6 +395,6 @@ def test_federation_with_float16_statistics(tmp_path):
             for g, grp in spec.groups.items()}
     # float16 own (one triangle) + cross blocks: well under half of the same blocks' float64 (legacy) records
     fake_cross = {g: CrossMoments(10, m.mean, m.mean, m.m2) for g, m in fake.items()}
-    legacy = (arrays_to_record(moments_to_arrays(fake)).count_bytes()
-              + arrays_to_record(cross_to_arrays(fake_cross)).count_bytes())
+    legacy = (arrays_to_record(legacy_arrays(fake)).count_bytes()
+              + arrays_to_record(legacy_arrays(fake_cross, "cross")).count_bytes())
     assert rnd["bytes_statistics"]["0"] < 0.5 * legacy

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fedmerge.client.app import LOCAL_KEY, task_client_app
 from fedmerge.common.engine.merge import merge_models
@@ -55,6 +55,44 @@ def test_client_app_called_with_messages(tmp_path):
     keys = list(reply.content.array_records["cross-stats"].keys())
     assert any(k.endswith(".c") for k in keys) and reply.content.metric_records["metrics"]["seconds-cross-stats"] > 0
 
+
+def test_low_rank_query_reuses_the_statistics_sent_at_training(tmp_path, monkeypatch):
+    """With stats_rank > 0 the cross block is whitened with the client's own statistics as it uploaded them at
+    training: the query encodes only the reference's own block (not the client's again), and its reply equals a
+    fresh computation's, array for array."""
+    import fedmerge.client.protocol as protocol
+    from fedmerge.common.wire.records import weights_digest
+
+    cfg = tiny(out=str(tmp_path), stats_rank=2, stats_dtype="float16")
+    app = task_client_app(cfg.to_run_config())
+    ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 1, "num-partitions": 3}, state=RecordDict(),
+                  run_config={})
+    app(_msg(RecordDict({"arrays": ArrayRecord(), "config": ConfigRecord({"server-round": 1})}), "train"), ctx)
+    assert protocol.OWN_KEY in ctx.state.array_records
+    ref = build_global_model(cfg, seed=5)
+    q = _msg(RecordDict({"reference": ArrayRecord(ref.state_dict()), "config": ConfigRecord({})}),
+             "query.cross_stats")
+    calls = {"encode_moments": 0, "own_statistics": 0}
+
+    def counted(name):
+        original = getattr(protocol, name)
+
+        def wrapper(*a, **kw):
+            calls[name] += 1
+            return original(*a, **kw)
+        return wrapper
+
+    for name in calls:
+        monkeypatch.setattr(protocol, name, counted(name))
+    got = app(q, ctx).content.array_records["cross-stats"]
+    assert calls == {"encode_moments": 1, "own_statistics": 0}   # the reference's block only
+    model = build_global_model(cfg)
+    model.load_state_dict(ctx.state.array_records[LOCAL_KEY].to_torch_state_dict())
+    fresh = protocol.cross_stats_records(ref, model, probe_batches(cfg)[0], reference_digest=weights_digest(
+        ref.state_dict()), dtype="float16", rank=2)["cross-stats"]
+    assert calls["encode_moments"] == 3   # recomputed: both own blocks encoded again
+    assert any(k.endswith(".c.left") for k in got.keys()) and set(got.keys()) == set(fresh.keys())
+    assert all(np.array_equal(got[k].numpy(), fresh[k].numpy()) for k in got.keys())
 
 def test_server_assigns_partitions_when_nodes_have_none(tmp_path):
     cfg = tiny(out=str(tmp_path), num_clients=2, method="avg")
@@ -347,3 +385,50 @@ def test_bn_fold_through_the_strategy_equals_the_offline_merge(tmp_path):
     assert torch.allclose(fed.eval()(x), offline.eval()(x), rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="bn_fold and np_merge"):
         CCAMerge(model_fn=lambda: build_global_model(cfg), probe=probe_batches(cfg), bn_fold=True, np_merge=True)
+
+
+def test_from_config_builds_what_the_config_describes():
+    cfg = tiny(method="zipit", reference="1", gamma="0.1", repair=True, norm_bound=0.0, method_schedule="zipit,avg",
+               num_clients=4, min_clients=3)
+    s = CCAMerge.from_config(cfg, max_examples=7)
+    assert (s.base_method, s.reference, s.gamma, s.repair, s.norm_bound) == ("zipit", 1, 0.1, True, None)
+    assert (s.num_clients, s.min_clients, s.query_timeout, s.max_examples) == (4, 3, cfg.timeout, 7)
+    assert s.method_schedule == ("zipit", "avg") and s.fit.num_samples == probe_batches(cfg)[0].num_samples
+    assert CCAMerge.from_config(cfg, method="cca", method_schedule=None).method == "cca"   # overrides win
+    assert s.grid is None   # attached by start(), never by configure_train
+
+
+def test_reference_weights_are_forwarded_as_received(tmp_path):
+    """Phase 2 sends the reference client's own weights record (no decoding and encoding again), and the digest
+    every client echoes is the one of those weights."""
+    cfg = tiny(out=str(tmp_path), reference="0", gamma="0.1", num_clients=2, method_schedule="")
+    grid = InlineGrid(task_client_app(cfg.to_run_config()), 2)
+    strategy = CCAMerge.from_config(cfg, reference=0)
+    strategy.start(grid, ArrayRecord(), num_rounds=1, timeout=cfg.timeout)
+    assert strategy.history[-1].ok and strategy.grid is grid
+    query = [m for m in grid.sent if m.metadata.message_type == "query.cross_stats"]
+    sent = query[0].content.array_records["reference"]
+    assert all(q.content.array_records["reference"] is sent for q in query)
+    ref_state = strategy.last_states[0]
+    assert sent.to_torch_state_dict().keys() == ref_state.keys()
+    assert all(torch.equal(v, ref_state[k]) for k, v in sent.to_torch_state_dict().items())
+
+
+def test_reference_record_is_the_received_one_only_when_it_decodes_exactly():
+    from fedmerge.common.wire.records import weights_digest
+    from fedmerge.server.checks import decode_weights, read_metrics
+    from fedmerge.server.replies import ClientUpdate, reference_record
+
+    model = build_global_model(tiny())
+    keys = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
+    metrics = read_metrics(RecordDict({"metrics": MetricRecord({"num-examples": 1})}))
+    for record, forwarded in ((ArrayRecord(model.state_dict()), True),   # as the model's dtypes: as received
+                              (ArrayRecord({k: v.double() if v.is_floating_point() else v     # converted: encoded
+                                            for k, v in model.state_dict().items()}), False)):
+        state = decode_weights(record, keys)
+        u = ClientUpdate(1, 0, state, metrics, record=record)
+        sent = reference_record(u, weights_digest(state))
+        assert (sent is record) is forwarded
+        assert weights_digest(sent.to_torch_state_dict()) == weights_digest(state)
+        u.clipped = True   # clipped weights are not the received ones
+        assert reference_record(u, weights_digest(state)) is not record

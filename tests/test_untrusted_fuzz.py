@@ -123,6 +123,7 @@ def test_no_mutated_upload_crashes_the_server(kit, phase, ops):
     logging.getLogger("flwr").setLevel(logging.ERROR)
     strategy = adv.make_strategy(kit.cfg, reference=0, max_examples=adv.partition_sizes(kit))
     grid = InlineGrid(adv.replay_app(kit, {(phase, ATTACKER): lambda rd: _apply(rd, phase, ops)}), 3)
+    strategy.attach(grid)   # start() attaches its grid; the hooks are driven by hand here
     arrays, _ = strategy.aggregate_train(1, grid.send_and_receive(strategy.configure_train(
         1, ArrayRecord(), ConfigRecord(), grid)))   # never raises
     rec = strategy.history[-1]

@@ -18,7 +18,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
-import numpy as np
 import torch
 import torch.nn as nn
 
@@ -324,55 +323,6 @@ def _cpu(m):
     if m.n == 0:
         raise ValueError("empty probe: no samples to compute statistics from")
     return CrossMoments(m.n, m.mean_a.cpu(), m.mean_b.cpu(), m.c.cpu())
-
-
-# --- wire format (flat dicts of numpy arrays, for Flower ArrayRecords / safetensors) -----------------------
-def moments_to_arrays(own: GroupMoments, prefix: str = "own") -> dict[str, np.ndarray]:
-    out = {}
-    for g, m in own.items():
-        out[f"{prefix}.{g}.n"] = np.array([m.n], dtype=np.int64)
-        out[f"{prefix}.{g}.mean"] = m.mean.numpy()
-        out[f"{prefix}.{g}.m2"] = m.m2.numpy()
-    return out
-
-
-def cross_to_arrays(cross: GroupCross, prefix: str = "cross") -> dict[str, np.ndarray]:
-    out = {}
-    for g, m in cross.items():
-        out[f"{prefix}.{g}.n"] = np.array([m.n], dtype=np.int64)
-        out[f"{prefix}.{g}.mean_a"] = m.mean_a.numpy()
-        out[f"{prefix}.{g}.mean_b"] = m.mean_b.numpy()
-        out[f"{prefix}.{g}.c"] = m.c.numpy()
-    return out
-
-
-def _grab(arrays, key):
-    if key not in arrays:
-        raise KeyError(f"statistics upload is missing '{key}'")
-    return arrays[key]
-
-
-def moments_from_arrays(arrays: dict[str, np.ndarray], spec: MergeSpec, prefix: str = "own") -> GroupMoments:
-    out = {}
-    for g, grp in spec.groups.items():
-        n = int(np.asarray(_grab(arrays, f"{prefix}.{g}.n")).reshape(-1)[0])
-        mean = torch.as_tensor(np.asarray(_grab(arrays, f"{prefix}.{g}.mean")), dtype=DTYPE)
-        m2 = torch.as_tensor(np.asarray(_grab(arrays, f"{prefix}.{g}.m2")), dtype=DTYPE)
-        _check_block(f"{prefix}.{g}", n, [(mean, (grp.dim,)), (m2, (grp.dim, grp.dim))], symmetric=m2)
-        out[g] = Moments(n, mean, m2)
-    return out
-
-
-def cross_from_arrays(arrays: dict[str, np.ndarray], spec: MergeSpec, prefix: str = "cross") -> GroupCross:
-    out = {}
-    for g, grp in spec.groups.items():
-        n = int(np.asarray(_grab(arrays, f"{prefix}.{g}.n")).reshape(-1)[0])
-        ma = torch.as_tensor(np.asarray(_grab(arrays, f"{prefix}.{g}.mean_a")), dtype=DTYPE)
-        mb = torch.as_tensor(np.asarray(_grab(arrays, f"{prefix}.{g}.mean_b")), dtype=DTYPE)
-        c = torch.as_tensor(np.asarray(_grab(arrays, f"{prefix}.{g}.c")), dtype=DTYPE)
-        _check_block(f"{prefix}.{g}", n, [(ma, (grp.dim,)), (mb, (grp.dim,)), (c, (grp.dim, grp.dim))])
-        out[g] = CrossMoments(n, ma, mb, c)
-    return out
 
 
 def _check_block(name, n, arrays, symmetric=None):

@@ -1,2 +1,2 @@
-"""What travels between clients and server: array records and their checked decoding (records), compressed
-statistics (compress) and the probe batches with their digest (probe)."""
+"""What travels between clients and server: the protocol's names (keys), array records and their checked decoding
+(records), the one statistics codec (compress) and the probe batches with their digest (probe)."""

@@ -1,8 +1,8 @@
 """Compressed wire format for probe statistics: a transmission dtype and an optional low-rank form.
 
 Statistics are always accumulated in float64 (:mod:`fedmerge.common.engine.stats`); only their transport is
-compressed. Every block is self-describing, so the server needs no configuration to decode an upload, and
-old-style float64 uploads (``moments_to_arrays`` / ``cross_to_arrays``) decode unchanged.
+compressed. Every block is self-describing, so the server needs no configuration to decode an upload. This is
+the one statistics codec; float64 full rank is the original headerless format, which decodes unchanged.
 
 Keys per block ``<prefix>.<group>`` (``own`` or ``cross``):
 
@@ -12,36 +12,28 @@ Keys per block ``<prefix>.<group>`` (``own`` or ``cross``):
 * dtype codes: 0 float64, 1 float32, 2 float16, 3 bfloat16 (sent as its raw bits in a uint16 array: numpy
   has no bfloat16; the bits are the upper half of the float32 pattern, rounded to nearest even, and decode
   exactly to those float32 values).
-* Small vectors (means, scales, eigen-/singular values, sigma^2) travel as float32 whenever the dtype is
-  not float64 (float64 if a value is outside float32's normal range); only the O(d^2) or O(d k) payloads
-  use the chosen dtype.
+* Small vectors (means, scales, eigen-/singular values, sigma^2) travel as float32 unless the dtype is float64
+  (or a value is outside float32's normal range); only the O(d^2) or O(d k) payloads use the chosen dtype.
 
 Forms (``enc[2]``):
 
-* 0, dense. Own ``m2`` is symmetric: only its upper triangle is sent (``.m2.tri``, d(d+1)/2 values,
-  row-major ``numpy.triu_indices``), which halves it losslessly. Cross ``c`` is sent whole (``.c``).
-  float16/bfloat16 payloads are scaled first, so that nothing overflows (float16 ends at 65504) and
-  small units keep their relative precision: own ``m2 = D R D`` with ``D = diag(sqrt(m2_ii))`` -- ``R`` is
-  the correlation matrix, every entry in [-1, 1] (Cauchy-Schwarz), unit diagonal, so the variances come
-  back exactly up to the float32 scales (``.m2.scale``, d); cross ``c = diag(r) Y diag(q)`` with
-  row maxima ``r_i = max_j |c_ij|`` and then column maxima ``q_j`` of ``c / r``, so ``|Y| <= 1``
-  (``.c.scale`` = [r, q], d_a + d_b). The scaled payload is computed with the *transmitted* (rounded)
-  scales, so the only error is the payload's rounding: ``|err_ij| <= u s_i s_j`` (own) and
-  ``|err_ij| <= u r_i q_j`` (cross), with the unit round-off ``u`` = 2^-11 (float16) or 2^-8 (bfloat16; the
-  float64 -> float32 -> bfloat16 double rounding adds at most 2^-24), plus float16's subnormal floor
-  (payload entries below 2^-24 flush to zero). float32 payloads are cast without scaling:
-  ``|err_ij| <= 2^-24 |x_ij|``.
+* 0, dense. Own ``m2``: its upper triangle only (``.m2.tri``, d(d+1)/2 values, row-major
+  ``numpy.triu_indices``), lossless. Cross ``c``: whole (``.c``). float16/bfloat16 payloads are scaled first,
+  so nothing overflows (float16 ends at 65504) and small units keep their relative precision: own
+  ``m2 = D R D``, ``D = diag(sqrt(m2_ii))`` (``R`` the correlation matrix, entries in [-1, 1], unit diagonal: the
+  variances come back exactly up to the float32 scales ``.m2.scale``); cross ``c = diag(r) Y diag(q)``, row
+  maxima ``r_i = max_j |c_ij|`` then column maxima ``q_j`` of ``c / r``, so ``|Y| <= 1`` (``.c.scale`` = [r, q]).
+  Scaling uses the *transmitted* (rounded) scales, so the only error is the payload's rounding:
+  ``|err_ij| <= u s_i s_j`` (own), ``u r_i q_j`` (cross), unit round-off ``u`` = 2^-11 (float16) or 2^-8
+  (bfloat16; the double rounding via float32 adds at most 2^-24), plus float16's subnormal floor (entries below
+  2^-24 flush to zero). float32 payloads are cast unscaled: ``|err_ij| <= 2^-24 |x_ij|``.
 * 1, low rank (``rank`` = k, 0 < k < d), own block, probabilistic PCA: with ``m2 = sum_i l_i v_i v_i^T``
-  (eigenvalues l_1 >= ... >= l_d), send ``V_k`` (``.m2.vecs``, d x k), ``l_1..l_k`` (``.m2.vals``) and
-  ``sigma^2 = mean(l_{k+1}, ..., l_d)`` (``.m2.sigma2``); decode
-  ``m2_k = V_k diag(l) V_k^T + sigma^2 (I - V_k V_k^T)``. Its eigenvalues are l_1..l_k and sigma^2
-  (d - k times), so ``tr(m2_k) = sum_{i<=k} l_i + (d-k) mean_{i>k} l_i = tr(m2)``: the trace -- and with
-  it the scale of CCA's trace-relative ridge ``gamma tr(S)/d`` -- is kept; ``m2_k`` is positive definite
-  whenever the dropped eigenvalues are not all zero (they are >= 0, clamped against round-off), so the
-  whitening ``S^-1/2`` stays well defined without gamma. sigma^2 = the dropped eigenvalues' mean is the
-  Frobenius-optimal isotropic fill (``argmin_s sum_{i>k} (l_i - s)^2``) and the maximum-likelihood noise
-  variance of probabilistic PCA (Tipping & Bishop, 1999). The received ``V_k`` is re-orthonormalised
-  (polar factor, the nearest orthonormal matrix), so rounding never breaks these properties.
+  (l_1 >= ... >= l_d), send ``V_k`` (``.m2.vecs``, d x k), ``l_1..l_k`` (``.m2.vals``) and ``sigma^2 =
+  mean(l_{k+1}, ..., l_d)`` (``.m2.sigma2``); decode ``m2_k = V_k diag(l) V_k^T + sigma^2 (I - V_k V_k^T)``:
+  ``tr(m2_k) = tr(m2)`` (the scale of CCA's trace-relative ridge ``gamma tr(S)/d`` is kept), and ``m2_k`` is
+  positive definite unless the dropped eigenvalues (clamped >= 0) are all zero. sigma^2 is the Frobenius-optimal
+  isotropic fill and the maximum-likelihood noise variance of probabilistic PCA (Tipping & Bishop, 1999). The
+  received ``V_k`` is re-orthonormalised (polar factor), so rounding never breaks these properties.
 * 1, low rank, cross block: ``c ~ L diag(s) R^T`` with unit-norm columns (``.c.left`` d_a x k,
   ``.c.right`` d_b x k, ``.c.vals`` k). Two ways to choose the k directions, same wire format:
 
@@ -50,20 +42,16 @@ Forms (``enc[2]``):
     cross-covariance ``W = A^-1/2 c B^-1/2`` (``A``, ``B`` the ridge-regularised own blocks); its SVD
     ``W = U diag(rho) V^T`` gives the canonical correlations. Keeping its top k and mapping back,
     ``c_k = A^1/2 U_k diag(rho_k) V_k^T B^1/2``, is the best rank-k approximation of ``c`` in the norm
-    ``||A^-1/2 (.) B^-1/2||_F``: on the server (same own blocks and ridge) ``A^-1/2 c_k B^-1/2`` is exactly
-    ``U_k diag(rho_k) V_k^T`` -- the k most correlated canonical pairs are kept exactly, the least
-    correlated dropped. ``L = A^1/2 U_k``, ``R = B^1/2 V_k`` are sent column-normalised, their norms folded
-    into ``s``. The ridge is ``WHITEN_GAMMA tr(S)/d`` (the default gamma), so for another gamma the kept
-    pairs are exact only approximately.
+    ``||A^-1/2 (.) B^-1/2||_F``: on the server (same own blocks and ridge) the k most correlated canonical
+    pairs are kept exactly, the least correlated dropped. ``L = A^1/2 U_k``, ``R = B^1/2 V_k`` are sent
+    column-normalised, their norms folded into ``s``. The ridge is ``WHITEN_GAMMA tr(S)/d`` (the default
+    gamma): for another gamma the kept pairs are exact only approximately.
 
   The dropped directions are undetermined for CCA (the server maps them by its dead-unit prior); low rank
-  is for very wide layers: measure it (``benchmarks/compression.py``).
+  is for very wide layers: measure it (``benchmarks/compression.py``). A block is sent dense when the factors
+  would not be smaller (k >= d, ``d k >= d(d+1)/2`` own, ``(d_a + d_b) k >= d_a d_b`` cross).
 
-  A block is sent dense when the factors would not be smaller (k >= d, or ``d k >= d(d+1)/2`` own,
-  ``(d_a + d_b) k >= d_a d_b`` cross): exact and no bigger.
-
-Decoding checks everything (encoding header, dtypes, shapes, finite values, positive scales, non-negative
-eigenvalues, then the usual block checks) and raises ``ValueError`` naming the block.
+Decoding checks header, dtypes, shapes, finite values, scales > 0, eigenvalues >= 0; ValueError names the block.
 """
 from __future__ import annotations
 
@@ -143,8 +131,7 @@ def _np(t) -> np.ndarray:
 
 def encode_moments(own: GroupMoments, dtype: str = "float64", rank: int = 0, prefix: str = "own"
                    ) -> dict[str, np.ndarray]:
-    """Own statistics -> flat dict of arrays (see the module docstring). float64 without a useful rank gives
-    exactly the legacy format of :func:`fedmerge.common.engine.stats.moments_to_arrays`."""
+    """Own statistics -> flat dict of arrays (see the module docstring); float64 full rank: the headerless form."""
     check_options(dtype, rank)
     code = _CODE[dtype]
     out: dict[str, np.ndarray] = {}
@@ -213,7 +200,7 @@ def encode_cross(cross: GroupCross, dtype: str = "float64", rank: int = 0, prefi
                  whiten: tuple[GroupMoments, GroupMoments] | None = None) -> dict[str, np.ndarray]:
     """Cross statistics -> flat dict of arrays. ``whiten=(own_a, own_b)``: the own blocks of the reference and
     of the model (on the same probe) choose the low-rank directions by canonical correlation instead of raw
-    covariance (see the module docstring). float64 full rank gives the legacy ``cross_to_arrays`` format."""
+    covariance (see the module docstring). float64 full rank gives the headerless form."""
     check_options(dtype, rank)
     code = _CODE[dtype]
     out: dict[str, np.ndarray] = {}
@@ -294,26 +281,20 @@ class _Block:
         a = self.raw(field)
         if a.dtype != _WIRE[code]:
             self.fail(f"'{field}' has dtype {a.dtype}, expected {_WIRE[code]} for {DTYPES[code]}")
-        return self._finite(field, self._shape(field, _uncast(a, code), shape))
+        return self._checked(field, _uncast(a, code), shape)
 
-    def side(self, field: str, shape: tuple) -> np.ndarray:
+    def side(self, field: str, shape: tuple, itemsize: int = 4, expected: str = "float32 or float64") -> np.ndarray:
         a = self.raw(field)
-        if a.dtype.kind != "f" or a.dtype.itemsize < 4:
-            self.fail(f"'{field}' has dtype {a.dtype}, expected float32 or float64")
-        return self._finite(field, self._shape(field, a.astype(np.float64), shape))
+        if a.dtype.kind != "f" or a.dtype.itemsize < itemsize:
+            self.fail(f"'{field}' has dtype {a.dtype}, expected {expected}")
+        return self._checked(field, a.astype(np.float64), shape)
 
-    def dense(self, field: str, shape: tuple) -> np.ndarray:  # legacy: any float dtype
-        a = self.raw(field)
-        if a.dtype.kind != "f":
-            self.fail(f"'{field}' has dtype {a.dtype}, expected a float array")
-        return self._finite(field, self._shape(field, a.astype(np.float64), shape))
+    def dense(self, field: str, shape: tuple) -> np.ndarray:  # a headerless block: any float dtype
+        return self.side(field, shape, 1, "a float array")
 
-    def _shape(self, field, a, shape):
+    def _checked(self, field, a, shape):
         if a.shape != tuple(shape):
             self.fail(f"'{field}' has shape {a.shape}, expected {tuple(shape)}")
-        return a
-
-    def _finite(self, field, a):
         if not np.isfinite(a).all():
             self.fail(f"'{field}' has non-finite values")
         return a
