@@ -229,7 +229,8 @@ def run_scale(args) -> None:
             fits[backend] = {"merge": fit_line([r["clients"] for r in ok], [r["merge"] for r in ok]),
                              "round": fit_line([r["clients"] for r in ok], [r["round"] for r in ok])}
     headers = ["backend", "N", "wall s", "round s", "clients s", "server checks s", "merge s", "merge/round %",
-               "transforms s", "apply s", "evaluate s", "peak RSS MiB", "peak PSS MiB", "peak private MiB", "CPU s", "merged %",
+               "transforms s", "apply s", "evaluate s", "peak RSS MiB", "peak PSS MiB", "peak private MiB", "CPU s",
+               "merged %",
                "clients mean %", "gamma", "load"]
     table = []
     for r in rows:
