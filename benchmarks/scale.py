@@ -61,21 +61,22 @@ def _children() -> dict[int, list[int]]:
     return kids
 
 
-def _memory(pid: int) -> tuple[int, int]:
-    """(resident, private) bytes of one process, (0, 0) once it is gone. Resident counts every page mapped in,
-    shared ones (libraries, Ray's object store) included, so summing it over processes counts a shared page
-    once per process: an upper bound. Private (Private_Clean + Private_Dirty) counts only this process's own
-    pages: summed, a lower bound. What the tree needs lies between."""
+def _memory(pid: int) -> tuple[int, int, int]:
+    """(resident, proportional, private) bytes of one process, zeros once it is gone. Resident counts every
+    page mapped in, shared ones (libraries, Ray's object store) included, so summing it over processes counts a
+    shared page once per process: an upper bound. Private (Private_Clean + Private_Dirty) counts only this
+    process's own pages: summed, a lower bound. Proportional (the kernel's Pss) charges a page shared by k
+    processes 1/k to each, so its sum over a tree is what the tree holds, each page once."""
     try:
         with open(f"/proc/{pid}/smaps_rollup") as f:
             fields = dict(line.split(":", 1) for line in f if ":" in line)   # the header's key matches no name
     except OSError:
-        return 0, 0
+        return 0, 0, 0
 
     def kib(name: str) -> int:
         v = fields.get(name)
         return int(v.split()[0]) * 1024 if v else 0
-    return kib("Rss"), kib("Private_Clean") + kib("Private_Dirty")
+    return kib("Rss"), kib("Pss"), kib("Private_Clean") + kib("Private_Dirty")
 
 
 def _command(pid: int) -> str:
@@ -97,13 +98,14 @@ def tree(pid: int, kids: dict[int, list[int]] | None = None) -> list[int]:
 
 
 class TreeMemory:
-    """Samples, every ``period`` s, each watched process tree's summed resident and private memory
+    """Samples, every ``period`` s, each watched process tree's summed resident, proportional and private memory
     (:func:`_memory`); keeps each tree's peaks, and the processes of the tree at its resident peak."""
 
     def __init__(self, roots: dict[str, int], period: float = 0.2):
         self.roots, self.period = dict(roots), period
         self.peak = {k: 0 for k in roots}
         self.peak_private = {k: 0 for k in roots}
+        self.peak_pss = {k: 0 for k in roots}
         self.at_peak: dict[str, list] = {k: [] for k in roots}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -113,12 +115,13 @@ class TreeMemory:
         now = {}
         for k, root in self.roots.items():
             procs = [(p, *_memory(p)) for p in tree(root, kids)]
-            rss, private = sum(m[1] for m in procs), sum(m[2] for m in procs)
+            rss, pss, private = (sum(m[i] for m in procs) for i in (1, 2, 3))
             now[k] = rss
             self.peak_private[k] = max(self.peak_private[k], private)
+            self.peak_pss[k] = max(self.peak_pss[k], pss)
             if rss > self.peak[k]:
                 self.peak[k] = rss
-                self.at_peak[k] = [(_command(p), _mib(r), _mib(u)) for p, r, u in sorted(procs, key=lambda m: -m[1])
+                self.at_peak[k] = [(_command(p), _mib(r), _mib(u)) for p, r, _, u in sorted(procs, key=lambda m: -m[1])
                                    if r > 0]
         return now
 
@@ -168,7 +171,8 @@ def simulate_once(args, backend: str, n: int, out: Path) -> dict:
     row = {"backend": backend, "clients": n, "returncode": p.returncode, "wall": wall,
            "cpu": usage.ru_utime + usage.ru_stime, "peak_rss_process_mib": usage.ru_maxrss / 1024,
            "peak_rss_tree_mib": _mib(mem.peak["tree"]), "peak_private_tree_mib": _mib(mem.peak_private["tree"]),
-           "processes_at_peak": mem.at_peak["tree"], "load_at_start": load[0], "command": " ".join(cmd[1:])}
+           "peak_pss_tree_mib": _mib(mem.peak_pss["tree"]), "processes_at_peak": mem.at_peak["tree"],
+           "load_at_start": load[0], "command": " ".join(cmd[1:])}
     res_path = out / "result.json"
     if p.returncode != 0 or not res_path.exists():
         row["error"] = out.with_suffix(".log").read_text()[-2000:]
@@ -225,7 +229,8 @@ def run_scale(args) -> None:
             fits[backend] = {"merge": fit_line([r["clients"] for r in ok], [r["merge"] for r in ok]),
                              "round": fit_line([r["clients"] for r in ok], [r["round"] for r in ok])}
     headers = ["backend", "N", "wall s", "round s", "clients s", "server checks s", "merge s", "merge/round %",
-               "transforms s", "apply s", "evaluate s", "peak RSS MiB", "peak private MiB", "CPU s", "merged %",
+               "transforms s", "apply s", "evaluate s", "peak RSS MiB", "peak PSS MiB", "peak private MiB", "CPU s",
+               "merged %",
                "clients mean %", "gamma", "load"]
     table = []
     for r in rows:
@@ -236,7 +241,7 @@ def run_scale(args) -> None:
                       r.get("merge", "-"), 100 * r["merge_over_round"] if ok else "-",
                       _phase(r, "merge_transforms") if ok else "-", _phase(r, "merge_apply") if ok else "-",
                       _phase(r, "merge_evaluate") if ok else "-", r["peak_rss_tree_mib"],
-                      r["peak_private_tree_mib"], r["cpu"],
+                      r.get("peak_pss_tree_mib", "-"), r["peak_private_tree_mib"], r["cpu"],
                       100 * r["merged_accuracy"] if ok else "-",
                       100 * r["clients_mean_accuracy"] if ok and r["clients_mean_accuracy"] is not None else "-",
                       r.get("gamma", "-"), r["load_at_start"]])
@@ -255,7 +260,9 @@ def run_scale(args) -> None:
           "cross block checked and recomputed; merge: the gamma search and the final merge (transforms, apply, "
           "evaluate are its parts; transforms and apply are summed over the merge's worker threads). peak RSS: "
           "the resident memory of the process and its descendants, summed (a page shared by several of them "
-          "counts once per process: an upper bound); peak private: their private pages only (a lower bound). "
+          "counts once per process: an upper bound); peak PSS: their proportional set sizes summed (a page shared by k "
+          "processes counts 1/k in each: what the tree holds, each page once); peak private: their private pages "
+          "only (a lower bound). "
           "load: the 1-minute load "
           f"average at the start (this machine has {os.cpu_count()} CPUs and may be shared).\n")
     payload = {"config": vars(args), "rows": rows, "fits": fits, "environment": environment(),
