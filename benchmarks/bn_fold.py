@@ -22,7 +22,15 @@ import torch.nn.functional as F
 from fedmerge.common.engine.merge import merge_models
 from fedmerge.common.task.data import load_dataset, to_tensor
 
-from .common import comma_list, command_line, environment, fmt_mean_std, md_table, mean_std, write_results
+from .common import (
+    comma_list,
+    command_line,
+    environment,
+    fmt_mean_std,
+    md_table,
+    mean_std,
+    write_results,
+)
 
 SPLITS = ("iid", "skew")
 

@@ -32,9 +32,19 @@ import numpy as np
 from flwr.app import ArrayRecord
 
 from fedmerge.common.engine.graph import derive_spec
-from fedmerge.common.engine.merge import GAMMA_GRID, has_batchnorm, merge_from_statistics
+from fedmerge.common.engine.merge import (
+    GAMMA_GRID,
+    has_batchnorm,
+    merge_from_statistics,
+)
 from fedmerge.common.engine.stats import Statistics, collect_statistics
-from fedmerge.common.wire.compress import DTYPES, decode_cross, decode_moments, encode_cross, encode_moments
+from fedmerge.common.wire.compress import (
+    DTYPES,
+    decode_cross,
+    decode_moments,
+    encode_cross,
+    encode_moments,
+)
 from fedmerge.common.wire.probe import as_batches
 from fedmerge.common.wire.records import arrays_to_record
 

@@ -52,6 +52,7 @@ from pathlib import Path
 
 import torch
 
+from fedmerge.common.engine.linalg import default_device
 from fedmerge.common.engine.methods import METHODS as MERGE_METHODS
 
 from .common import comma_list, data_note, forward_pass, method_list, sync
@@ -155,7 +156,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
-    dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = default_device(args.device or None)
     out = Path(args.out or Path("results") / args.scale / "cost")
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()

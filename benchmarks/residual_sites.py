@@ -16,7 +16,11 @@ import sys
 import time
 
 from fedmerge.common.engine.graph import RESIDUAL_SITES, derive_spec
-from fedmerge.common.engine.merge import GAMMA_GRID, has_batchnorm, merge_from_statistics
+from fedmerge.common.engine.merge import (
+    GAMMA_GRID,
+    has_batchnorm,
+    merge_from_statistics,
+)
 from fedmerge.common.engine.stats import collect_statistics
 from fedmerge.common.task.evaluate import ensemble_evaluate
 from fedmerge.common.wire.probe import as_batches

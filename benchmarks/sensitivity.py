@@ -31,7 +31,12 @@ import numpy as np
 import torch.nn.functional as F
 
 from fedmerge.common.engine.graph import derive_spec
-from fedmerge.common.engine.merge import GAMMA_GRID, has_batchnorm, merge_from_statistics, merge_models
+from fedmerge.common.engine.merge import (
+    GAMMA_GRID,
+    has_batchnorm,
+    merge_from_statistics,
+    merge_models,
+)
 from fedmerge.common.engine.stats import collect_statistics
 from fedmerge.common.task.data import make_loader, split_probe_pool
 from fedmerge.common.task.evaluate import predict_logits

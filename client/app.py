@@ -31,11 +31,23 @@ from fedmerge.common.engine.graph import derive_spec
 from fedmerge.common.engine.stats import Moments, own_statistics
 from fedmerge.common.task.config import FedConfig
 from fedmerge.common.task.evaluate import evaluate
-from fedmerge.common.task.loaders import build_global_model, probe_batches, test_loader, train_loader
+from fedmerge.common.task.loaders import (
+    build_global_model,
+    probe_batches,
+    test_loader,
+    train_loader,
+)
 from fedmerge.common.wire import keys
 from fedmerge.common.wire.records import weights_digest
 
-from .protocol import LOCAL_KEY, OWN_KEY, cross_stats_records, node_partition, remember_training, train_reply
+from .protocol import (
+    LOCAL_KEY,
+    OWN_KEY,
+    cross_stats_records,
+    node_partition,
+    remember_training,
+    train_reply,
+)
 from .train import TrainConfig, train
 
 __all__ = ["task_client_app", "app", "LOCAL_KEY"]

@@ -28,16 +28,32 @@ import time
 from typing import Any, Callable
 
 import torch.nn as nn
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 
 from fedmerge.common import progress
 from fedmerge.common.engine.graph import derive_spec
-from fedmerge.common.engine.stats import GroupMoments, collect_statistics, cross_statistics, own_statistics
+from fedmerge.common.engine.stats import (
+    GroupMoments,
+    collect_statistics,
+    cross_statistics,
+    own_statistics,
+)
 from fedmerge.common.wire import keys
 from fedmerge.common.wire.compress import decode_moments, encode_cross, encode_moments
 from fedmerge.common.wire.probe import Batches, as_batches, probe_digest
-from fedmerge.common.wire.records import arrays_to_record, record_to_arrays, weights_digest
+from fedmerge.common.wire.records import (
+    arrays_to_record,
+    record_to_arrays,
+    weights_digest,
+)
 
 __all__ = ["LOCAL_KEY", "OWN_KEY", "statistics_probe", "own_stats_records", "cross_stats_records", "train_reply",
            "cross_reply", "make_client_app", "node_partition", "remember_training", "trained_model"]

@@ -58,7 +58,9 @@ def quiet_flower(verbose: bool | None = None) -> None:
     lines and every warning stay."""
     if verbose is None:
         verbose = verbose_from_env()
-    from flwr.common.logger import update_console_handler  # its import sets Flower's level: set ours after it
+    from flwr.common.logger import (
+        update_console_handler,  # its import sets Flower's level: set ours after it
+    )
 
     update_console_handler(colored=sys.stderr.isatty())      # no colour codes in log files
     logging.getLogger("flwr").setLevel(logging.DEBUG if verbose else logging.WARNING)

@@ -10,7 +10,10 @@ from flwr.serverapp import ServerApp
 from flwr.simulation import run_simulation
 
 from fedmerge.client import make_client_app
-from fedmerge.common.task.data import load_dataset, to_tensor  # any labelled images will do
+from fedmerge.common.task.data import (  # any labelled images will do
+    load_dataset,
+    to_tensor,
+)
 from fedmerge.server import CCAMerge
 
 data = load_dataset("cifar10-mini", "train")               # 8,000 real CIFAR-10 images, embedded

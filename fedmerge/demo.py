@@ -18,7 +18,11 @@ def run_demo(cfg: FedConfig, backend: str = "inline", baselines=("avg", "permute
     from fedmerge.common.engine.merge import merge_models
     from fedmerge.common.task.checkpoint import load_state
     from fedmerge.common.task.evaluate import evaluate
-    from fedmerge.common.task.loaders import build_global_model, probe_batches, test_loader
+    from fedmerge.common.task.loaders import (
+        build_global_model,
+        probe_batches,
+        test_loader,
+    )
     from fedmerge.simulate import format_result, simulate
 
     print(f"fedmerge demo: {cfg.num_clients} clients, {cfg.dataset} split {cfg.split}, {cfg.arch} x{cfg.width}, "

@@ -22,7 +22,12 @@ from fedmerge.common import progress
 from fedmerge.common.task.checkpoint import save_state
 from fedmerge.common.task.config import FedConfig
 from fedmerge.common.task.evaluate import ensemble_evaluate, evaluate
-from fedmerge.common.task.loaders import build_global_model, client_partition, probe_batches, test_loader
+from fedmerge.common.task.loaders import (
+    build_global_model,
+    client_partition,
+    probe_batches,
+    test_loader,
+)
 
 from .strategy import CCAMerge, RoundRecord
 

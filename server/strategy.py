@@ -46,6 +46,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedmerge.common import progress
 from fedmerge.common.engine.graph import MergeSpec, derive_spec
+from fedmerge.common.engine.linalg import default_device
 from fedmerge.common.engine.merge import (
     GAMMA_GRID,
     METHODS,
@@ -377,8 +378,6 @@ class CCAMerge(MethodSchedule, Identities, Screening, PhaseTwo, Merging, FedAvg)
         m.load_state_dict(state)
         return m.eval()
 
-    def _dev(self):
-        if self.device is not None:
-            return torch.device(self.device)
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    def _dev(self) -> torch.device:
+        return default_device(self.device)
 

@@ -17,7 +17,12 @@ from fedmerge.client.app import task_client_app
 from fedmerge.common.engine.stats import Moments
 from fedmerge.common.task.config import FedConfig
 from fedmerge.common.task.loaders import build_global_model, probe_batches
-from fedmerge.common.wire.compress import decode_cross, decode_moments, encode_cross, encode_moments
+from fedmerge.common.wire.compress import (
+    decode_cross,
+    decode_moments,
+    encode_cross,
+    encode_moments,
+)
 from fedmerge.common.wire.records import arrays_to_record, record_to_arrays
 from fedmerge.server.inline import InlineGrid
 from fedmerge.server.strategy import QUERY_CROSS, CCAMerge

@@ -7,7 +7,13 @@ from pathlib import Path
 import pytest
 import tomllib
 
-from fedmerge.cli import DEMO_DEFAULTS, SIMULATE_DEFAULTS, add_config_args, config_from_args, config_to_args
+from fedmerge.cli import (
+    DEMO_DEFAULTS,
+    SIMULATE_DEFAULTS,
+    add_config_args,
+    config_from_args,
+    config_to_args,
+)
 from fedmerge.common.task.config import FedConfig
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -7,7 +7,14 @@ import sys
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 
 from fedmerge.client.app import LOCAL_KEY, task_client_app
 from fedmerge.common.engine.merge import merge_models

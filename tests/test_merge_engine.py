@@ -9,9 +9,19 @@ from toy_models import ConcatNet, TinyMLP, TinyResNet, TinyVGG, randomize_bn
 
 from fedmerge import collect_statistics, merge_models
 from fedmerge.common.engine.align import align_state
-from fedmerge.common.engine.graph import FIXED, Group, MergeSpec, UnsupportedModelError, derive_spec
+from fedmerge.common.engine.graph import (
+    FIXED,
+    Group,
+    MergeSpec,
+    UnsupportedModelError,
+    derive_spec,
+)
 from fedmerge.common.engine.matching import MatchInputs, cca_pair, cca_rows, match_cca
-from fedmerge.common.engine.merge import GAMMA_GRID, merge_from_statistics, reset_bn_stats
+from fedmerge.common.engine.merge import (
+    GAMMA_GRID,
+    merge_from_statistics,
+    reset_bn_stats,
+)
 from fedmerge.common.engine.stats import (
     CrossMoments,
     Moments,
@@ -20,7 +30,12 @@ from fedmerge.common.engine.stats import (
     cross_statistics,
     own_statistics,
 )
-from fedmerge.common.wire.compress import decode_cross, decode_moments, encode_cross, encode_moments
+from fedmerge.common.wire.compress import (
+    decode_cross,
+    decode_moments,
+    encode_cross,
+    encode_moments,
+)
 from fedmerge.common.wire.probe import as_batches
 
 torch.manual_seed(0)
@@ -662,7 +677,13 @@ def test_a_registered_toy_method_merges_through_merge_models():
 
 
 def test_the_registry_and_the_shared_numerics():
-    from fedmerge.common.engine.linalg import dead_units, default_device, polar, sym_powers, unit_scales
+    from fedmerge.common.engine.linalg import (
+        dead_units,
+        default_device,
+        polar,
+        sym_powers,
+        unit_scales,
+    )
     from fedmerge.common.engine.methods import METHODS, NEEDS, Method
     from fedmerge.common.task.config import METHOD_CHOICES
     from fedmerge.common.task.evaluate import default_device as evaluate_device

@@ -10,7 +10,12 @@ from toy_models import randomize_bn
 
 from fedmerge import merge_models
 from fedmerge.common.engine.graph import FIXED, derive_spec
-from fedmerge.common.task.models import ARCHS, ClassEmbeddingHead, build_model, count_parameters
+from fedmerge.common.task.models import (
+    ARCHS,
+    ClassEmbeddingHead,
+    build_model,
+    count_parameters,
+)
 
 CIFAR = (3, 32)
 MNIST = (1, 28)

@@ -255,7 +255,11 @@ def test_same_split_clients_differ_only_in_seed_init_and_order():
     ``seed * 1000 + pid + 7919 * round``) give different initialisations and different first batches."""
     from fedmerge.common.task.config import FedConfig
     from fedmerge.common.task.data import split_probe_pool
-    from fedmerge.common.task.loaders import build_global_model, client_partition, train_loader
+    from fedmerge.common.task.loaders import (
+        build_global_model,
+        client_partition,
+        train_loader,
+    )
 
     cfg = FedConfig(dataset="cifar10-mini", split="same", num_clients=2, probe_size=500, arch="cnn", width=0.25,
                     batch_size=32, seed=5)

@@ -540,8 +540,19 @@ def test_honest_statistics_in_every_wire_dtype_pass_the_bounds(dtype):
     (canonical correlations ~1, the hardest case for the bounds): honest statistics pass in every wire dtype,
     the same cross block inflated 3x does not."""
     from fedmerge.common.engine.stats import CrossMoments
-    from fedmerge.common.wire.compress import block_encoding, decode_cross, decode_moments, encode_cross, encode_moments
-    from fedmerge.server.checks import check_cross, check_moments, psd_tolerance, transport
+    from fedmerge.common.wire.compress import (
+        block_encoding,
+        decode_cross,
+        decode_moments,
+        encode_cross,
+        encode_moments,
+    )
+    from fedmerge.server.checks import (
+        check_cross,
+        check_moments,
+        psd_tolerance,
+        transport,
+    )
 
     g = torch.Generator().manual_seed(0)
     d, n = 256, 4096

@@ -83,8 +83,19 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from fedmerge.common.engine.graph import MergeSpec
-from fedmerge.common.engine.linalg import DTYPE, dead_units, polar, sym_powers, unit_scales
-from fedmerge.common.engine.matching import Alignment, MatchInputs, check_all_pairs, check_reference
+from fedmerge.common.engine.linalg import (
+    DTYPE,
+    dead_units,
+    polar,
+    sym_powers,
+    unit_scales,
+)
+from fedmerge.common.engine.matching import (
+    Alignment,
+    MatchInputs,
+    check_all_pairs,
+    check_reference,
+)
 from fedmerge.common.engine.stats import Statistics
 
 __all__ = ["match_gcca", "VARIANTS", "BASES"]

@@ -23,7 +23,12 @@ import torch.nn as nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from fedmerge.common.engine import graph_ops as ops
-from fedmerge.common.engine.graph_ops import FIXED, LayerSpec, Segment, UnsupportedModelError
+from fedmerge.common.engine.graph_ops import (
+    FIXED,
+    LayerSpec,
+    Segment,
+    UnsupportedModelError,
+)
 
 __all__ = ["FIXED", "RESIDUAL_SITES", "Group", "LayerSpec", "MergeSpec", "Segment", "UnsupportedModelError",
            "choose_sites", "derive_spec", "propagate", "resolve_groups", "trace"]

@@ -25,7 +25,14 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from fedmerge.common.engine.graph import MergeSpec
-from fedmerge.common.engine.linalg import DTYPE, dead_units, polar, single_threaded, sym_powers, unit_scales
+from fedmerge.common.engine.linalg import (
+    DTYPE,
+    dead_units,
+    polar,
+    single_threaded,
+    sym_powers,
+    unit_scales,
+)
 from fedmerge.common.engine.stats import Statistics
 
 __all__ = ["Alignment", "MatchInputs", "DTYPE", "identity_alignment", "all_to_one", "check_reference",

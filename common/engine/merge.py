@@ -39,7 +39,13 @@ from fedmerge.common.engine.align import (
 )
 from fedmerge.common.engine.graph import MergeSpec, derive_spec
 from fedmerge.common.engine.linalg import default_device, single_threaded
-from fedmerge.common.engine.methods import GAMMA_GRID, METHODS, ZIPIT_GRID, compute_alignment, selection_candidates
+from fedmerge.common.engine.methods import (
+    GAMMA_GRID,
+    METHODS,
+    ZIPIT_GRID,
+    compute_alignment,
+    selection_candidates,
+)
 from fedmerge.common.engine.npmerge import np_merge as learn_np_merge
 from fedmerge.common.engine.repair import (
     REPAIR_TARGETS,

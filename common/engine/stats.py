@@ -325,7 +325,7 @@ def _cpu(m):
     return CrossMoments(m.n, m.mean_a.cpu(), m.mean_b.cpu(), m.c.cpu())
 
 
-def _check_block(name, n, arrays, symmetric=None):
+def check_block(name, n, arrays, symmetric=None):
     if n <= 1:
         raise ValueError(f"statistics block '{name}': sample count {n} must be > 1")
     for t, shape in arrays:

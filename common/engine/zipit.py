@@ -9,7 +9,12 @@ import torch
 
 from fedmerge.common.engine.graph import MergeSpec
 from fedmerge.common.engine.linalg import DTYPE, unit_scales
-from fedmerge.common.engine.matching import Alignment, MatchInputs, check_all_pairs, check_stats
+from fedmerge.common.engine.matching import (
+    Alignment,
+    MatchInputs,
+    check_all_pairs,
+    check_stats,
+)
 from fedmerge.common.engine.stats import Statistics
 
 __all__ = ["match_zipit", "zipit_group"]

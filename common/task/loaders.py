@@ -11,7 +11,14 @@ import torch
 import torch.nn as nn
 
 from fedmerge.common.task.config import FedConfig
-from fedmerge.common.task.data import dataset_info, load_dataset, make_loader, set_seed, split_probe_pool, to_tensor
+from fedmerge.common.task.data import (
+    dataset_info,
+    load_dataset,
+    make_loader,
+    set_seed,
+    split_probe_pool,
+    to_tensor,
+)
 from fedmerge.common.task.splits import make_split
 from fedmerge.common.wire.probe import Batches, as_batches
 

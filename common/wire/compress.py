@@ -59,7 +59,13 @@ import numpy as np
 import torch
 
 from fedmerge.common.engine.graph import MergeSpec
-from fedmerge.common.engine.stats import CrossMoments, GroupCross, GroupMoments, Moments, _check_block
+from fedmerge.common.engine.stats import (
+    CrossMoments,
+    GroupCross,
+    GroupMoments,
+    Moments,
+    check_block,
+)
 
 __all__ = ["DTYPES", "WHITEN_GAMMA", "check_options", "encode_moments", "decode_moments", "encode_cross",
            "decode_cross", "payload_bytes", "block_encoding"]
@@ -352,7 +358,7 @@ def decode_moments(arrays: dict[str, np.ndarray], spec: MergeSpec, prefix: str =
                 m2 = (q * vals) @ q.T + sigma2 * (np.eye(d) - q @ q.T)
                 m2 = (m2 + m2.T) / 2
         mean_t, m2_t = _t(mean), _t(m2)
-        _check_block(b.name, n, [(mean_t, (d,)), (m2_t, (d, d))], symmetric=m2_t)
+        check_block(b.name, n, [(mean_t, (d,)), (m2_t, (d, d))], symmetric=m2_t)
         out[g] = Moments(n, mean_t, m2_t)
     return out
 
@@ -380,7 +386,7 @@ def decode_cross(arrays: dict[str, np.ndarray], spec: MergeSpec, prefix: str = "
                 vals = b.side("c.vals", (k,))
                 c = (left * vals) @ right.T
         ts = [_t(ma), _t(mb), _t(c)]
-        _check_block(b.name, n, [(ts[0], (d,)), (ts[1], (d,)), (ts[2], (d, d))])
+        check_block(b.name, n, [(ts[0], (d,)), (ts[1], (d,)), (ts[2], (d, d))])
         out[g] = CrossMoments(n, *ts)
     return out
 
