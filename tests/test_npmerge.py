@@ -72,3 +72,23 @@ def test_np_merge_through_the_flower_strategy(tmp_path):
     result = run_federation(InlineGrid(task_client_app(cfg.to_run_config()), 2), cfg)
     assert result["rounds_completed"] == 1 and result["accuracy"]["merged"] is not None
     assert result["rounds"][0]["timings"]["merge_np_merge"] > 0
+
+
+def test_np_merge_warns_when_the_held_out_loss_never_improves(caplog):
+    """Two identical models: every coefficient gives the same merged model, so the held-out loss cannot improve;
+    the plain average is kept and the warning names the cause (probe images the clients trained on)."""
+    a = _trained(0)
+    states = [a.state_dict(), a.state_dict()]
+    x, y = _data(200, 5)
+    fit, held = as_batches((x[:100], y[:100]), 50), as_batches((x[100:], y[100:]), 50)
+    with caplog.at_level("WARNING", logger="flwr.fedmerge"):
+        merged, info = np_merge(a, states, [0.5, 0.5], fit, held, steps=20, eval_every=5, patience=2)
+    assert info["improved"] is False and info["held_loss_best"] == info["held_loss_start"]
+    assert any("never improved" in r.getMessage() and "did not train on" in r.getMessage() for r in caplog.records)
+    for k, v in merged.state_dict().items():
+        assert torch.equal(v, states[0][k].float())
+    caplog.clear()
+    b = _trained(1)
+    with caplog.at_level("WARNING", logger="flwr.fedmerge"):
+        _, info = np_merge(a, [a.state_dict(), b.state_dict()], [0.5, 0.5], fit, held, steps=40, eval_every=5)
+    assert any("never improved" in r.getMessage() for r in caplog.records) == (not info["improved"])

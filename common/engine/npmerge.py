@@ -5,7 +5,8 @@ Every parameter entry of the merged model is a convex combination of the aligned
 ``alpha = sigmoid(theta)``), and ``theta`` is learned by gradient descent on a labelled slice of the probe
 (the only data the server has). ``theta`` starts at the plain (weighted) average; the coefficients kept are
 those with the lowest loss on a separate held-out slice (early stopping), so the result is never worse than
-plain averaging on that slice.
+plain averaging on that slice. The labelled slices must be images the clients did not train on: on their
+own training images the models are already fit, the held-out loss does not improve, and a warning says so.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from fedmerge.common.engine.linalg import default_device
+from fedmerge.common.progress import LOGGER
 from fedmerge.common.wire.probe import Batches
 
 __all__ = ["np_merge"]
@@ -91,4 +93,10 @@ def np_merge(template: nn.Module, aligned: Sequence[dict[str, torch.Tensor]], we
         for n, b in buffers.items():
             sd[n] = b.cpu()
         out.load_state_dict(sd)
-    return out.eval(), {"steps": step, "held_loss_start": start_loss, "held_loss_best": best_loss}
+    improved = best_loss < start_loss - 1e-6
+    if steps > 0 and not improved:
+        LOGGER.warning("NP Merge: the held-out probe loss never improved on the plain average (%.4f after %d "
+                       "steps); the plain average is kept. NP Merge needs labelled probe images the clients did "
+                       "not train on: on their own training images the models are already fit.", start_loss, step)
+    return out.eval(), {"steps": step, "held_loss_start": start_loss, "held_loss_best": best_loss,
+                        "improved": improved}
