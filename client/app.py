@@ -114,7 +114,8 @@ def task_client_app(overrides: dict | None = None) -> ClientApp:
                                      "seconds-train": t_train, "seconds-eval": t_eval},
                             dtype=cfg.stats_dtype, rank=cfg.stats_rank, own=own)
         reply.content[keys.METRICS][keys.SECONDS_STATS] += t_stats   # computing ``own`` here, encoding it there
-        remember_training(context, model, reply)   # before the faults: they corrupt the upload, not the client
+        # before the faults: they corrupt the upload, not the client
+        remember_training(context, model, reply, cfg.stats_rank)
         _inject(reply.content, faults, cfg, pid, nparts)
         progress.info("client %d round %d: test accuracy %.2f%% after %.1f s of training; statistics %.1f s", pid, rnd,
                       100 * test["accuracy"], t_train, reply.content[keys.METRICS][keys.SECONDS_STATS])

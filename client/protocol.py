@@ -120,11 +120,13 @@ def _config(msg: Message) -> ConfigRecord:
     return msg.content.config_records.get(keys.CONFIG, ConfigRecord())
 
 
-def remember_training(context: Context, model: nn.Module, reply: Message) -> None:
+def remember_training(context: Context, model: nn.Module, reply: Message, rank: int = 0) -> None:
     """Keep what the query phase needs in ``context.state``: the weights this client trained and uploaded and,
-    when the reply carries them, the own statistics as sent (reused, not recomputed, for a low-rank cross block)."""
+    with a low-rank encoding (``rank > 0``) and when the reply carries them, the own statistics as sent (reused,
+    not recomputed, for the low-rank cross block; without one the query does not need them, and a simulation
+    would hold every client's copy in its driver)."""
     context.state[LOCAL_KEY] = ArrayRecord({k: v.detach().cpu() for k, v in model.state_dict().items()})
-    if keys.OWN_STATS in reply.content.array_records:
+    if rank > 0 and keys.OWN_STATS in reply.content.array_records:
         context.state[OWN_KEY] = reply.content.array_records[keys.OWN_STATS]
     elif OWN_KEY in context.state.array_records:
         del context.state[OWN_KEY]   # statistics of an earlier round's model
@@ -205,7 +207,7 @@ def make_client_app(model_fn: Callable[[], nn.Module], train_fn: Callable, probe
         model = model.cpu().eval()
         reply = train_reply(msg, model, num_examples=num_examples, partition_id=pid, probe=probe_fn(context),
                             metrics=metrics, dtype=stats_dtype, rank=stats_rank, device=device)
-        remember_training(context, model, reply)
+        remember_training(context, model, reply, stats_rank)
         progress.info("client %d round %s: trained in %.1f s on %d examples; statistics %.1f s", pid,
                       config.get(keys.SERVER_ROUND, "?"), metrics[keys.SECONDS_TRAIN], int(num_examples),
                       reply.content[keys.METRICS][keys.SECONDS_STATS])

@@ -58,6 +58,9 @@ def test_client_app_called_with_messages(tmp_path):
     m = c.metric_records["metrics"]
     assert m["num-examples"] == 256 and m["partition-id"] == 1 and 0 <= m["test-accuracy"] <= 1
     assert LOCAL_KEY in ctx.state.array_records
+    # full-rank statistics: the query does not need the uploaded own statistics, so the client does not keep them
+    # (a simulation holds every node's state in its driver)
+    assert "fedmerge.own-stats" not in ctx.state.array_records
     reply = app(q, ctx)
     keys = list(reply.content.array_records["cross-stats"].keys())
     assert any(k.endswith(".c") for k in keys) and reply.content.metric_records["metrics"]["seconds-cross-stats"] > 0
