@@ -9,15 +9,6 @@ from toy_models import TinyMLP, TinyResNet, TinyVGG, randomize_bn
 
 from fedmerge import collect_statistics, merge_models
 from fedmerge.common.engine.align import align_state
-from fedmerge.common.engine.baselines import (
-    match_merge_many,
-    match_ot,
-    match_weights,
-    match_zipit,
-    ot_cost,
-    ot_pair,
-    zipit_group,
-)
 from fedmerge.common.engine.graph import derive_spec
 from fedmerge.common.engine.matching import MatchInputs, correlation, permute_pair
 from fedmerge.common.engine.merge import (
@@ -28,7 +19,10 @@ from fedmerge.common.engine.merge import (
     probe_score,
     selection_candidates,
 )
+from fedmerge.common.engine.ot import match_ot, ot_cost, ot_pair
 from fedmerge.common.engine.stats import CrossMoments, Moments
+from fedmerge.common.engine.weight_matching import match_merge_many, match_weights
+from fedmerge.common.engine.zipit import match_zipit, zipit_group
 from fedmerge.common.wire.probe import as_batches
 
 METHODS = ["ot", "zipit", "weight_matching", "merge_many"]

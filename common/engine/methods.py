@@ -35,7 +35,7 @@ GAMMA_GRID = (1e-3, 1e-2, 0.1, 0.3, 1.0, 3.0)
 #: upstream's search grid (ZipIt! ``hyperparameter_testing.py``: a in {1e-4, .01, .1, .3, .5, 1}, b in {0, .0375,
 #: .075, .125, .25, 1}; our alpha = 0 stands for their 1e-4), so that the tuning costs at most ~3x CCA's six
 #: gammas. It holds upstream's default (0.3, 0.125), a pure cross-model matching (0, 0) and this project's
-#: former fixed setting (0, 1). ``beta`` is upstream's b (see :func:`fedmerge.common.engine.baselines.zipit_group`).
+#: former fixed setting (0, 1). ``beta`` is upstream's b (see :func:`fedmerge.common.engine.zipit.zipit_group`).
 ZIPIT_GRID = (("alpha", (0.0, 0.1, 0.3, 1.0)), ("beta", (0.0, 0.125, 0.25, 1.0)))
 #: What a method reads: ``"none"`` (nothing: plain averaging), ``"stats"`` (statistics of the reference pairs),
 #: ``"stats_all"`` (statistics of all pairs), ``"weights"`` (the models' parameters).
