@@ -187,7 +187,8 @@ class Merging:
             reset_batches=self.fit,
             eval_batches=self.held,
             eval_target=self._ensemble_target(accepted), gamma_grid=self.gamma_grid, device=self._dev(),
-            repair_models=LazyModels(states, self._model) if self.repair else None,
+            repair_models=LazyModels(states, self._model) if self.repair or self.distill else None,
+            np_merge=self.np_merge, distill=self.distill,
             gamma_clients=self.gamma_clients if self.method == "cca" else None, **self.method_kwargs)
         if not self._within_bound(rec, merged.state_dict()):
             raise FloatingPointError(f"the merged weight norm {weight_norm(merged.state_dict()):.4g} exceeds "

@@ -91,6 +91,10 @@ class CCAMerge(MethodSchedule, Identities, Screening, PhaseTwo, Merging, FedAvg)
         BatchNorm reset afterwards; see :func:`fedmerge.common.engine.merge.merge_models`).
     repair / repair_target: REPAIR after the merge, restoring each merged unit's statistics to the
         ``"average"`` of the aligned clients' (default) or to the ``"reference"`` client's (the paper's App. D).
+    np_merge: NP Merge after the merge (after REPAIR when ``repair``): merge coefficients learned on the
+        server's **labelled** probe (True or a dict of options). distill: last, fit the merged model to the
+        clients' logit ensemble on the server's probe, label-free (True or a dict of options); see
+        :func:`fedmerge.common.engine.merge.merge_models`.
     max_examples: bound on each client's ``num-examples``: an int, a ``{partition: size}`` mapping or a
         callable ``partition -> size`` (the partition sizes the server knows). Default: 10^9, with a warning.
     norm_bound: a client's weight norm must lie within this factor of the median over the round's clients and
@@ -109,6 +113,7 @@ class CCAMerge(MethodSchedule, Identities, Screening, PhaseTwo, Merging, FedAvg)
     def __init__(self, model_fn: Callable[[], nn.Module] | nn.Module, probe: Any = None, *, method: str = "cca",
                  reference: int | str = "best", gamma: float | str = "auto", bn_reset: bool | None = None,
                  repair: bool = False, repair_target: str = "average", bn_fold: bool = False,
+                 np_merge: bool | dict = False, distill: bool | dict = False,
                  weighted: bool = True,
                  num_clients: int | None = None,
                  min_clients: int = 2, stats_on_server: bool = False, query_timeout: float = 600.0,
@@ -143,8 +148,12 @@ class CCAMerge(MethodSchedule, Identities, Screening, PhaseTwo, Merging, FedAvg)
         self.method, self.reference, self.gamma = method, reference, gamma
         self.bn_reset, self.repair, self.repair_target, self.weighted = bn_reset, repair, repair_target, weighted
         self.bn_fold = bool(bn_fold)
-        if self.bn_fold and method_kwargs.get("np_merge"):
+        for name, opt in (("np_merge", np_merge), ("distill", distill)):
+            if not isinstance(opt, (bool, dict)):
+                raise ValueError(f"{name} must be True/False or a dict of options, got {type(opt).__name__}")
+        if self.bn_fold and np_merge:
             raise ValueError("bn_fold and np_merge cannot be combined (NP Merge learns the BatchNorm parameters)")
+        self.np_merge, self.distill = np_merge, distill
         self.num_clients, self.min_clients = num_clients, min_clients
         self.stats_on_server, self.query_timeout = stats_on_server, query_timeout
         self.wait_for_clients = wait_for_clients
@@ -234,7 +243,7 @@ class CCAMerge(MethodSchedule, Identities, Screening, PhaseTwo, Merging, FedAvg)
             device=cfg.device or None, max_examples=max_examples,
             norm_bound=cfg.norm_bound or None, norm_action=cfg.norm_action,
             method_schedule=cfg.method_schedule or None,
-            **({"np_merge": True} if cfg.np_merge else {}),
+            np_merge=cfg.np_merge, distill=cfg.distill,
             **({"gamma_clients": cfg.gamma_clients} if cfg.gamma_clients else {}))
         return cls(**{**kw, **overrides})
 
@@ -259,6 +268,8 @@ class CCAMerge(MethodSchedule, Identities, Screening, PhaseTwo, Merging, FedAvg)
             problems.append("BatchNorm reset (pass bn_reset=False)")
         if self.repair:
             problems.append("REPAIR")
+        if self.np_merge or self.distill:
+            problems.append("NP Merge / distillation (they learn on the server's probe)")
         if self.stats_where == "server":
             problems.append(f"statistics on the server (method {self.method!r}, stats_on_server)")
         if problems:

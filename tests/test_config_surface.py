@@ -24,7 +24,7 @@ NON_DEFAULTS = dict(
     probe_from_union=True, held_out=0.3, max_train=100, max_test=50, arch="mlp", width=0.5, epochs=2.5, lr=0.1,
     batch_size=32, seed=7, common_init=True, augment=False, embedding_dim=8, method="permute",
     method_schedule="cca,avg", reference="1", gamma="0.1", gamma_clients=0, bn_reset="false", repair=True,
-    repair_target="reference", bn_fold=True, np_merge=True, stats_on_server=True, weighted=False,
+    repair_target="reference", bn_fold=True, np_merge=True, distill=True, stats_on_server=True, weighted=False,
     stats_dtype="float16", stats_rank=4, norm_bound=5.0, norm_action="clip", num_server_rounds=3, min_clients=3,
     timeout=60.0, device="cpu", out="runs/x", faults="nan:1,scale@2:0", resume=True)
 

@@ -32,7 +32,6 @@ import torch.nn as nn
 from fedmerge.common.engine.align import (
     accumulate,
     aligned_row,
-    aligned_states,
     finish_average,
     fold_batchnorm,
     unit_batchnorm,
@@ -46,7 +45,7 @@ from fedmerge.common.engine.methods import (
     compute_alignment,
     selection_candidates,
 )
-from fedmerge.common.engine.npmerge import np_merge as learn_np_merge
+from fedmerge.common.engine.refine import check_refine, refine
 from fedmerge.common.engine.repair import (
     REPAIR_TARGETS,
     add_repair_targets,
@@ -90,6 +89,7 @@ class MergeInfo:
     bn_fold: bool = False  # BatchNorms folded into their producers before aligning
     timings: dict[str, float] = field(default_factory=dict)
     np_merge: dict = field(default_factory=dict)
+    distill: dict = field(default_factory=dict)
     selected_on: list[int] | None = None  # gamma_clients: the models whose merge chose gamma (None: all)
 
 
@@ -126,7 +126,7 @@ def merge_models(models: Sequence[nn.Module], probe: Any, method: str = "cca", r
                  held_out: float = 0.2, seed: int = 0,
                  gamma_grid: Sequence[float] = GAMMA_GRID, return_info: bool = False, np_merge: bool | dict = False,
                  residual_sites: str = "all", bn_fold: bool = False, gamma_clients: int | None = None,
-                 **method_kwargs):
+                 distill: bool | dict = False, **method_kwargs):
     """Merge ``models`` (one architecture, any traceable model of supported layers) into one.
 
     method: ``avg``, ``permute``, ``weight_matching``, ``ot``, ``zipit``, ``merge_many``, ``cca``, ``gcca``.
@@ -145,7 +145,10 @@ def merge_models(models: Sequence[nn.Module], probe: Any, method: str = "cca", r
         model's own, as the paper's App. D. Checked even when ``repair`` is off.
     weights: per-model averaging weights (e.g. client sample counts), normalised.
     np_merge: after alignment, learn per-parameter merge coefficients on the labelled probe (NP Merge;
-        True or a dict of options for :func:`fedmerge.common.engine.npmerge.np_merge`).
+        True or a dict of options for :func:`fedmerge.common.engine.npmerge.np_merge`). With ``repair`` it runs
+        after REPAIR, starting at the repaired merge. Uses labels.
+    distill: last, fit the merged model to the models' logit ensemble on the unlabelled probe (label-free; True
+        or a dict of options for :func:`fedmerge.common.engine.distill.distill`).
     bn_fold: fold every BatchNorm into the conv/linear that feeds it before aligning (exact for any transform;
         without it BatchNorm vectors are transformed like units, exact only for permutations and rescalings),
         and no BatchNorm reset afterwards (the merged model is the average of the aligned folded models; with
@@ -173,7 +176,8 @@ def merge_models(models: Sequence[nn.Module], probe: Any, method: str = "cca", r
     dev = default_device(device)
     t0 = time.perf_counter()
     select = bool(selection_candidates(method, gamma, method_kwargs, gamma_grid))
-    fit, held = resolve_probe(probe, select or reference == "best" or bool(np_merge), held_out, seed)
+    fit, held = resolve_probe(probe, select or reference == "best" or bool(np_merge) or bool(distill), held_out,
+                              seed)
     spec = derive_spec(models[0], fit.example(), residual_sites=residual_sites)
     timings = {"spec": time.perf_counter() - t0}
 
@@ -199,7 +203,8 @@ def merge_models(models: Sequence[nn.Module], probe: Any, method: str = "cca", r
         gamma=("auto" if auto_gamma else (None if isinstance(gamma, str) else gamma)), weights=w, bn_reset=bn_reset,
         repair=repair, repair_target=repair_target, reset_batches=fit, eval_batches=held, eval_target=ensemble,
         gamma_grid=gamma_grid, device=dev,
-        repair_models=models, np_merge=np_merge, bn_fold=bn_fold, gamma_clients=gamma_clients, **method_kwargs)
+        repair_models=models, np_merge=np_merge, bn_fold=bn_fold, gamma_clients=gamma_clients, distill=distill,
+        **method_kwargs)
     info.reference_scores = ref_scores
     info.timings = {**timings, **info.timings, "total": time.perf_counter() - t0}
     return (merged, info) if return_info else merged
@@ -213,10 +218,10 @@ def merge_from_statistics(template: nn.Module, states, spec: MergeSpec, stats: S
                           eval_batches: Batches | None = None, eval_target: torch.Tensor | None = None,
                           gamma_grid: Sequence[float] = GAMMA_GRID, device=None, repair_models=None,
                           np_merge: bool | dict = False, bn_fold: bool = False, gamma_clients: int | None = None,
-                          **method_kwargs) -> tuple[nn.Module, MergeInfo]:
+                          distill: bool | dict = False, **method_kwargs) -> tuple[nn.Module, MergeInfo]:
     """Merge given parameter dicts from precomputed statistics; ``template`` gives the architecture.
-    ``repair_target`` as in :func:`merge_models` (REPAIR to the average, or to the reference's statistics).
-    ``gamma_clients``: see :func:`merge_models`."""
+    ``repair_target``, ``gamma_clients``, ``np_merge`` and ``distill`` as in :func:`merge_models`; ``repair_models``
+    (the models themselves, read one at a time) serve REPAIR and are distillation's teachers."""
     check_repair_target(repair_target)
     dev = default_device(device)
     n = len(states)
@@ -230,8 +235,7 @@ def merge_from_statistics(template: nn.Module, states, spec: MergeSpec, stats: S
         states = [fold_batchnorm(s, spec, bn_eps) for s in states]
     info = MergeInfo(method=method, reference=reference, bn_reset=bn, repair=repair,
                      repair_target=repair_target if repair else None, bn_fold=fold)
-    if fold and np_merge:
-        raise ValueError("bn_fold and np_merge cannot be combined (NP Merge learns the BatchNorm parameters)")
+    check_refine(np_merge, distill, fold, reset_batches, eval_batches, repair_models)
     timings = {"transforms": 0.0, "apply": 0.0, "bn_reset": 0.0, "repair": 0.0, "evaluate": 0.0}
     if repair and (repair_models is None or reset_batches is None):
         raise ValueError("repair needs the endpoint models and probe batches")
@@ -320,39 +324,41 @@ def merge_from_statistics(template: nn.Module, states, spec: MergeSpec, stats: S
             del alignment
             yield params, finish_average(total, states[reference]), targets
 
-    def build(merged_sd, targets) -> nn.Module:
+    def build(merged_sd, targets) -> tuple[nn.Module, dict]:
+        """The merged model from averaged parameters, REPAIRed (its per-unit maps returned) or BN-reset."""
         t = time.perf_counter()
         if fold:
             merged_sd = unit_batchnorm(merged_sd, spec, bn_eps)
         model = copy.deepcopy(template).cpu()
         model.load_state_dict(merged_sd)
         timings["apply"] += time.perf_counter() - t
+        affine: dict = {}
         if repair:
             t = time.perf_counter()
-            repair_to(model, repair_names, targets, reset_batches, dev)
+            repair_to(model, repair_names, targets, reset_batches, dev, affine=affine)
             timings["repair"] += time.perf_counter() - t
         if bn:
             t = time.perf_counter()
             reset_bn_stats(model, reset_batches, dev)
             timings["bn_reset"] += time.perf_counter() - t
-        return model
+        return model, affine
 
     t0 = time.perf_counter()
     best = None
     everyone = list(range(n))
     for params, merged_sd, targets in merged_states(subset or everyone, settings):
-        model = build(merged_sd, targets)
+        model, affine = build(merged_sd, targets)
         del merged_sd
         if not candidates:
-            best = (None, params, model)
+            best = (None, params, model, affine)
             continue
         t = time.perf_counter()
         score = probe_score(probe_logits(model, eval_batches, dev), eval_batches, eval_target)
         timings["evaluate"] += time.perf_counter() - t
         info.param_scores.append((params, score))
         if best is None or score > best[0]:
-            best = (score, params, model)
-    merged, used = best[2], best[1]
+            best = (score, params, model, affine)
+    merged, used, affine = best[2], best[1], best[3]
     if candidates:
         info.params = used
         if METHODS[method].tunable_gamma:
@@ -364,21 +370,13 @@ def merge_from_statistics(template: nn.Module, states, spec: MergeSpec, stats: S
         del merged, best
         t = time.perf_counter()
         (_, merged_sd, targets), = merged_states(everyone, [used])
-        merged = build(merged_sd, targets)
+        merged, affine = build(merged_sd, targets)
         timings["merge_all"] = time.perf_counter() - t
-    if np_merge:
-        if repair:
-            raise ValueError("np_merge and repair are alternatives: choose one")
-        if reset_batches is None or eval_batches is None:
-            raise ValueError("np_merge needs a probe with a held-out slice (labels) on the server")
-        t = time.perf_counter()
-        alignment = compute_alignment(method, spec, stats, states, reference, **method_kwargs, **used)
-        aligned = aligned_states(states, spec, alignment, bn_eps)
-        opts = np_merge if isinstance(np_merge, dict) else {}
-        merged, info.np_merge = learn_np_merge(template, aligned, w, reset_batches, eval_batches, device=dev, **opts)
-        if bn:
-            reset_bn_stats(merged, reset_batches, dev)
-        timings["np_merge"] = time.perf_counter() - t
+    if np_merge or distill:
+        merged = refine(merged, info, template=template, states=states, spec=spec, stats=stats, method=method,
+                        reference=reference, setting={**method_kwargs, **used}, weights=w, bn_eps=bn_eps,
+                        fit=reset_batches, held=eval_batches, teachers=repair_models, repair_affine=affine,
+                        np_merge=np_merge, distill=distill, bn_reset=bn, device=dev, timings=timings)
     for k, v in merged.state_dict().items():
         if v.is_floating_point() and not torch.isfinite(v).all():
             raise FloatingPointError(f"merge produced non-finite values in '{k}'")

@@ -7,6 +7,12 @@ Every parameter entry of the merged model is a convex combination of the aligned
 those with the lowest loss on a separate held-out slice (early stopping), so the result is never worse than
 plain averaging on that slice. The labelled slices must be images the clients did not train on: on their
 own training images the models are already fit, the held-out loss does not improve, and a warning says so.
+
+``granularity``: one coefficient per model for every parameter entry (``"element"``, the method as published),
+per output unit of each parameter (``"unit"``) or per parameter tensor (``"tensor"``). ``affine``: a fixed
+per-unit affine map applied to the merged layers, ``{layer: (scale, shift)}`` (REPAIR's, as
+:func:`fedmerge.common.engine.repair.repair_to` returns it): the layer's merged weight is ``scale * W`` and its bias
+``scale * b + shift``, so that the search starts at the repaired merge (REPAIR first, then NP Merge).
 """
 from __future__ import annotations
 
@@ -23,7 +29,10 @@ from fedmerge.common.engine.linalg import default_device
 from fedmerge.common.progress import LOGGER
 from fedmerge.common.wire.probe import Batches
 
-__all__ = ["np_merge"]
+__all__ = ["np_merge", "GRANULARITIES"]
+
+#: How finely NP Merge's coefficients vary: per parameter entry, per output unit, per parameter tensor.
+GRANULARITIES = ("element", "unit", "tensor")
 
 
 @torch.no_grad()
@@ -38,7 +47,8 @@ def _held_loss(model, params, buffers, held: Batches, dev) -> float:
 
 def np_merge(template: nn.Module, aligned: Sequence[dict[str, torch.Tensor]], weights: Sequence[float],
              fit: Batches, held: Batches, steps: int = 200, lr: float = 0.05, eval_every: int = 20,
-             patience: int = 3, device=None) -> tuple[nn.Module, dict]:
+             patience: int = 3, device=None, granularity: str = "element",
+             affine: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> tuple[nn.Module, dict]:
     """Learn per-parameter merge coefficients over ``aligned`` state dicts; returns (model, info)."""
     if not fit.has_labels or not held.has_labels:
         raise ValueError("NP Merge needs a labelled probe (inputs and labels) to learn merge coefficients")
@@ -46,6 +56,8 @@ def np_merge(template: nn.Module, aligned: Sequence[dict[str, torch.Tensor]], we
         raise ValueError("NP Merge needs at least 2 aligned models")
     if steps < 0 or lr <= 0:
         raise ValueError("steps must be >= 0 and lr > 0")
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"unknown granularity {granularity!r}; choose one of {list(GRANULARITIES)}")
     dev = default_device(device)
     model = copy.deepcopy(template).to(dev).eval()
     names = [n for n, _ in model.named_parameters()]
@@ -57,12 +69,22 @@ def np_merge(template: nn.Module, aligned: Sequence[dict[str, torch.Tensor]], we
     stacked = {n: torch.stack([s[n].to(dev, torch.float32) for s in aligned]) for n in names}
     w = torch.tensor(list(weights), dtype=torch.float32, device=dev)
     init = torch.log(w / w.sum())
-    theta = {n: (init.view(-1, *([1] * (stacked[n].dim() - 1))) * torch.ones_like(stacked[n])).requires_grad_()
+    theta = {n: (init.view(-1, *([1] * (stacked[n].dim() - 1))) * torch.ones(_coef_shape(stacked[n], granularity),
+                                                                              device=dev)).requires_grad_()
              for n in names}
     opt = torch.optim.Adam(theta.values(), lr=lr)
+    maps = _affine_maps(affine or {}, names, stacked, dev)
+
+    def combine(th):
+        out = {}
+        for n in names:
+            p = (torch.softmax(th[n], 0) * stacked[n]).sum(0)
+            scale, shift = maps.get(n, (None, None))
+            out[n] = p if scale is None else p * scale + (0 if shift is None else shift)
+        return out
 
     def params():
-        return {n: (torch.softmax(theta[n], 0) * stacked[n]).sum(0) for n in names}
+        return combine(theta)
 
     with torch.no_grad():
         best_loss = start_loss = _held_loss(model, params(), buffers, held, dev)
@@ -85,7 +107,7 @@ def np_merge(template: nn.Module, aligned: Sequence[dict[str, torch.Tensor]], we
                 if bad >= patience:
                     break
     with torch.no_grad():
-        final = {n: (torch.softmax(best[n], 0) * stacked[n]).sum(0) for n in names}
+        final = combine(best)
         out = copy.deepcopy(template).cpu()
         sd = out.state_dict()
         for n in names:
@@ -99,4 +121,28 @@ def np_merge(template: nn.Module, aligned: Sequence[dict[str, torch.Tensor]], we
                        "steps); the plain average is kept. NP Merge needs labelled probe images the clients did "
                        "not train on: on their own training images the models are already fit.", start_loss, step)
     return out.eval(), {"steps": step, "held_loss_start": start_loss, "held_loss_best": best_loss,
-                        "improved": improved}
+                        "improved": improved, "granularity": granularity, "after_repair": bool(affine)}
+
+
+def _coef_shape(stacked: torch.Tensor, granularity: str) -> tuple[int, ...]:
+    """The shape of one parameter's coefficient logits (models first), broadcast against ``stacked``."""
+    if granularity == "element":
+        return tuple(stacked.shape)
+    if granularity == "unit" and stacked.dim() >= 2:
+        return (stacked.shape[0], stacked.shape[1]) + (1,) * (stacked.dim() - 2)
+    return (stacked.shape[0],) + (1,) * (stacked.dim() - 1)
+
+
+def _affine_maps(affine: dict, names: list[str], stacked: dict, dev) -> dict[str, tuple]:
+    """``{parameter: (scale, shift)}`` from per-layer ``(scale, shift)``: a layer's weight gets its scale, its bias
+    the scale and the shift."""
+    maps = {}
+    for layer, (scale, shift) in affine.items():
+        w, b = f"{layer}.weight", f"{layer}.bias"
+        if w not in stacked:
+            raise ValueError(f"affine map for {layer!r}: the model has no parameter {w!r}")
+        shape = (-1,) + (1,) * (stacked[w].dim() - 2)
+        maps[w] = (scale.to(dev, torch.float32).view(shape), None)
+        if b in stacked:
+            maps[b] = (scale.to(dev, torch.float32), shift.to(dev, torch.float32))
+    return {n: m for n, m in maps.items() if n in names}

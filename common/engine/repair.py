@@ -154,8 +154,11 @@ def apply_repair(merged: nn.Module, models: Sequence[nn.Module], spec: MergeSpec
 
 
 @torch.no_grad()
-def repair_to(merged: nn.Module, names: list[str], targets: dict, batches: Batches, device) -> nn.Module:
-    """Fold REPAIR's per-layer (mean, variance) ``targets`` into ``merged`` (see :func:`apply_repair`)."""
+def repair_to(merged: nn.Module, names: list[str], targets: dict, batches: Batches, device,
+              affine: dict | None = None) -> nn.Module:
+    """Fold REPAIR's per-layer (mean, variance) ``targets`` into ``merged`` (see :func:`apply_repair`). When
+    ``affine`` is a dict, it receives each repaired layer's per-unit map ``(scale, shift)``: the repaired weight
+    is ``scale * W`` and bias ``scale * b + shift``."""
     if not names:
         return merged
     mods = dict(merged.named_modules())
@@ -183,5 +186,7 @@ def repair_to(merged: nn.Module, names: list[str], targets: dict, batches: Batch
             shape = (-1,) + (1,) * (layer.weight.dim() - 1)
             layer.weight.mul_(scale.view(shape))
             layer.bias.copy_((layer.bias - bn.running_mean) * scale + bn.bias)
+            if affine is not None:
+                affine[n] = (scale.detach().cpu().clone(), (bn.bias - bn.running_mean * scale).detach().cpu().clone())
             setattr(parent, attr, layer)
     return merged.cpu()

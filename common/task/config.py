@@ -86,7 +86,9 @@ class FedConfig:
     bn_fold: bool = option(False, "fold BatchNorm into its conv/linear before aligning (exact for CCA; no BatchNorm "
                                   "reset)")
     np_merge: bool = option(False, "NP Merge: learn per-parameter merge coefficients on the labelled probe after "
-                                   "alignment")
+                                   "alignment (after REPAIR with --repair); uses the probe's labels")
+    distill: bool = option(False, "last, fit the merged model to the clients' logit ensemble on the unlabelled "
+                                  "probe (label-free distillation)")
     stats_on_server: bool = option(False, "the server holds the probe and computes all statistics (one phase)")
     weighted: bool = option(True, "average weighted by the clients' sample counts")
     stats_dtype: str = option("float64", "dtype the clients send their probe statistics in (accumulated in float64 "

@@ -1,0 +1,178 @@
+"""Merge quality beyond the paper (issue 20): candidates that close the gap to the ensemble, on two-model pairs.
+
+    python -m benchmarks.merge_quality --split 80/20 --epochs 28 --pairs 3     # VGG11 x0.25, CPU, ~6 min a model
+
+Pair r (seed --seed + r) is ``benchmarks.two_models``' pair at that seed (same split, checkpoints shared; trained
+when missing). Every merge is CCA onto client 0 with gamma chosen on the held-out 20% of the 2,000-image probe
+(the images no client trained on), unless the row says otherwise; the rows:
+
+- label-free: CCA; CCA + REPAIR to the average / to the reference's statistics (App. D); CCA in the mean basis
+  (a symmetric merge) + REPAIR; sequential CCA (statistics on the merged prefix) + REPAIR; distillation into the
+  clients' logit ensemble on the unlabelled probe after CCA and after CCA + REPAIR; Permute + REPAIR.
+- labelled (the probe's labels): NP Merge as published (per entry, Adam 0.05, <= 200 steps), NP Merge after
+  REPAIR, per unit after REPAIR, and with more steps after REPAIR.
+
+Each row: test accuracy (full test set) as mean ± std over the pairs, its ratio to the pair's mean base accuracy,
+the held-out probe slice's accuracy (labels) and the seconds the merge took.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from fedmerge.common.engine.graph import derive_spec
+from fedmerge.common.engine.matching import MatchInputs, match_cca
+from fedmerge.common.engine.merge import merge_models
+from fedmerge.common.engine.selection import probe_logits, probe_score
+from fedmerge.common.engine.stats import collect_statistics
+from fedmerge.common.task.evaluate import ensemble_evaluate
+from fedmerge.common.wire.probe import as_batches
+
+from .common import (
+    add_checkpoints_arg,
+    add_split_arg,
+    base_parser,
+    comma_list,
+    command_line,
+    environment,
+    fmt_mean_std,
+    md_table,
+    mean_std,
+    pct,
+    resolve,
+    reuse_clients,
+    training_record,
+    write_results,
+)
+from .merge_variants import mean_basis, merge_alignment, sequential_cca
+
+NP = {"steps": 200, "lr": 0.05}
+#: (row name, label use, merge_models options); gamma "auto" everywhere. Custom rows are built in ``custom_rows``.
+ROWS = [
+    ("CCA", "label-free", {}),
+    ("CCA + REPAIR (average target)", "label-free", {"repair": True}),
+    ("CCA + REPAIR (reference target, App. D)", "label-free", {"repair": True, "repair_target": "reference"}),
+    ("Permute + REPAIR", "label-free", {"method": "permute", "repair": True}),
+    ("CCA + distill", "label-free", {"distill": {"steps": 1000}}),
+    ("CCA + REPAIR + distill", "label-free", {"repair": True, "distill": {"steps": 1000}}),
+    ("NP Merge (published: per entry, Adam 0.05, <= 200 steps)", "labels", {"np_merge": dict(NP)}),
+    ("NP Merge after REPAIR", "labels", {"repair": True, "np_merge": dict(NP)}),
+    ("NP Merge after REPAIR, per unit", "labels", {"repair": True, "np_merge": {**NP, "granularity": "unit"}}),
+    ("NP Merge after REPAIR, <= 1000 steps, patience 6", "labels",
+     {"repair": True, "np_merge": {**NP, "steps": 1000, "patience": 6}}),
+    ("NP Merge after REPAIR, then distill", "labels", {"repair": True, "np_merge": dict(NP), "distill": {"steps": 1000}}),
+]
+CUSTOM = ["CCA, mean basis + REPAIR", "sequential CCA + REPAIR"]
+
+
+def custom_rows(models, fit, held, gamma: float, device) -> list[tuple[str, torch.nn.Module, dict, float]]:
+    """The variants of :mod:`benchmarks.merge_variants`, at the gamma CCA + REPAIR chose."""
+    spec = derive_spec(models[0], fit.example())
+    out = []
+    t = time.perf_counter()
+    stats = collect_statistics(models, fit, reference=0, pairs="reference", spec=spec, device=device)
+    alignment, cond = mean_basis(match_cca(MatchInputs(stats), spec, 0, gamma=gamma))
+    out.append((CUSTOM[0], merge_alignment(models, spec, alignment, [0.5, 0.5], fit, True, device),
+                {"cond_G": cond}, time.perf_counter() - t))
+    t = time.perf_counter()
+    alignment = sequential_cca(models, fit, spec, gamma, device=device)
+    out.append((CUSTOM[1], merge_alignment(models, spec, alignment, [0.5, 0.5], fit, True, device), {},
+                time.perf_counter() - t))
+    return out
+
+
+def held_accuracy(model, held, device) -> float:
+    return 100.0 * probe_score(probe_logits(model, held, device), held)[0]
+
+
+def run_pair(args, sc, rows, custom: bool) -> dict:
+    setup, models, _, _, _ = reuse_clients(args, sc, "two_models")
+    bases = [pct(m, setup.test_loader, args.device) for m in models]
+    ens = 100.0 * ensemble_evaluate(models, setup.test_loader, device=args.device)["accuracy"]
+    fit, held = as_batches(setup.probe_loader).split(0.2, args.seed)
+    rec = {"seed": args.seed, "bases": bases, "ensemble": ens, "rows": []}
+    gamma_repair = None
+    for name, labels, opts in rows:
+        opts = dict(opts)
+        t = time.perf_counter()
+        merged, info = merge_models(models, (fit, held), method=opts.pop("method", "cca"), reference=0,
+                                    gamma="auto", return_info=True, device=args.device, **opts)
+        sec = time.perf_counter() - t
+        if name == "CCA + REPAIR (average target)":
+            gamma_repair = info.gamma
+        r = {"row": name, "labels": labels, "accuracy": pct(merged, setup.test_loader, args.device),
+             "held_accuracy": held_accuracy(merged, held, args.device), "seconds": sec, "gamma": info.gamma,
+             "np_merge": info.np_merge, "distill": info.distill, "timings": info.timings}
+        rec["rows"].append(r)
+        print({k: r[k] for k in ("row", "accuracy", "held_accuracy", "seconds", "gamma")}, flush=True)
+    if custom:
+        for name, merged, extra, sec in custom_rows(models, fit, held, gamma_repair or 1.0, args.device):
+            r = {"row": name, "labels": "label-free", "accuracy": pct(merged, setup.test_loader, args.device),
+                 "held_accuracy": held_accuracy(merged, held, args.device), "seconds": sec, "gamma": gamma_repair,
+                 **extra}
+            rec["rows"].append(r)
+            print({k: r[k] for k in ("row", "accuracy", "held_accuracy", "seconds")}, flush=True)
+    return rec
+
+
+def summarise(pairs: list[dict]) -> list[dict]:
+    names = list(dict.fromkeys(r["row"] for p in pairs for r in p["rows"]))
+    out = []
+    for name in names:
+        got = [(p, next(r for r in p["rows"] if r["row"] == name)) for p in pairs
+               if any(r["row"] == name for r in p["rows"])]
+        out.append({"row": name, "labels": got[0][1]["labels"],
+                    "accuracy": mean_std([r["accuracy"] for _, r in got]),
+                    "ratio": mean_std([r["accuracy"] / (sum(p["bases"]) / 2) for p, r in got]),
+                    "held_accuracy": mean_std([r["held_accuracy"] for _, r in got]),
+                    "seconds": mean_std([r["seconds"] for _, r in got])})
+    return out
+
+
+def main(argv=None):
+    p = base_parser(__doc__)
+    add_split_arg(p, "two_models")
+    add_checkpoints_arg(p, "two_models")
+    p.add_argument("--pairs", type=int, default=3, help="independent pairs (pair r at seed --seed + r)")
+    p.add_argument("--rows", default="", help="comma-separated row names to run (default: all)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    wanted = comma_list(args.rows)
+    unknown = [w for w in wanted if w not in [r[0] for r in ROWS] + CUSTOM]
+    if unknown:
+        p.error(f"unknown row(s) {unknown}; available: {[r[0] for r in ROWS] + CUSTOM}")
+    rows = [r for r in ROWS if not wanted or r[0] in wanted]
+    if any(w in CUSTOM for w in wanted) and not any(r[0] == "CCA + REPAIR (average target)" for r in rows):
+        rows.insert(0, ROWS[1])   # the custom rows use its gamma
+    custom = not wanted or any(w in CUSTOM for w in wanted)
+    sc = resolve(args, "merge_quality")
+    first_seed, pairs = args.seed, []
+    for r in range(args.pairs):
+        args.seed = first_seed + r
+        pairs.append(run_pair(args, sc, rows, custom))
+    args.seed = first_seed
+    summary = summarise(pairs)
+    base = mean_std([sum(p["bases"]) / 2 for p in pairs])
+    ens = mean_std([p["ensemble"] for p in pairs])
+    table = [["mean base", "", fmt_mean_std(base), "1", "", ""], ["logit ensemble", "", fmt_mean_std(ens), "", "", ""]]
+    table += [[s["row"], s["labels"], fmt_mean_std(s["accuracy"]), fmt_mean_std(s["ratio"]),
+               fmt_mean_std(s["held_accuracy"]), fmt_mean_std(s["seconds"])] for s in summary]
+    header = (f"# Merge quality (issue 20) — {args.arch} x{sc['width']}, two clients, {args.split} split, n = "
+              f"{len(pairs)} pairs\n\n{sc['epochs']} epochs per client; probe {sc['probe_size']} images no client "
+              f"trained on, 80% to fit, 20% held out (gamma, early stopping); full test set; device "
+              f"{environment()['device']}. Bases per pair: "
+              + "; ".join(f"{p['bases'][0]:.2f} / {p['bases'][1]:.2f} (ensemble {p['ensemble']:.2f})" for p in pairs)
+              + "\n\n")
+    write_results(sc["out"], "merge_quality", {"pairs": pairs, "summary": summary, "args": vars(args),
+                                               "training": training_record(args, sc, 2),
+                                               "environment": environment(),
+                                               "command": command_line("merge_quality", argv)},
+                  header + md_table(["merge", "labels", "test acc %", "/ mean base", "held-out probe acc %",
+                                     "seconds"], table))
+
+
+if __name__ == "__main__":
+    main()
