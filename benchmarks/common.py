@@ -367,7 +367,7 @@ class MergeCache:
         return first_models(st, n)
 
     def merge(self, n: int, method: str, *, gamma="auto", bn_reset: bool = False, repair: bool = False,
-              gamma_grid=None):
+              gamma_grid=None, distill: bool | dict = False):
         """(merged model, MergeInfo, seconds without statistics collection) for the first ``n`` models."""
         from fedmerge.common.engine.merge import (
             GAMMA_GRID,
@@ -382,11 +382,12 @@ class MergeCache:
         t = time.perf_counter()
         if method not in CACHEABLE_METHODS or method not in METHODS or not self.probe.has_labels:
             merged, info = merge_models(models, self.probe, method=method, reference=0, gamma=gamma,
-                                        bn_reset=bn_reset, repair=repair, device=self.device,
+                                        bn_reset=bn_reset, repair=repair, device=self.device, distill=distill,
                                         held_out=self.held_out, seed=self.seed, gamma_grid=grid, return_info=True)
             return merged, info, time.perf_counter() - t
         m = METHODS[method]
-        select = bool(selection_candidates(method, gamma, gamma_grid=grid))  # as merge_models decides it
+        # as merge_models decides it
+        select = bool(selection_candidates(method, gamma, gamma_grid=grid)) or bool(distill)
         fit, held = self._parts(select)
         s0 = self.statistics_s
         stats = None
@@ -396,7 +397,7 @@ class MergeCache:
         merged, info = merge_from_statistics(
             models[0], self._states[:n], self.spec, stats, method=method, reference=0, gamma=g,
             weights=[1.0 / n] * n, bn_reset=bn_reset, repair=repair, reset_batches=fit, eval_batches=held,
-            eval_target=None, gamma_grid=grid, device=self.device, repair_models=models)
+            eval_target=None, gamma_grid=grid, device=self.device, repair_models=models, distill=distill)
         return merged, info, time.perf_counter() - t - (self.statistics_s - s0)
 
 

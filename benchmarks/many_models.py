@@ -63,6 +63,15 @@ ARCH_DEFAULTS = {
 DEFAULT_CLIENTS = 5
 
 
+def variants(bn: bool, distill: bool) -> list[tuple[str, dict]]:
+    """(post-processing label, merge options) of every merge: none, the net's post-processing, and with
+    ``distill`` the post-processing followed by distillation into the ensemble (label-free)."""
+    post = "BN reset" if bn else "REPAIR"
+    kw = (lambda on: {"bn_reset": on, "repair": False}) if bn else (lambda on: {"bn_reset": False, "repair": on})
+    out = [("none", kw(False)), (post, kw(True))]
+    return out + [(f"{post} + distill", {**kw(True), "distill": True})] if distill else out
+
+
 def run_set(args, sc, methods) -> dict:
     """Train (or load) one set of ``args.clients`` clients at ``args.seed`` and merge the first n, n = 2..N."""
     t0 = time.perf_counter()
@@ -81,11 +90,10 @@ def run_set(args, sc, methods) -> dict:
         ensembles.append(acc_pct(sum(logits[:n]) / n, y))
         mean_bases.append(sum(bases[:n]) / n)
         for method in methods:
-            for use_post in (False, True):
-                kw = {"bn_reset": use_post, "repair": False} if bn else {"bn_reset": False, "repair": use_post}
+            for label, kw in variants(bn, args.distill):
                 merged, info, secs = cache.merge(n, method, gamma="auto", **kw)
                 acc = pct(merged, setup.test_loader, args.device)
-                raw.append({"seed": args.seed, "n": n, "method": method, "post": post if use_post else "none",
+                raw.append({"seed": args.seed, "n": n, "method": method, "post": label,
                             "accuracy": acc, "gamma": info.gamma, "params": info.params, "seconds": secs})
                 print(f"[{time.perf_counter() - t0:.0f} s, statistics {cache.statistics_s:.1f} s]", raw[-1], flush=True)
     return {"seed": args.seed, "training": training_record(args, sc, args.clients), "data": setup.describe(),
@@ -102,6 +110,8 @@ def main(argv=None):
     p.add_argument("--methods", default="avg,permute,cca",
                    help="comma-separated merge_models methods (also zipit, merge_many, gcca, ...)")
     add_replicates_arg(p, "--sets", "sets of client models")
+    p.add_argument("--distill", action="store_true",
+                   help="also the post-processed merge distilled into the ensemble on the probe (label-free)")
     args = p.parse_args(argv)
     apply_arch_defaults(args, ARCH_DEFAULTS)
     if args.clients is None:
@@ -124,11 +134,12 @@ def main(argv=None):
     def cell(n, method, p):
         return next(r["accuracy"] for r in summary if (r["n"], r["method"], r["post"]) == (n, method, p))
 
+    labels = [v[0] for v in variants(post == "BN reset", args.distill)]
     rows = [[n, fmt_mean_std(mean_bases[j]), fmt_mean_std(ensembles[j])]
-            + [fmt_mean_std(cell(n, m, post if u else "none")) for m in methods for u in (False, True)]
+            + [fmt_mean_std(cell(n, m, v)) for m in methods for v in labels]
             for j, n in enumerate(ns)]
-    headers = ["models", "mean base %", "ensemble %"] + [f"{m}{' + ' + post if u else ''} %"
-                                                         for m in methods for u in (False, True)]
+    headers = ["models", "mean base %", "ensemble %"] + [f"{m}{'' if v == 'none' else ' + ' + v} %"
+                                                         for m in methods for v in labels]
     gammas = sorted({r["gamma"] for run in runs for r in run["results"] if r["gamma"] is not None})
     sizes = [q for r in runs for q in r["data"]["client_sizes"]]
     stats_s = [r["statistics_s"] for r in runs]
@@ -161,11 +172,11 @@ def main(argv=None):
     styles = {"ensemble": {"color": "black", "linestyle": "--", "marker": None},
               "mean base": {"color": "gray", "linestyle": ":", "marker": None}}
     for j, method in enumerate(methods):
-        for use_post in (False, True):
-            name = f"{method} + {post}" if use_post else method
-            series[name] = [cell(n, method, post if use_post else "none")["mean"] for n in ns]
-            styles[name] = {"color": f"C{j % 10}", "linestyle": "-" if use_post else "--",
-                            "marker": "o" if use_post else "x"}
+        for k, v in enumerate(labels):
+            name = method if v == "none" else f"{method} + {v}"
+            series[name] = [cell(n, method, v)["mean"] for n in ns]
+            styles[name] = {"color": f"C{j % 10}", "linestyle": ("--", "-", ":")[k % 3],
+                            "marker": ("x", "o", "s")[k % 3]}
     line_plot(sc["out"] / "many_models.png", ns, series, styles=styles, xticks=ns, ylim=(0, 100),
               title=f"Merging n of {args.clients} {args.arch} x{sc['width']} models ({args.split}, "
                     f"{sc['epochs']} epochs, probe {sc['probe_size']}, gamma auto, mean of {nrep})",

@@ -12,11 +12,13 @@ when missing). Every merge is CCA onto client 0 with gamma chosen on the held-ou
 - labelled (the probe's labels): NP Merge as published (per entry, Adam 0.05, <= 200 steps), NP Merge after
   REPAIR, per unit after REPAIR, and with more steps after REPAIR.
 
+Each pair's rows are kept in ``<out>/pairs/``; a later run measures only the rows (and pairs) missing there.
 Each row: test accuracy (full test set) as mean ± std over the pairs, its ratio to the pair's mean base accuracy,
 the held-out probe slice's accuracy (labels) and the seconds the merge took.
 """
 from __future__ import annotations
 
+import json
 import time
 
 import torch
@@ -33,7 +35,7 @@ from .common import (
     add_checkpoints_arg,
     add_split_arg,
     base_parser,
-    comma_list,
+    checkpoint_tag,
     command_line,
     environment,
     fmt_mean_std,
@@ -62,8 +64,12 @@ ROWS = [
     ("NP Merge after REPAIR, <= 1000 steps, patience 6", "labels",
      {"repair": True, "np_merge": {**NP, "steps": 1000, "patience": 6}}),
     ("NP Merge after REPAIR, then distill", "labels", {"repair": True, "np_merge": dict(NP), "distill": {"steps": 1000}}),
+    ("CCA + REPAIR + distill without augmentation (1 view)", "label-free",
+     {"repair": True, "distill": {"steps": 1000, "views": 1}}),
+    ("NP Merge after REPAIR, per unit, then distill", "labels",
+     {"repair": True, "np_merge": {**NP, "granularity": "unit"}, "distill": {"steps": 1000}}),
 ]
-CUSTOM = ["CCA, mean basis + REPAIR", "sequential CCA + REPAIR"]
+CUSTOM = ["CCA, mean basis + REPAIR", "sequential CCA + REPAIR", "sequential CCA (REPAIRed prefix) + REPAIR"]
 
 
 def custom_rows(models, fit, held, gamma: float, device) -> list[tuple[str, torch.nn.Module, dict, float]]:
@@ -79,6 +85,10 @@ def custom_rows(models, fit, held, gamma: float, device) -> list[tuple[str, torc
     alignment = sequential_cca(models, fit, spec, gamma, device=device)
     out.append((CUSTOM[1], merge_alignment(models, spec, alignment, [0.5, 0.5], fit, True, device), {},
                 time.perf_counter() - t))
+    t = time.perf_counter()
+    alignment = sequential_cca(models, fit, spec, gamma, device=device, repair_prefix=True)
+    out.append((CUSTOM[2], merge_alignment(models, spec, alignment, [0.5, 0.5], fit, True, device), {},
+                time.perf_counter() - t))
     return out
 
 
@@ -86,34 +96,38 @@ def held_accuracy(model, held, device) -> float:
     return 100.0 * probe_score(probe_logits(model, held, device), held)[0]
 
 
-def run_pair(args, sc, rows, custom: bool) -> dict:
+def run_pair(args, sc, rows, custom: bool, done: dict | None = None) -> dict:
+    """One pair's record: every row of ``rows`` (and the custom rows), those in ``done`` (row name -> record, from an
+    earlier run on the same pair) reused."""
+    done = dict(done or {})
     setup, models, _, _, _ = reuse_clients(args, sc, "two_models")
     bases = [pct(m, setup.test_loader, args.device) for m in models]
     ens = 100.0 * ensemble_evaluate(models, setup.test_loader, device=args.device)["accuracy"]
     fit, held = as_batches(setup.probe_loader).split(0.2, args.seed)
-    rec = {"seed": args.seed, "bases": bases, "ensemble": ens, "rows": []}
-    gamma_repair = None
     for name, labels, opts in rows:
+        if name in done:
+            continue
         opts = dict(opts)
         t = time.perf_counter()
         merged, info = merge_models(models, (fit, held), method=opts.pop("method", "cca"), reference=0,
                                     gamma="auto", return_info=True, device=args.device, **opts)
         sec = time.perf_counter() - t
-        if name == "CCA + REPAIR (average target)":
-            gamma_repair = info.gamma
-        r = {"row": name, "labels": labels, "accuracy": pct(merged, setup.test_loader, args.device),
-             "held_accuracy": held_accuracy(merged, held, args.device), "seconds": sec, "gamma": info.gamma,
-             "np_merge": info.np_merge, "distill": info.distill, "timings": info.timings}
-        rec["rows"].append(r)
+        done[name] = r = {"row": name, "labels": labels, "accuracy": pct(merged, setup.test_loader, args.device),
+                          "held_accuracy": held_accuracy(merged, held, args.device), "seconds": sec,
+                          "gamma": info.gamma, "np_merge": info.np_merge, "distill": info.distill,
+                          "timings": info.timings}
         print({k: r[k] for k in ("row", "accuracy", "held_accuracy", "seconds", "gamma")}, flush=True)
-    if custom:
-        for name, merged, extra, sec in custom_rows(models, fit, held, gamma_repair or 1.0, args.device):
-            r = {"row": name, "labels": "label-free", "accuracy": pct(merged, setup.test_loader, args.device),
-                 "held_accuracy": held_accuracy(merged, held, args.device), "seconds": sec, "gamma": gamma_repair,
-                 **extra}
-            rec["rows"].append(r)
+    names = [r[0] for r in rows]
+    if custom and any(c not in done for c in CUSTOM):
+        gamma = done[ROWS[1][0]]["gamma"]   # the gamma CCA + REPAIR chose
+        for name, merged, extra, sec in custom_rows(models, fit, held, gamma, args.device):
+            done[name] = r = {"row": name, "labels": "label-free",
+                              "accuracy": pct(merged, setup.test_loader, args.device),
+                              "held_accuracy": held_accuracy(merged, held, args.device), "seconds": sec,
+                              "gamma": gamma, **extra}
             print({k: r[k] for k in ("row", "accuracy", "held_accuracy", "seconds")}, flush=True)
-    return rec
+    names += CUSTOM if custom else []
+    return {"seed": args.seed, "bases": bases, "ensemble": ens, "rows": [done[n] for n in names]}
 
 
 def summarise(pairs: list[dict]) -> list[dict]:
@@ -135,12 +149,12 @@ def main(argv=None):
     add_split_arg(p, "two_models")
     add_checkpoints_arg(p, "two_models")
     p.add_argument("--pairs", type=int, default=3, help="independent pairs (pair r at seed --seed + r)")
-    p.add_argument("--rows", default="", help="comma-separated row names to run (default: all)")
+    p.add_argument("--rows", default="", help="row names to run, separated by ';' (default: all)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    wanted = comma_list(args.rows)
+    wanted = [w.strip() for w in args.rows.split(";") if w.strip()]
     unknown = [w for w in wanted if w not in [r[0] for r in ROWS] + CUSTOM]
     if unknown:
         p.error(f"unknown row(s) {unknown}; available: {[r[0] for r in ROWS] + CUSTOM}")
@@ -150,9 +164,16 @@ def main(argv=None):
     custom = not wanted or any(w in CUSTOM for w in wanted)
     sc = resolve(args, "merge_quality")
     first_seed, pairs = args.seed, []
+    cache = sc["out"] / "pairs"
+    cache.mkdir(exist_ok=True)
     for r in range(args.pairs):
         args.seed = first_seed + r
-        pairs.append(run_pair(args, sc, rows, custom))
+        path = cache / f"{checkpoint_tag(args, sc, args.split)}.json"   # a pair measured before with these rows
+        old = {x["row"]: x for x in json.loads(path.read_text())["rows"]} if path.exists() else {}
+        rec = run_pair(args, sc, rows, custom, old)
+        path.write_text(json.dumps({**rec, "rows": list({**old, **{x["row"]: x for x in rec["rows"]}}.values())},
+                                   indent=1, default=float))
+        pairs.append(rec)
     args.seed = first_seed
     summary = summarise(pairs)
     base = mean_std([sum(p["bases"]) / 2 for p in pairs])

@@ -6,7 +6,8 @@ engine: each builds an :data:`~fedmerge.common.engine.matching.Alignment` from t
   ``G = mean_i T_i^-1`` (for two models ``(I + T_B^-1) / 2``: halfway between A's units and B's units seen in A's
   coordinates), each model's transform becoming ``G T_i``. ``condition`` reports ``cond(G)`` per group.
 - ``sequential_cca``: each group's CCA transform estimated on networks whose earlier layers are already merged
-  (the reference and the aligned model both run the merged prefix, then their own layers).
+  (the reference and the aligned model both run the merged prefix, then their own layers), the prefix plain or
+  REPAIRed.
 """
 from __future__ import annotations
 
@@ -43,9 +44,12 @@ def _layer_params(spec: MergeSpec, groups: set[int], state: dict) -> list[str]:
     return [k for k in state if k.rpartition(".")[0] in names]
 
 
-def sequential_cca(models, fit, spec: MergeSpec, gamma: float, weights=(0.5, 0.5), device=None) -> Alignment:
+def sequential_cca(models, fit, spec: MergeSpec, gamma: float, weights=(0.5, 0.5), device=None,
+                   repair_prefix: bool = False) -> Alignment:
     """Two models, reference 0: group by group in execution order, CCA between the reference and the aligned model
-    where both run the merged (averaged, aligned) layers before the group; one statistics pass per group."""
+    where both run the merged (averaged, aligned) layers before the group; one statistics pass per group. With
+    ``repair_prefix`` the merged layers are REPAIRed (average target) before the group's statistics, so that
+    they carry the endpoints' unit statistics instead of the average's shrunken ones (one REPAIR per group)."""
     if len(models) != 2:
         raise ValueError("sequential_cca merges two models")
     states = [{k: v.detach().cpu() for k, v in m.state_dict().items()} for m in models]
@@ -56,8 +60,13 @@ def sequential_cca(models, fit, spec: MergeSpec, gamma: float, weights=(0.5, 0.5
     for g in _group_order(spec):
         aligned_b = aligned_row(states[1], spec, row, None)
         sd_a, sd_b = dict(states[0]), dict(aligned_b)
-        for k in _layer_params(spec, done, states[0]):
-            merged = weights[0] * states[0][k].to(DTYPE) + weights[1] * aligned_b[k].to(DTYPE)
+        prefix = _layer_params(spec, done, states[0])
+        if repair_prefix and prefix:
+            alignment = {h: [(eye[h], eye[h]), row[h]] for h in spec.groups}
+            merged_sd = merge_alignment(models, spec, alignment, list(weights), fit, True, device).state_dict()
+        for k in prefix:
+            merged = (merged_sd[k] if repair_prefix else
+                      weights[0] * states[0][k].to(DTYPE) + weights[1] * aligned_b[k].to(DTYPE))
             sd_a[k] = sd_b[k] = merged.to(states[0][k].dtype)
         net_a.load_state_dict(sd_a)
         net_b.load_state_dict(sd_b)

@@ -369,3 +369,48 @@ def test_scale_helpers():
     finally:
         child.kill()
         child.wait()
+
+
+def test_merge_quality_benchmark(tmp_path):
+    """The issue-20 candidates run on a pair and land in the table (a smoke run: tiny models, a subset of rows)."""
+    from benchmarks import merge_quality
+
+    with pytest.raises(SystemExit):
+        merge_quality.main(TINY + ["--rows", "no such row", "--out", str(tmp_path)])
+    rows = ["CCA", "CCA + REPAIR + distill", "NP Merge after REPAIR", "CCA, mean basis + REPAIR",
+            "sequential CCA + REPAIR", "sequential CCA (REPAIRed prefix) + REPAIR"]
+    merge_quality.main(TINY + ["--split", "80/20", "--probe-size", "100", "--pairs", "1", "--rows", ";".join(rows),
+                               "--out", str(tmp_path)])
+    res = json.loads((tmp_path / "merge_quality.json").read_text())
+    got = [r["row"] for r in res["pairs"][0]["rows"]]
+    assert set(got) == set(rows) | {"CCA + REPAIR (average target)"}   # the custom rows use its gamma
+    by = {r["row"]: r for r in res["pairs"][0]["rows"]}
+    assert by["CCA + REPAIR + distill"]["distill"]["steps"] >= 1 and by["NP Merge after REPAIR"]["np_merge"][
+        "after_repair"]
+    assert all(c >= 1 for c in by["CCA, mean basis + REPAIR"]["cond_G"].values())
+    md = (tmp_path / "merge_quality.md").read_text()
+    assert "| sequential CCA + REPAIR | label-free |" in md and "| NP Merge after REPAIR | labels |" in md
+
+
+def test_merge_variants_on_identical_models_change_nothing():
+    """Two copies of one model: the mean basis is the identity (cond 1) and sequential CCA maps every unit onto
+    itself, so both merges return the model."""
+    from benchmarks.merge_variants import mean_basis, merge_alignment, sequential_cca
+    from fedmerge.common.engine.graph import derive_spec
+    from fedmerge.common.engine.matching import MatchInputs, match_cca
+    from fedmerge.common.engine.stats import collect_statistics
+    from fedmerge.common.wire.probe import as_batches
+
+    torch.manual_seed(0)
+    model = build_model("mlp", num_classes=4, width=0.125, in_channels=1, image_size=8).eval()
+    x = torch.randn(300, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    probe = as_batches(x, 100)
+    spec = derive_spec(model, probe.example())
+    stats = collect_statistics([model, model], probe, reference=0, pairs="reference", spec=spec)
+    alignment, cond = mean_basis(match_cca(MatchInputs(stats), spec, 0, gamma=0.1))
+    assert all(abs(c - 1) < 1e-6 for c in cond.values())
+    for aln in (alignment, sequential_cca([model, model], probe, spec, gamma=0.1),
+                sequential_cca([model, model], probe, spec, gamma=0.1, repair_prefix=True)):
+        merged = merge_alignment([model, model], spec, aln, [0.5, 0.5], probe, repair=False)
+        with torch.no_grad():
+            assert torch.allclose(merged(x), model(x), atol=1e-4)
