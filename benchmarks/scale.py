@@ -149,6 +149,8 @@ def simulate_once(args, backend: str, n: int, out: Path) -> dict:
            "--width", str(args.width), "--split", args.split, "--epochs", str(args.epochs), "--rounds", "1",
            "--method", "cca", "--backend", backend, "--clients", str(n), "--out", str(out),
            "--gamma-clients", str(args.gamma_clients), "--probe-size", str(args.probe_size), "--seed", str(args.seed)]
+    if args.ray_workers and backend == "ray":
+        cmd += ["--ray-workers", str(args.ray_workers)]
     if args.max_train:
         cmd += ["--max-train", str(args.max_train)]
     if args.max_test:
@@ -212,7 +214,8 @@ def run_scale(args) -> None:
     rows = []
     for backend in args.backend:
         for n in args.clients:
-            tag = f"{args.tag}_{backend}_n{n}" + (f"_g{args.gamma_clients}" if args.gamma_clients else "")
+            tag = f"{args.tag}_{backend}_n{n}" + (f"_g{args.gamma_clients}" if args.gamma_clients else "") + (
+                f"_w{args.ray_workers}" if args.ray_workers and backend == "ray" else "")
             run_dir = (out / "runs" / tag).resolve()
             if run_dir.exists():
                 shutil.rmtree(run_dir)
@@ -398,6 +401,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--clients", type=int, nargs="+", default=[10, 25, 50, 100])
     p.add_argument("--backend", nargs="+", default=["inline"], choices=["inline", "ray"])
+    p.add_argument("--ray-workers", type=int, default=None, help="Ray: clients run at once (default one per CPU)")
     p.add_argument("--dataset", default=None, help="default: mnist (cifar10-mini with --deployment)")
     p.add_argument("--arch", default=None, help="default: mlp (cnn with --deployment)")
     p.add_argument("--width", type=float, default=1.0)

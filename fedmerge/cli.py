@@ -34,9 +34,19 @@ def add_config_args(p: argparse.ArgumentParser, defaults: dict | None = None) ->
                 kw.update(type=_TYPES[f.type], default=default, choices=m.get("choices"))
         p.add_argument(flag, **kw)
     p.add_argument("--backend", default=defaults.get("backend", "ray"), choices=["ray", "inline"])
+    p.add_argument("--ray-workers", type=_positive_int, default=None, metavar="K",
+                   help="Ray backend: clients run at once, each in a worker process (default: one per CPU); "
+                        "fewer hold less memory")
     p.add_argument("--verbose", action="store_true",
                    help="also show Flower's own log lines (or set FEDMERGE_VERBOSE=1); FEDMERGE_PROGRESS="
                         "auto|bar|lines|off chooses how training progress is shown")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
 
 
 def option_flag(f: Field) -> str:
@@ -73,7 +83,7 @@ def cmd_simulate(a: argparse.Namespace) -> int:
     from fedmerge.simulate import format_result, simulate
 
     cfg = config_from_args(a)
-    result = simulate(cfg, backend=a.backend, verbose=a.verbose)
+    result = simulate(cfg, backend=a.backend, verbose=a.verbose, ray_workers=a.ray_workers)
     print(format_result(result))
     print(f"\nwrote {Path(cfg.out) / 'result.json'} and {Path(cfg.out) / 'accuracy.png'}")
     last = result["rounds"][-1] if result.get("rounds") else None

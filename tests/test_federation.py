@@ -442,3 +442,20 @@ def test_reference_record_is_the_received_one_only_when_it_decodes_exactly():
         assert weights_digest(sent.to_torch_state_dict()) == weights_digest(state)
         u.clipped = True   # clipped weights are not the received ones
         assert reference_record(u, weights_digest(state)) is not record
+
+
+def test_ray_workers_bound_the_concurrent_clients():
+    """``--ray-workers K``: each client asks Ray for cpus // K CPUs, so at most K run at once (one per CPU by
+    default, never more than the clients); a bad value is a usage error."""
+    from fedmerge.cli import main
+    from fedmerge.common.task.config import FedConfig
+    from fedmerge.simulate import ray_backend_config
+
+    cfg = FedConfig(num_clients=100)
+    assert ray_backend_config(cfg, None, 16)["client_resources"]["num_cpus"] == 1
+    assert ray_backend_config(cfg, 1, 16)["client_resources"]["num_cpus"] == 16
+    assert ray_backend_config(cfg, 4, 16)["client_resources"]["num_cpus"] == 4
+    assert ray_backend_config(FedConfig(num_clients=2), None, 16)["client_resources"]["num_cpus"] == 8
+    assert ray_backend_config(cfg, 64, 16)["init_args"]["num_cpus"] == 16
+    with pytest.raises(SystemExit):
+        main(["simulate", "--ray-workers", "0"])
