@@ -157,18 +157,24 @@ def test_refine_options_are_checked():
                  affine={"nope": (torch.ones(3), torch.zeros(3))})
 
 
-def test_distill_through_the_flower_strategy(tmp_path):
+def test_distill_through_the_flower_strategy(tmp_path, monkeypatch):
     """The strategy's ``distill`` option (``--distill``) distils the round's merge into the clients' ensemble on the
-    server's probe; its time is in the round's timings."""
+    server's probe; its time is in the round's timings. (The run caps distillation at 30 steps to stay short.)"""
     from fedmerge.client.app import task_client_app
     from fedmerge.common.task.config import FedConfig
-    from fedmerge.server.app import run_federation
+    from fedmerge.common.task.loaders import probe_batches
+    from fedmerge.server import app
     from fedmerge.server.inline import InlineGrid
 
     cfg = FedConfig(dataset="cifar10-mini", arch="cnn", width=0.25, epochs=1, max_train=256, probe_size=120,
                     max_test=200, num_clients=2, gamma="0.1", reference="0", distill=True, repair=True,
                     out=str(tmp_path))
-    result = run_federation(InlineGrid(task_client_app(cfg.to_run_config()), 2), cfg)
+    assert app.CCAMerge.from_config(cfg, probe=probe_batches(cfg)).distill is True   # the option reaches it
+    plain = app.CCAMerge.from_config.__func__
+    short = {"steps": 30, "eval_every": 10}
+    monkeypatch.setattr(app.CCAMerge, "from_config",
+                        classmethod(lambda cls, c, **kw: plain(cls, c, **{**kw, "distill": short})))
+    result = app.run_federation(InlineGrid(task_client_app(cfg.to_run_config()), 2), cfg)
     assert result["rounds_completed"] == 1 and result["accuracy"]["merged"] is not None
     assert result["rounds"][0]["timings"]["merge_distill"] > 0
 

@@ -82,7 +82,7 @@ def _held_kl(model: nn.Module, x: torch.Tensor, target: torch.Tensor, device, ba
 
 
 def distill(merged: nn.Module, teachers: Sequence[nn.Module], fit: Batches, held: Batches,
-            weights: Sequence[float] | None = None, steps: int = 300, lr: float = 1e-3, batch_size: int = 128,
+            weights: Sequence[float] | None = None, steps: int = 1000, lr: float = 1e-3, batch_size: int = 128,
             views: int = 8, temperature: float = 1.0, eval_every: int = 25, patience: int = 4, seed: int = 0,
             device=None) -> tuple[nn.Module, dict]:
     """Fit ``merged`` (a copy; every parameter, Adam with ``lr``) to the teachers' weighted average logits on
