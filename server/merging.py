@@ -102,9 +102,6 @@ class Merging:
         rec.timings["select_reference"] = time.time() - t
         rec.merge_info.update({"reference_scores": scores, "reference_rule": rule})
         ranking = [accepted[i] for i in order]
-        keep = self.max_reference_retries + 1 if self.stats_where == "clients" else 0
-        for u in ranking[keep:]:   # only the first candidates are sent as the reference: release the others' records
-            u.record = None
         for attempt in range(self.max_reference_retries + 1):
             stats = None
             if self.stats_where == "clients":

@@ -89,7 +89,7 @@ class PhaseTwo:
     def _query(self, server_round: int, rec: RoundRecord, kept: list[ClientUpdate], ref: ClientUpdate):
         """One cross-statistics exchange against ``ref``, every reply read with :func:`read_cross_reply`."""
         digest = weights_digest(ref.state)
-        ref_record = reference_record(ref, digest)   # as the reference client sent it, when exact
+        ref_record = reference_record(ref)
         messages = [Message(RecordDict({keys.REFERENCE: ref_record, keys.CONFIG: ConfigRecord({
             keys.SERVER_ROUND: server_round, keys.REFERENCE_PARTITION: ref.partition, keys.REFERENCE_DIGEST: digest,
             keys.PARTITION_ID: u.partition, keys.NUM_PARTITIONS: self.num_partitions})}),

@@ -16,7 +16,6 @@ from fedmerge.common.engine.graph import MergeSpec
 from fedmerge.common.engine.stats import GroupCross, GroupMoments
 from fedmerge.common.wire import keys
 from fedmerge.common.wire.compress import decode_cross, decode_moments
-from fedmerge.common.wire.records import record_to_arrays, weights_digest
 
 from .checks import (
     ClientMetrics,
@@ -48,7 +47,6 @@ class ClientUpdate:
     own: GroupMoments | None = None   # decoded own statistics (two-phase protocol)
     own_encoding: dict = field(default_factory=dict)  # group -> how the own block was sent (dtype, form)
     clipped: bool = False     # weights scaled by the norm bound: its statistics are the server's
-    record: ArrayRecord | None = None   # the weights as received: forwarded as the reference if they decode exactly
 
 
 @dataclass(frozen=True)
@@ -82,12 +80,12 @@ def read_train_reply(rd: RecordDict, node: int, part: int, metrics: ClientMetric
     record = rd.array_records[keys.ARRAYS]
     state = decode_weights(record, weights)
     if own is None:
-        return ClientUpdate(node, part, state, metrics, record=record)
+        return ClientUpdate(node, part, state, metrics)
     if own.probe_digest is not None:
         check_echo(rd, keys.PROBE_DIGEST, own.probe_digest, own.digest_mismatch)
     blocks, enc = decode_statistics(rd, keys.OWN_STATS, decode_moments, own.spec, "own", "own statistics")
     check_moments(blocks, own.counts, {g: psd_tolerance(e["dtype"]) for g, e in enc.items()})
-    return ClientUpdate(node, part, state, metrics, blocks, enc, record=record)
+    return ClientUpdate(node, part, state, metrics, blocks, enc)
 
 
 def read_cross_reply(msg: Message | None, u: ClientUpdate, ref: ClientUpdate, digest: str, *, spec: MergeSpec,
@@ -118,9 +116,7 @@ def read_cross_reply(msg: Message | None, u: ClientUpdate, ref: ClientUpdate, di
     return c, metrics
 
 
-def reference_record(ref: ClientUpdate, digest: str) -> ArrayRecord:
-    """The reference weights for the query: the record the reference client sent, forwarded as received when its
-    arrays are exactly the weights merged (same digest: no conversion, no clipping), else encoded from them."""
-    if ref.record is not None and not ref.clipped and weights_digest(record_to_arrays(ref.record)) == digest:
-        return ref.record
+def reference_record(ref: ClientUpdate) -> ArrayRecord:
+    """The reference weights for the query, encoded from the weights the server merges (decoded, possibly
+    clipped): one copy of one model, while no client's received record is held after its reply is read."""
     return ArrayRecord({k: v for k, v in ref.state.items()})

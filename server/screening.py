@@ -57,7 +57,7 @@ class Screening:
             ratio = norms[i] / anchor
             if self.norm_action == "clip" and ratio > 1:
                 scale = self._clip(u, anchor * self.norm_bound, norms[i])
-                u.clipped, u.record = True, None
+                u.clipped = True
                 rec.clients_clipped[u.partition] = scale
                 log(WARNING, "round %d: client %d's weights clipped (norm %.3g = %.3g x the anchor; scale %.3g)",
                     rec.round, u.partition, norms[i], ratio, scale)

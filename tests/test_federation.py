@@ -12,7 +12,6 @@ from flwr.app import (
     ConfigRecord,
     Context,
     Message,
-    MetricRecord,
     RecordDict,
 )
 
@@ -422,26 +421,6 @@ def test_reference_weights_are_forwarded_as_received(tmp_path):
     ref_state = strategy.last_states[0]
     assert sent.to_torch_state_dict().keys() == ref_state.keys()
     assert all(torch.equal(v, ref_state[k]) for k, v in sent.to_torch_state_dict().items())
-
-
-def test_reference_record_is_the_received_one_only_when_it_decodes_exactly():
-    from fedmerge.common.wire.records import weights_digest
-    from fedmerge.server.checks import decode_weights, read_metrics
-    from fedmerge.server.replies import ClientUpdate, reference_record
-
-    model = build_global_model(tiny())
-    keys = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
-    metrics = read_metrics(RecordDict({"metrics": MetricRecord({"num-examples": 1})}))
-    for record, forwarded in ((ArrayRecord(model.state_dict()), True),   # as the model's dtypes: as received
-                              (ArrayRecord({k: v.double() if v.is_floating_point() else v     # converted: encoded
-                                            for k, v in model.state_dict().items()}), False)):
-        state = decode_weights(record, keys)
-        u = ClientUpdate(1, 0, state, metrics, record=record)
-        sent = reference_record(u, weights_digest(state))
-        assert (sent is record) is forwarded
-        assert weights_digest(sent.to_torch_state_dict()) == weights_digest(state)
-        u.clipped = True   # clipped weights are not the received ones
-        assert reference_record(u, weights_digest(state)) is not record
 
 
 def test_ray_workers_bound_the_concurrent_clients():
