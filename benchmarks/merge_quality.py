@@ -48,8 +48,9 @@ from .common import (
     write_results,
 )
 from .merge_variants import mean_basis, merge_alignment, sequential_cca
+from .plots import bar_chart
 
-NP = {"steps": 200, "lr": 0.05}
+NP = {"steps": 200, "lr": 0.05, "granularity": "element"}   # as published; rows say where they differ
 #: (row name, label use, merge_models options); gamma "auto" everywhere. Custom rows are built in ``custom_rows``.
 ROWS = [
     ("CCA", "label-free", {}),
@@ -64,6 +65,10 @@ ROWS = [
     ("NP Merge after REPAIR, <= 1000 steps, patience 6", "labels",
      {"repair": True, "np_merge": {**NP, "steps": 1000, "patience": 6}}),
     ("NP Merge after REPAIR, then distill", "labels", {"repair": True, "np_merge": dict(NP), "distill": {"steps": 1000}}),
+    ("NP Merge after REPAIR, lr 0.01", "labels", {"repair": True, "np_merge": {**NP, "lr": 0.01}}),
+    ("NP Merge after REPAIR, per unit, lr 0.01", "labels",
+     {"repair": True, "np_merge": {**NP, "lr": 0.01, "granularity": "unit"}}),
+    ("NP Merge per unit (no REPAIR)", "labels", {"np_merge": {**NP, "granularity": "unit"}}),
     ("CCA + REPAIR + distill without augmentation (1 view)", "label-free",
      {"repair": True, "distill": {"steps": 1000, "views": 1}}),
     ("NP Merge after REPAIR, per unit, then distill", "labels",
@@ -193,6 +198,12 @@ def main(argv=None):
                                                "command": command_line("merge_quality", argv)},
                   header + md_table(["merge", "labels", "test acc %", "/ mean base", "held-out probe acc %",
                                      "seconds"], table))
+    names = [x["row"] for x in summary]
+    bar_chart(sc["out"] / "merge_quality.png", names,
+              {kind: [x["accuracy"]["mean"] if x["labels"] == kind else None for x in summary]
+               for kind in ("label-free", "labels")},
+              title=f"Merge quality: {args.arch} x{sc['width']}, {args.split}, mean of {len(pairs)} pairs",
+              hlines={"mean base": base["mean"], "ensemble": ens["mean"]}, ylim=(0, 100))
 
 
 if __name__ == "__main__":

@@ -390,6 +390,7 @@ def test_merge_quality_benchmark(tmp_path):
     assert all(c >= 1 for c in by["CCA, mean basis + REPAIR"]["cond_G"].values())
     md = (tmp_path / "merge_quality.md").read_text()
     assert "| sequential CCA + REPAIR | label-free |" in md and "| NP Merge after REPAIR | labels |" in md
+    assert is_png(tmp_path / "merge_quality.png")
 
 
 def test_merge_variants_on_identical_models_change_nothing():
