@@ -83,6 +83,9 @@ def cmd_simulate(a: argparse.Namespace) -> int:
     from fedmerge.simulate import format_result, simulate
 
     cfg = config_from_args(a)
+    if a.ray_workers is not None and a.backend != "ray":
+        print(f"fedmerge: --ray-workers applies to --backend ray, not {a.backend}", file=sys.stderr)
+        return 2
     result = simulate(cfg, backend=a.backend, verbose=a.verbose, ray_workers=a.ray_workers)
     print(format_result(result))
     print(f"\nwrote {Path(cfg.out) / 'result.json'} and {Path(cfg.out) / 'accuracy.png'}")

@@ -23,9 +23,11 @@ def ray_backend_config(cfg: FedConfig, ray_workers: int | None, cpus: int, verbo
     """Flower's ``backend_config`` for Ray: ``cpus`` CPUs shared by ``ray_workers`` concurrent clients (default one
     per CPU, at most one per client), each client asking for its share of them (and of a GPU when present)."""
     gpus = 1.0 / cfg.num_clients if torch.cuda.is_available() and cfg.device != "cpu" else 0.0
-    workers = min(ray_workers or cfg.num_clients, cfg.num_clients, cpus)
-    return {"client_resources": {"num_cpus": max(1, cpus // max(1, workers)), "num_gpus": gpus},
-            "init_args": {"num_cpus": cpus, "include_dashboard": False,
+    workers = max(1, min(ray_workers or cfg.num_clients, cfg.num_clients, cpus))
+    per = cpus // workers
+    # Ray gets exactly workers * per CPUs, so that no more than ``workers`` clients fit at once
+    return {"client_resources": {"num_cpus": per, "num_gpus": gpus},
+            "init_args": {"num_cpus": per * workers, "include_dashboard": False,
                           "logging_level": logging.WARNING if not verbose else logging.INFO}}
 
 
@@ -36,6 +38,8 @@ def simulate(cfg: FedConfig, backend: str = "ray", verbose: bool = False, ray_wo
     if ray_workers is not None and (isinstance(ray_workers, bool) or not isinstance(ray_workers, int)
                                     or ray_workers < 1):
         raise ValueError(f"ray_workers must be a positive integer, got {ray_workers!r}")
+    if ray_workers is not None and backend != "ray":
+        raise ValueError(f"ray_workers applies to the ray backend, not {backend!r}")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     stale = out / "result.json"

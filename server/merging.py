@@ -156,7 +156,8 @@ class Merging:
                                "params": info.params, "gamma_selected_on": None if info.selected_on is None else
                                [accepted[i].partition for i in info.selected_on],
                                "bn_reset": info.bn_reset, "repair": info.repair,
-                               "repair_target": info.repair_target, "bn_fold": info.bn_fold, "weights": weights})
+                               "repair_target": info.repair_target, "bn_fold": info.bn_fold, "weights": weights,
+                               "np_merge": info.np_merge, "distill": info.distill})
         progress.info("round %d: merged %d clients with %s in %.1f s (reference client %d by %s, gamma %s)",
                       server_round, len(accepted), self.method, rec.timings["merge"], rec.reference, rule, info.gamma)
         sd = {k: v.detach().cpu() for k, v in merged.state_dict().items()}
@@ -184,7 +185,7 @@ class Merging:
             reset_batches=self.fit,
             eval_batches=self.held,
             eval_target=self._ensemble_target(accepted), gamma_grid=self.gamma_grid, device=self._dev(),
-            repair_models=LazyModels(states, self._model) if self.repair or self.distill else None,
+            repair_models=LazyModels(states, self._model) if self.repair or self.distill is not None else None,
             np_merge=self.np_merge, distill=self.distill,
             gamma_clients=self.gamma_clients if self.method == "cca" else None, **self.method_kwargs)
         if not self._within_bound(rec, merged.state_dict()):

@@ -45,6 +45,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedmerge.common import progress
+from fedmerge.common.engine.distill import check_distill_options
 from fedmerge.common.engine.graph import MergeSpec, derive_spec
 from fedmerge.common.engine.linalg import default_device
 from fedmerge.common.engine.merge import (
@@ -54,6 +55,8 @@ from fedmerge.common.engine.merge import (
     check_gamma_clients,
     has_batchnorm,
 )
+from fedmerge.common.engine.npmerge import check_np_merge_options
+from fedmerge.common.engine.refine import check_refine, refine_options
 from fedmerge.common.engine.stats import samples_per_input
 from fedmerge.common.task.config import FedConfig, parse_method_schedule
 from fedmerge.common.wire import keys
@@ -148,12 +151,9 @@ class CCAMerge(MethodSchedule, Identities, Screening, PhaseTwo, Merging, FedAvg)
         self.method, self.reference, self.gamma = method, reference, gamma
         self.bn_reset, self.repair, self.repair_target, self.weighted = bn_reset, repair, repair_target, weighted
         self.bn_fold = bool(bn_fold)
-        for name, opt in (("np_merge", np_merge), ("distill", distill)):
-            if not isinstance(opt, (bool, dict)):
-                raise ValueError(f"{name} must be True/False or a dict of options, got {type(opt).__name__}")
-        if self.bn_fold and np_merge:
-            raise ValueError("bn_fold and np_merge cannot be combined (NP Merge learns the BatchNorm parameters)")
-        self.np_merge, self.distill = np_merge, distill
+        # the refinements' options checked now (names, values), and again with the probe below
+        self.np_merge = refine_options(np_merge, "np_merge", check_np_merge_options)
+        self.distill = refine_options(distill, "distill", check_distill_options)
         self.num_clients, self.min_clients = num_clients, min_clients
         self.stats_on_server, self.query_timeout = stats_on_server, query_timeout
         self.wait_for_clients = wait_for_clients
@@ -185,6 +185,8 @@ class CCAMerge(MethodSchedule, Identities, Screening, PhaseTwo, Merging, FedAvg)
             if norm_action == "clip" and self.fit is None and self.stats_where == "clients":
                 raise ValueError("norm_action='clip' needs a server probe: a clipped client's statistics are "
                                  "recomputed by the server from the clipped weights")
+        if self.fit is not None:   # without a probe, _check_needs_probe named them above
+            check_refine(self.np_merge, self.distill, self.bn_fold, self.fit, self.held, teachers=True)
         self._use_method(self.scheduled_methods()[0])
         # gamma_clients: CCA's gamma chosen on a subset of the clients, in the rounds that merge with CCA
         self.gamma_clients = method_kwargs.pop("gamma_clients", None)
@@ -268,7 +270,7 @@ class CCAMerge(MethodSchedule, Identities, Screening, PhaseTwo, Merging, FedAvg)
             problems.append("BatchNorm reset (pass bn_reset=False)")
         if self.repair:
             problems.append("REPAIR")
-        if self.np_merge or self.distill:
+        if self.np_merge is not None or self.distill is not None:
             problems.append("NP Merge / distillation (they learn on the server's probe)")
         if self.stats_where == "server":
             problems.append(f"statistics on the server (method {self.method!r}, stats_on_server)")

@@ -407,9 +407,9 @@ def test_from_config_builds_what_the_config_describes():
     assert s.grid is None   # attached by start(), never by configure_train
 
 
-def test_reference_weights_are_forwarded_as_received(tmp_path):
-    """Phase 2 sends the reference client's own weights record (no decoding and encoding again), and the digest
-    every client echoes is the one of those weights."""
+def test_one_reference_record_carries_the_merged_reference_weights(tmp_path):
+    """Phase 2 sends every client one record of the reference's weights, encoded once from the weights the
+    server merges, and the digest every client echoes is the one of those weights."""
     cfg = tiny(out=str(tmp_path), reference="0", gamma="0.1", num_clients=2, method_schedule="")
     grid = InlineGrid(task_client_app(cfg.to_run_config()), 2)
     strategy = CCAMerge.from_config(cfg, reference=0)
@@ -436,5 +436,13 @@ def test_ray_workers_bound_the_concurrent_clients():
     assert ray_backend_config(cfg, 4, 16)["client_resources"]["num_cpus"] == 4
     assert ray_backend_config(FedConfig(num_clients=2), None, 16)["client_resources"]["num_cpus"] == 8
     assert ray_backend_config(cfg, 64, 16)["init_args"]["num_cpus"] == 16
+    for k in range(1, 17):   # slots = CPUs Ray has // CPUs a client asks for: exactly k, whatever k
+        bc = ray_backend_config(cfg, k, 16)
+        assert bc["init_args"]["num_cpus"] // bc["client_resources"]["num_cpus"] == k
     with pytest.raises(SystemExit):
         main(["simulate", "--ray-workers", "0"])
+    assert main(["simulate", "--backend", "inline", "--ray-workers", "2"]) == 2   # not ignored: an error
+    from fedmerge.simulate import simulate
+
+    with pytest.raises(ValueError, match="ray backend"):
+        simulate(cfg, backend="inline", ray_workers=2)

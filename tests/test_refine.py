@@ -43,16 +43,16 @@ def _kl_to_ensemble(model, teachers, x):
 def test_augment_views_are_shifted_and_flipped_copies():
     x = torch.randn(5, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     views = augment_views(Batches([(x, None)]), 4, seed=1, shift=2)
-    assert len(views) == 4 and torch.equal(views[0], x)
+    assert views.shape == (20, 3, 8, 8) and torch.equal(views[:5], x)   # view-major, view 0 the probe itself
     padded = F.pad(x, (2, 2, 2, 2))
-    for v in views[1:]:
-        assert v.shape == x.shape
+    for k in range(1, 4):
         for i in range(5):   # every image is one crop of its padded original, possibly flipped
             crops = [padded[i, :, dy:dy + 8, dx:dx + 8] for dy in range(5) for dx in range(5)]
-            assert any(torch.equal(v[i], c) or torch.equal(v[i], c.flip(2)) for c in crops)
-    assert torch.equal(augment_views(Batches([(x, None)]), 4, seed=1, shift=2)[2], views[2])   # seeded
+            assert any(torch.equal(views[5 * k + i], c) or torch.equal(views[5 * k + i], c.flip(2)) for c in crops)
+    assert torch.equal(augment_views(Batches([(x, None)]), 4, seed=1, shift=2), views)   # seeded
+    assert not torch.equal(augment_views(Batches([(x, None)]), 4, seed=2, shift=2), views)
     flat = torch.randn(6, 12)
-    assert len(augment_views(Batches([(flat, None)]), 4)) == 1   # not images: one view
+    assert torch.equal(augment_views(Batches([(flat, None)]), 4), flat)   # not images: one view
 
 
 def test_ensemble_logits_is_the_weighted_average():
@@ -147,10 +147,17 @@ def test_refine_options_are_checked():
         merge_models([a, b], x, method="cca", gamma=0.1, np_merge=True)
     with pytest.raises(ValueError, match="distill must be"):
         merge_models([a, b], x, method="cca", gamma=0.1, distill="yes")
-    with pytest.raises(ValueError, match="lr > 0"):
+    with pytest.raises(ValueError, match="'lr' must be a number > 0"):
         merge_models([a, b], x, method="cca", gamma=0.1, distill={"lr": 0})
-    with pytest.raises(TypeError):
+    with pytest.raises(ValueError, match="unknown distill option 'stepz'"):
         merge_models([a, b], x, method="cca", gamma=0.1, distill={"stepz": 3})
+    with pytest.raises(ValueError, match="unknown np_merge option 'device'"):   # reserved names are not options
+        merge_models([a, b], (x, y), method="cca", gamma=0.1, np_merge={"device": "cpu"})
+    with pytest.raises(ValueError, match="'steps' must be an integer"):
+        merge_models([a, b], (x, y), method="cca", gamma=0.1, np_merge={"steps": 2.5})
+    fit, held = as_batches(x, 50).split(0.2, 0)
+    with pytest.raises(ValueError, match="weights"):
+        distill(a, [a, b], fit, held, weights=[1.0])
     m = copy.deepcopy(a)
     with pytest.raises(ValueError, match="affine map"):
         np_merge(m, [a.state_dict(), b.state_dict()], [0.5, 0.5], *as_batches((x, y), 50).split(0.2, 0),
@@ -169,7 +176,7 @@ def test_distill_through_the_flower_strategy(tmp_path, monkeypatch):
     cfg = FedConfig(dataset="cifar10-mini", arch="cnn", width=0.25, epochs=1, max_train=256, probe_size=120,
                     max_test=200, num_clients=2, gamma="0.1", reference="0", distill=True, repair=True,
                     out=str(tmp_path))
-    assert app.CCAMerge.from_config(cfg, probe=probe_batches(cfg)).distill is True   # the option reaches it
+    assert app.CCAMerge.from_config(cfg, probe=probe_batches(cfg)).distill == {}   # on, with its defaults
     plain = app.CCAMerge.from_config.__func__
     short = {"steps": 30, "eval_every": 10}
     monkeypatch.setattr(app.CCAMerge, "from_config",
@@ -186,3 +193,46 @@ def test_strategy_checks_refine_options():
         CCAMerge(TinyMLP(), _data(100, 0), gamma=0.1, distill="on")
     with pytest.raises(ValueError, match="NP Merge / distillation"):
         CCAMerge(TinyMLP(), None, gamma=0.1, example_input=torch.zeros(2, 12), distill=True)
+
+
+def test_an_empty_options_dict_runs_the_step_with_its_defaults():
+    a, b = _trained(0), _trained(1)
+    x, y = _data(200, 3)
+    _, info = merge_models([a, b], (x, y), method="cca", gamma=0.1, return_info=True, np_merge={},
+                           distill={})
+    assert info.np_merge["granularity"] == "unit" and info.distill["steps"] >= 1
+    assert "np_merge" in info.timings and "distill" in info.timings
+
+
+def test_np_merge_result_is_kept_only_when_better_on_the_held_out_slice():
+    """The refinement compares NP Merge's result with the merge it would replace on the held-out slice (what
+    matters for nets with BatchNorm, where NP Merge's own early stopping sees averaged statistics)."""
+    a, b = _trained(0), _trained(1)
+    x, y = _data(300, 3)
+    _, info = merge_models([a, b], (x, y), method="cca", gamma=0.1, return_info=True,
+                           np_merge={"steps": 40, "eval_every": 10})
+    rec = info.np_merge
+    assert rec["kept"] == (rec["held_loss_np_merge"] < rec["held_loss_merge"])
+    assert rec["held_loss_np_merge"] <= rec["held_loss_merge"] + 1e-6   # BN-free: it starts at that merge
+    torch.manual_seed(0)
+    models = [TinyVGG(bn=True).eval() for _ in range(2)]
+    xi = torch.randn(80, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    yi = torch.randint(0, 5, (80,), generator=torch.Generator().manual_seed(2))
+    merged, info = merge_models(models, (xi, yi), method="cca", gamma=0.1, return_info=True,
+                                np_merge={"steps": 10, "eval_every": 5})
+    rec = info.np_merge
+    assert rec["kept"] == (rec["held_loss_np_merge"] < rec["held_loss_merge"])
+
+
+def test_strategy_rejects_bad_refine_options_when_built():
+    from fedmerge.server.strategy import CCAMerge
+
+    x, y = _data(100, 0)
+    with pytest.raises(ValueError, match="labelled probe"):
+        CCAMerge(TinyMLP(), x, gamma=0.1, np_merge=True)
+    with pytest.raises(ValueError, match="unknown np_merge option 'stepz'"):
+        CCAMerge(TinyMLP(), (x, y), gamma=0.1, np_merge={"stepz": 1})
+    with pytest.raises(ValueError, match="'lr' must be a number > 0"):
+        CCAMerge(TinyMLP(), (x, y), gamma=0.1, distill={"lr": -1})
+    s = CCAMerge(TinyMLP(), (x, y), gamma=0.1, np_merge=True, distill={"steps": 5})
+    assert s.np_merge == {} and s.distill == {"steps": 5}

@@ -16,6 +16,7 @@ Cost: ``views * len(teachers)`` forward passes of the probe, then ``steps`` opti
 from __future__ import annotations
 
 import copy
+import math
 from typing import Sequence
 
 import torch
@@ -23,30 +24,35 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fedmerge.common.engine.linalg import default_device
+from fedmerge.common.engine.options import check_options
 from fedmerge.common.wire.probe import Batches
 
-__all__ = ["distill", "augment_views", "ensemble_logits"]
+__all__ = ["distill", "augment_views", "ensemble_logits", "OPTIONS", "check_distill_options"]
 
 
-def augment_views(batches: Batches, views: int, seed: int = 0, shift: int = 4) -> list[torch.Tensor]:
-    """``views`` augmented copies of the probe inputs (one tensor each, samples in probe order): view 0 is the
-    probe as it is; the others shift each image by up to ``shift`` pixels (zero padding) and flip half of them
-    horizontally, from a generator seeded with ``seed``. Inputs that are not images (N, C, H, W) have one view."""
+def augment_views(batches: Batches, views: int, seed: int = 0, shift: int = 4) -> torch.Tensor:
+    """The probe inputs in ``views`` augmented copies, one tensor of ``views * n`` samples (view-major, samples in
+    probe order, filled in place: the only copy held): view 0 is the probe as it is; the others shift each image
+    by up to ``shift`` pixels (zero padding) and flip half of them horizontally, from a generator seeded with
+    ``seed``. Inputs that are not images (N, C, H, W) have one view."""
     x, _ = batches.tensors()
-    out = [x]
     if x.dim() != 4:
-        return out
+        return x
+    n, c, h, w = x.shape
+    out = torch.empty((views * n, c, h, w), dtype=x.dtype)
+    out[:n] = x
     gen = torch.Generator().manual_seed(seed)
-    n, _, h, w = x.shape
-    padded = F.pad(x, (shift, shift, shift, shift))
-    for _ in range(views - 1):
+    for k in range(1, views):
         dy = torch.randint(0, 2 * shift + 1, (n,), generator=gen)
         dx = torch.randint(0, 2 * shift + 1, (n,), generator=gen)
         flip = torch.rand(n, generator=gen) < 0.5
-        rows = (dy[:, None] + torch.arange(h))[:, None, :, None].expand(n, x.shape[1], h, w + 2 * shift)
-        cols = (dx[:, None] + torch.arange(w))[:, None, None, :].expand(n, x.shape[1], h, w)
-        v = padded.gather(2, rows).gather(3, cols)
-        out.append(torch.where(flip[:, None, None, None], v.flip(3), v))
+        for i0 in range(0, n, 512):   # a block of images at a time: the padded copy is never the whole probe
+            i1 = min(n, i0 + 512)
+            padded = F.pad(x[i0:i1], (shift, shift, shift, shift))
+            rows = (dy[i0:i1, None] + torch.arange(h))[:, None, :, None].expand(i1 - i0, c, h, w + 2 * shift)
+            cols = (dx[i0:i1, None] + torch.arange(w))[:, None, None, :].expand(i1 - i0, c, h, w)
+            v = padded.gather(2, rows).gather(3, cols)
+            out[k * n + i0:k * n + i1] = torch.where(flip[i0:i1, None, None, None], v.flip(3), v)
     return out
 
 
@@ -54,19 +60,50 @@ def augment_views(batches: Batches, views: int, seed: int = 0, shift: int = 4) -
 def ensemble_logits(teachers: Sequence[nn.Module], inputs: Sequence[torch.Tensor], weights: Sequence[float],
                     device, batch_size: int = 500) -> list[torch.Tensor]:
     """The ``weights``-weighted average of the teachers' logits on each tensor of ``inputs`` (on the CPU); the
-    teachers are read one at a time (a lazily built sequence is built once per teacher)."""
-    out = [torch.zeros(0) for _ in inputs]
+    teachers are read one at a time (a lazily built sequence is built once per teacher) and each is put back on
+    its device afterwards, also when a forward pass fails."""
+    if len(weights) != len(teachers):
+        raise ValueError(f"{len(weights)} weights for {len(teachers)} teachers")
+    out: list[torch.Tensor | None] = [None for _ in inputs]
     for teacher, wt in zip(teachers, weights):
         if wt == 0:
             continue
-        orig = next(iter(teacher.parameters())).device
-        teacher.eval().to(device)
-        for k, x in enumerate(inputs):
-            z = torch.cat([teacher(x[i:i + batch_size].to(device)).float().cpu()
-                           for i in range(0, x.shape[0], batch_size)])
-            out[k] = z * wt if out[k].numel() == 0 else out[k] + z * wt
-        teacher.to(orig)
+        orig = next(iter(teacher.parameters()), torch.empty(0)).device
+        try:
+            teacher.eval().to(device)
+            for k, x in enumerate(inputs):
+                z = torch.cat([teacher(x[i:i + batch_size].to(device)).float().cpu()
+                               for i in range(0, x.shape[0], batch_size)])
+                out[k] = z * wt if out[k] is None else out[k].add_(z, alpha=wt)
+        finally:
+            teacher.to(orig)
     return out
+
+
+#: The options of :func:`distill` a caller sets (``distill={...}`` of ``merge_models``), each with its check.
+OPTIONS = {
+    "steps": (lambda v: _int(v) and v >= 0, "an integer >= 0"),
+    "lr": (lambda v: _num(v) and v > 0, "a number > 0"),
+    "batch_size": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
+    "views": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
+    "temperature": (lambda v: _num(v) and v > 0, "a number > 0"),
+    "eval_every": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
+    "patience": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
+    "seed": (lambda v: _int(v), "an integer"),
+}
+
+
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_distill_options(opts: dict) -> dict:
+    """Distillation's options (``distill={...}``), checked: see :data:`OPTIONS`."""
+    return check_options(opts, OPTIONS, "distill")
 
 
 def _kl(student_logits: torch.Tensor, target_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -91,19 +128,18 @@ def distill(merged: nn.Module, teachers: Sequence[nn.Module], fit: Batches, held
     the kept parameters, and whether it improved."""
     if len(teachers) < 1:
         raise ValueError("distillation needs the models that were merged (teachers)")
-    if steps < 0 or lr <= 0 or views < 1 or batch_size < 1 or temperature <= 0 or eval_every < 1 or patience < 1:
-        raise ValueError("distill needs steps >= 0, lr > 0, views >= 1, batch_size >= 1, temperature > 0, "
-                         "eval_every >= 1 and patience >= 1")
+    check_distill_options({"steps": steps, "lr": lr, "batch_size": batch_size, "views": views,
+                           "temperature": temperature, "eval_every": eval_every, "patience": patience, "seed": seed})
     if fit is None or held is None or fit.num_samples == 0 or held.num_samples == 0:
         raise ValueError("distillation needs a probe with a held-out slice")
-    dev = default_device(device)
     n = len(teachers)
+    if weights is not None and (len(weights) != n or any(not _num(x) or x < 0 for x in weights) or sum(weights) <= 0):
+        raise ValueError(f"distill weights must be {n} non-negative numbers with a positive sum, got {weights}")
+    dev = default_device(device)
     w = [1.0 / n] * n if weights is None else [float(x) / sum(weights) for x in weights]
-    xs = augment_views(fit, views, seed)
+    fit_x = augment_views(fit, views, seed)
     held_x, _ = held.tensors()
-    targets = ensemble_logits(teachers, xs + [held_x], w, dev)
-    held_t, fit_t = targets[-1], torch.cat(targets[:-1])
-    fit_x = torch.cat(xs)
+    fit_t, held_t = ensemble_logits(teachers, [fit_x, held_x], w, dev)
     model = copy.deepcopy(merged).to(dev).eval()   # eval: BatchNorm keeps its (reset) statistics
     start = best_kl = _held_kl(model, held_x, held_t, dev)
     best = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -131,4 +167,5 @@ def distill(merged: nn.Module, teachers: Sequence[nn.Module], fit: Batches, held
                     break
     model.load_state_dict(best)
     return model.cpu().eval(), {"steps": step, "held_kl_start": start, "held_kl_best": best_kl,
-                                "improved": best_kl < start - 1e-6, "views": views, "lr": lr}
+                                "improved": best_kl < start - 1e-6, "views": fit_x.shape[0] // fit.num_samples,
+                                "lr": lr}

@@ -45,7 +45,7 @@ from fedmerge.common.engine.methods import (
     compute_alignment,
     selection_candidates,
 )
-from fedmerge.common.engine.refine import check_refine, refine
+from fedmerge.common.engine.refine import check_refine, enabled, refine
 from fedmerge.common.engine.repair import (
     REPAIR_TARGETS,
     add_repair_targets,
@@ -176,8 +176,8 @@ def merge_models(models: Sequence[nn.Module], probe: Any, method: str = "cca", r
     dev = default_device(device)
     t0 = time.perf_counter()
     select = bool(selection_candidates(method, gamma, method_kwargs, gamma_grid))
-    fit, held = resolve_probe(probe, select or reference == "best" or bool(np_merge) or bool(distill), held_out,
-                              seed)
+    fit, held = resolve_probe(probe, select or reference == "best" or enabled(np_merge) or enabled(distill),
+                              held_out, seed)
     spec = derive_spec(models[0], fit.example(), residual_sites=residual_sites)
     timings = {"spec": time.perf_counter() - t0}
 
@@ -235,7 +235,7 @@ def merge_from_statistics(template: nn.Module, states, spec: MergeSpec, stats: S
         states = [fold_batchnorm(s, spec, bn_eps) for s in states]
     info = MergeInfo(method=method, reference=reference, bn_reset=bn, repair=repair,
                      repair_target=repair_target if repair else None, bn_fold=fold)
-    check_refine(np_merge, distill, fold, reset_batches, eval_batches, repair_models)
+    np_opts, distill_opts = check_refine(np_merge, distill, fold, reset_batches, eval_batches, repair_models)
     timings = {"transforms": 0.0, "apply": 0.0, "bn_reset": 0.0, "repair": 0.0, "evaluate": 0.0}
     if repair and (repair_models is None or reset_batches is None):
         raise ValueError("repair needs the endpoint models and probe batches")
@@ -372,11 +372,11 @@ def merge_from_statistics(template: nn.Module, states, spec: MergeSpec, stats: S
         (_, merged_sd, targets), = merged_states(everyone, [used])
         merged, affine = build(merged_sd, targets)
         timings["merge_all"] = time.perf_counter() - t
-    if np_merge or distill:
+    if np_opts is not None or distill_opts is not None:
         merged = refine(merged, info, template=template, states=states, spec=spec, stats=stats, method=method,
                         reference=reference, setting={**method_kwargs, **used}, weights=w, bn_eps=bn_eps,
                         fit=reset_batches, held=eval_batches, teachers=repair_models, repair_affine=affine,
-                        np_merge=np_merge, distill=distill, bn_reset=bn, device=dev, timings=timings)
+                        np_merge=np_opts, distill=distill_opts, bn_reset=bn, device=dev, timings=timings)
     for k, v in merged.state_dict().items():
         if v.is_floating_point() and not torch.isfinite(v).all():
             raise FloatingPointError(f"merge produced non-finite values in '{k}'")

@@ -28,10 +28,11 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from fedmerge.common.engine.linalg import default_device
+from fedmerge.common.engine.options import check_options
 from fedmerge.common.progress import LOGGER
 from fedmerge.common.wire.probe import Batches
 
-__all__ = ["np_merge", "GRANULARITIES"]
+__all__ = ["np_merge", "GRANULARITIES", "OPTIONS", "check_np_merge_options"]
 
 #: How finely NP Merge's coefficients vary: per parameter entry, per output unit, per parameter tensor.
 GRANULARITIES = ("element", "unit", "tensor")
@@ -56,10 +57,8 @@ def np_merge(template: nn.Module, aligned: Sequence[dict[str, torch.Tensor]], we
         raise ValueError("NP Merge needs a labelled probe (inputs and labels) to learn merge coefficients")
     if len(aligned) < 2:
         raise ValueError("NP Merge needs at least 2 aligned models")
-    if steps < 0 or lr <= 0:
-        raise ValueError("steps must be >= 0 and lr > 0")
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"unknown granularity {granularity!r}; choose one of {list(GRANULARITIES)}")
+    check_np_merge_options({"steps": steps, "lr": lr, "eval_every": eval_every, "patience": patience,
+                            "granularity": granularity})
     dev = default_device(device)
     model = copy.deepcopy(template).to(dev).eval()
     names = [n for n, _ in model.named_parameters()]
@@ -124,6 +123,21 @@ def np_merge(template: nn.Module, aligned: Sequence[dict[str, torch.Tensor]], we
                        "not train on: on their own training images the models are already fit.", start_loss, step)
     return out.eval(), {"steps": step, "held_loss_start": start_loss, "held_loss_best": best_loss,
                         "improved": improved, "granularity": granularity, "after_repair": bool(affine)}
+
+
+#: The options of :func:`np_merge` a caller sets (``np_merge={...}`` of ``merge_models``), each with its check.
+OPTIONS = {
+    "steps": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0"),
+    "lr": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, "a number > 0"),
+    "eval_every": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"),
+    "patience": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"),
+    "granularity": (lambda v: v in GRANULARITIES, f"one of {list(GRANULARITIES)}"),
+}
+
+
+def check_np_merge_options(opts: dict) -> dict:
+    """NP Merge's options (``np_merge={...}``), checked: see :data:`OPTIONS`."""
+    return check_options(opts, OPTIONS, "np_merge")
 
 
 def _coef_shape(stacked: torch.Tensor, granularity: str) -> tuple[int, ...]:

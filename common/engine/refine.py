@@ -12,59 +12,95 @@ from __future__ import annotations
 import time
 from typing import Sequence
 
+import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from fedmerge.common.engine.align import aligned_states
+from fedmerge.common.engine.distill import check_distill_options
 from fedmerge.common.engine.distill import distill as distill_into_ensemble
 from fedmerge.common.engine.graph import MergeSpec
 from fedmerge.common.engine.methods import compute_alignment
+from fedmerge.common.engine.npmerge import check_np_merge_options
 from fedmerge.common.engine.npmerge import np_merge as learn_np_merge
 from fedmerge.common.engine.repair import reset_bn_stats
+from fedmerge.common.engine.selection import probe_logits
 from fedmerge.common.engine.stats import Statistics
 from fedmerge.common.wire.probe import Batches
 
-__all__ = ["refine", "check_refine"]
+__all__ = ["refine", "check_refine", "enabled", "refine_options"]
+
+
+def enabled(opt) -> bool:
+    """Whether a refinement option asks for the step: ``True`` or a dict of options (an empty one: defaults)."""
+    return opt is True or isinstance(opt, dict)
+
+
+def refine_options(opt, name: str, check) -> dict | None:
+    """``None`` (off) for ``False``/``None``, the checked options dict for ``True`` (``{}``) or a dict; anything
+    else is a ValueError naming ``name``."""
+    if opt is None or opt is False:
+        return None
+    if opt is True:
+        return {}
+    if isinstance(opt, dict):
+        return check(opt)
+    raise ValueError(f"{name} must be True/False or a dict of options, got {type(opt).__name__}")
 
 
 def check_refine(np_merge, distill, bn_fold: bool, fit: Batches | None, held: Batches | None,
-                 teachers) -> None:
-    """The refinements asked for can run (ValueError naming what is missing otherwise)."""
-    for name, opt in (("np_merge", np_merge), ("distill", distill)):
-        if not isinstance(opt, (bool, dict)):
-            raise ValueError(f"{name} must be True/False or a dict of options, got {type(opt).__name__}")
-    if bn_fold and np_merge:
+                 teachers) -> tuple[dict | None, dict | None]:
+    """The refinements' options, checked (unknown names and bad values are ValueErrors naming them), and whether
+    they can run here (ValueError naming what is missing); returns (NP Merge options, distillation options), each
+    None when off."""
+    np_opts = refine_options(np_merge, "np_merge", check_np_merge_options)
+    distill_opts = refine_options(distill, "distill", check_distill_options)
+    if bn_fold and np_opts is not None:
         raise ValueError("bn_fold and np_merge cannot be combined (NP Merge learns the BatchNorm parameters)")
-    if (np_merge or distill) and (fit is None or held is None):
+    if (np_opts is not None or distill_opts is not None) and (fit is None or held is None):
         raise ValueError("np_merge and distill need a probe with a held-out slice on the server")
-    if np_merge and not (fit.has_labels and held.has_labels):
+    if np_opts is not None and not (fit.has_labels and held.has_labels):
         raise ValueError("np_merge needs a labelled probe (inputs and labels)")
-    if distill and teachers is None:
+    if distill_opts is not None and teachers is None:
         raise ValueError("distill needs the merged models themselves (the teachers)")
+    return np_opts, distill_opts
+
+
+@torch.no_grad()
+def _held_loss(model: nn.Module, held: Batches, device) -> float:
+    """Cross-entropy of ``model`` on the labelled held-out slice."""
+    z = probe_logits(model, held, device)
+    return float(F.cross_entropy(z, held.tensors()[1]))
 
 
 def refine(merged: nn.Module, info, *, template: nn.Module, states, spec: MergeSpec, stats: Statistics | None,
            method: str, reference: int, setting: dict, weights: Sequence[float], bn_eps: dict, fit: Batches,
-           held: Batches, teachers, repair_affine: dict, np_merge: bool | dict, distill: bool | dict,
+           held: Batches, teachers, repair_affine: dict, np_merge: dict | None, distill: dict | None,
            bn_reset: bool, device, timings: dict) -> nn.Module:
-    """NP Merge (when ``np_merge``) and then distillation (when ``distill``) of ``merged``; each one's record goes to
-    ``info.np_merge`` / ``info.distill``, its seconds to ``timings["np_merge"]`` / ``timings["distill"]``.
-    ``setting``: the method options the merge used (its chosen gamma)."""
-    if np_merge:
+    """NP Merge (options ``np_merge``, None: off) and then distillation (``distill``) of ``merged``; each one's record
+    goes to ``info.np_merge`` / ``info.distill``, its seconds to ``timings["np_merge"]`` / ``timings["distill"]``.
+    ``setting``: the method options the merge used (its chosen gamma). NP Merge's result replaces ``merged`` only
+    when its held-out loss is lower (after the BatchNorm reset, for nets with BatchNorm: NP Merge's own early
+    stopping sees averaged BatchNorm statistics); distillation starts from ``merged`` as it is and keeps it unless
+    the KL to the ensemble on the held-out slice falls."""
+    if np_merge is not None:
         t = time.perf_counter()
         alignment = compute_alignment(method, spec, stats, states, reference, **setting)
         aligned = aligned_states(states, spec, alignment, bn_eps)
         del alignment
-        opts = np_merge if isinstance(np_merge, dict) else {}
-        merged, info.np_merge = learn_np_merge(template, aligned, weights, fit, held, device=device,
-                                               affine=repair_affine or None, **opts)
+        learned, info.np_merge = learn_np_merge(template, aligned, weights, fit, held, device=device,
+                                                affine=repair_affine or None, **np_merge)
         del aligned
         if bn_reset:
-            reset_bn_stats(merged, fit, device)
+            reset_bn_stats(learned, fit, device)
+        before, after = _held_loss(merged, held, device), _held_loss(learned, held, device)
+        info.np_merge.update({"held_loss_merge": before, "held_loss_np_merge": after, "kept": after < before})
+        if after < before:
+            merged = learned
         timings["np_merge"] = time.perf_counter() - t
-    if distill:
+    if distill is not None:
         t = time.perf_counter()
-        opts = distill if isinstance(distill, dict) else {}
         merged, info.distill = distill_into_ensemble(merged, teachers, fit, held, weights=weights, device=device,
-                                                     **opts)
+                                                     **distill)
         timings["distill"] = time.perf_counter() - t
     return merged
