@@ -12,7 +12,8 @@ when missing). Every merge is CCA onto client 0 with gamma chosen on the held-ou
 - labelled (the probe's labels): NP Merge as published (per entry, Adam 0.05, <= 200 steps), NP Merge after
   REPAIR, per unit after REPAIR, and with more steps after REPAIR.
 
-Each pair's rows are kept in ``<out>/pairs/``; a later run measures only the rows (and pairs) missing there.
+Each pair's rows are kept in ``<out>/pairs/`` with their options; a later run measures only the rows (and pairs)
+missing there or whose options changed (clear the folder after changing an engine default a row relies on).
 Each row: test accuracy (full test set) as mean ± std over the pairs, its ratio to the pair's mean base accuracy,
 the held-out probe slice's accuracy (labels) and the seconds the merge took.
 """
@@ -110,7 +111,8 @@ def run_pair(args, sc, rows, custom: bool, done: dict | None = None) -> dict:
     ens = 100.0 * ensemble_evaluate(models, setup.test_loader, device=args.device)["accuracy"]
     fit, held = as_batches(setup.probe_loader).split(0.2, args.seed)
     for name, labels, opts in rows:
-        if name in done:
+        key = options_key(opts)
+        if name in done and done[name].get("options") == key:
             continue
         opts = dict(opts)
         t = time.perf_counter()
@@ -120,7 +122,7 @@ def run_pair(args, sc, rows, custom: bool, done: dict | None = None) -> dict:
         done[name] = r = {"row": name, "labels": labels, "accuracy": pct(merged, setup.test_loader, args.device),
                           "held_accuracy": held_accuracy(merged, held, args.device), "seconds": sec,
                           "gamma": info.gamma, "np_merge": info.np_merge, "distill": info.distill,
-                          "timings": info.timings}
+                          "timings": info.timings, "options": key}
         print({k: r[k] for k in ("row", "accuracy", "held_accuracy", "seconds", "gamma")}, flush=True)
     names = [r[0] for r in rows]
     if custom and any(c not in done for c in CUSTOM):
@@ -133,6 +135,11 @@ def run_pair(args, sc, rows, custom: bool, done: dict | None = None) -> dict:
             print({k: r[k] for k in ("row", "accuracy", "held_accuracy", "seconds")}, flush=True)
     names += CUSTOM if custom else []
     return {"seed": args.seed, "bases": bases, "ensemble": ens, "rows": [done[n] for n in names]}
+
+
+def options_key(opts: dict) -> str:
+    """A row's merge options as the text its cached record must carry to be reused."""
+    return json.dumps(opts, sort_keys=True)
 
 
 def summarise(pairs: list[dict]) -> list[dict]:
