@@ -94,7 +94,8 @@ def cross_stats_records(reference: nn.Module, model: nn.Module, probe: Batches, 
     spec = derive_spec(model, probe.example())
     whiten = None
     if rank > 0:
-        st = collect_statistics([reference, model], probe, reference=0, spec=spec, device=device)
+        st = collect_statistics([reference, model], probe, reference=0, spec=spec, device=device,
+                                own_of=[0] if own is not None else None)   # the model's own block: as uploaded
         cross = st.cross[(0, 1)]
         ref_own = decode_moments(encode_moments(st.own[0], dtype, rank), spec)
         whiten = (ref_own, decode_moments(record_to_arrays(own), spec) if own is not None else

@@ -93,8 +93,13 @@ def test_low_rank_query_reuses_the_statistics_sent_at_training(tmp_path, monkeyp
 
     for name in calls:
         monkeypatch.setattr(protocol, name, counted(name))
+    own_of = []
+    collect = protocol.collect_statistics
+    monkeypatch.setattr(protocol, "collect_statistics", lambda *a, **kw: own_of.append(kw.get("own_of")) or
+                        collect(*a, **kw))
     got = app(q, ctx).content.array_records["cross-stats"]
     assert calls == {"encode_moments": 1, "own_statistics": 0}   # the reference's block only
+    assert own_of == [[0]]   # the model's own block is not computed again either
     model = build_global_model(cfg)
     model.load_state_dict(ctx.state.array_records[LOCAL_KEY].to_torch_state_dict())
     fresh = protocol.cross_stats_records(ref, model, probe_batches(cfg)[0], reference_digest=weights_digest(

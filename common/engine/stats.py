@@ -285,16 +285,21 @@ class ReferenceActivations:
 
 
 def collect_statistics(models: Sequence[nn.Module], probe, reference: int = 0, pairs: str = "reference",
-                       spec: MergeSpec | None = None, device=None) -> Statistics:
-    """All statistics in one pass over the probe: own blocks of every model and cross blocks of
-    (reference, i) for every i (``pairs="reference"``, all that all-to-one needs) or of every pair
-    (``pairs="all"``, for ZipIt! with more than two models)."""
+                       spec: MergeSpec | None = None, device=None,
+                       own_of: Sequence[int] | None = None) -> Statistics:
+    """All statistics in one pass over the probe: own blocks of every model (of the models ``own_of`` only, when
+    given; the others' are left empty, ``{}``) and cross blocks of (reference, i) for every i
+    (``pairs="reference"``, all that all-to-one needs) or of every pair (``pairs="all"``, for ZipIt! with more
+    than two models)."""
     if pairs not in ("reference", "all"):
         raise ValueError(f"pairs must be 'reference' or 'all', got {pairs!r}")
     batches = as_batches(probe)
     n = len(models)
     if not 0 <= reference < n:
         raise ValueError(f"reference index {reference} out of range for {n} models")
+    wanted = set(range(n)) if own_of is None else set(own_of)
+    if not wanted <= set(range(n)):
+        raise ValueError(f"own_of {sorted(wanted)} names models outside [0, {n})")
     spec = spec or derive_spec(models[0], batches.example())
     keys = ([(reference, i) for i in range(n) if i != reference] if pairs == "reference"
             else [(i, j) for i in range(n) for j in range(i + 1, n)])
@@ -303,14 +308,14 @@ def collect_statistics(models: Sequence[nn.Module], probe, reference: int = 0, p
     for feats in _stream(models, spec, batches, device):
         for g in spec.groups:
             centred = [_centred(feats[i][g], f"model {i}", g) for i in range(n)]  # each chunk centred once
-            for i in range(n):
+            for i in wanted:
                 for c in centred[i]:
                     own[i][g] = own[i][g].combine(Moments(c.n, c.mean, c.gram(c)))
             for (i, j) in keys:
                 for ci, cj in zip(centred[i], centred[j]):
                     cross[(i, j)][g] = cross[(i, j)][g].combine(CrossMoments(ci.n, ci.mean, cj.mean, ci.gram(cj)))
             del centred
-    return Statistics(own=[{g: _cpu(m) for g, m in o.items()} for o in own],
+    return Statistics(own=[{g: _cpu(m) for g, m in o.items()} if i in wanted else {} for i, o in enumerate(own)],
                       cross={k: {g: _cpu(m) for g, m in c.items()} for k, c in cross.items()},
                       reference=reference)
 
