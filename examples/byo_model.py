@@ -61,6 +61,8 @@ def main(grid, context):
         torch.save(result.arrays.to_torch_state_dict(), sys.argv[1])
     test = load_dataset("cifar10-mini", "test")
     xt, yt = to_tensor(test.x, test.name), torch.from_numpy(test.y)
+    for r in strategy.history[-1].clients_rejected:   # a client dropped by a check says why
+        print(f"rejected: client {r.get('partition')} ({r.get('phase')}): {r.get('reason')}")
     for name, state in [("merged", result.arrays.to_torch_state_dict()), *strategy.last_states.items()]:
         model = MyNet()
         model.load_state_dict(state)

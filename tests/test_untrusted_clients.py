@@ -593,7 +593,7 @@ def test_bring_your_own_model_example_runs_on_flowers_simulation(tmp_path):
                        capture_output=True, text=True, timeout=600, env=env)
     assert p.returncode == 0, p.stderr[-3000:]
     lines = [ln for ln in p.stdout.splitlines() if "test accuracy" in ln]
-    assert [ln.split(":")[0] for ln in lines] == ["merged", "0", "1", "2"]
+    assert [ln.split(":")[0] for ln in lines] == ["merged", "0", "1", "2"], p.stdout + p.stderr[-3000:]
     assert all(0.0 <= float(ln.rsplit(" ", 1)[1]) <= 1.0 for ln in lines)
     state = torch.load(tmp_path / "byo_model.pt")
     assert sorted(q.name for q in tmp_path.iterdir()) == ["byo_model.pt"]   # writes nothing else into the cwd
