@@ -64,8 +64,11 @@ def run_demo(cfg: FedConfig, backend: str = "inline", baselines=("avg", "permute
     lines.append(f"| ensemble (upper bound) | {100 * acc['ensemble']:.2f} | |")
     for name, a, secs, g in rows:
         lines.append(f"| {name}{'' if g is None else f' (gamma {g:g})'} | {100 * a:.2f} | {secs:.1f} |")
-    lines.append(f"| federated {result['method']} (Flower) | {100 * acc['merged']:.2f} | "
-                 f"{result['timings']['transforms']:.1f} |")
+    fed = f"federated {result['method']}" + "".join(f" + {name}" for on, name in (
+        (cfg.repair, "REPAIR"), (cfg.np_merge, "NP Merge"), (cfg.distill, "distill")) if on)
+    merge_s = result["rounds"][-1]["timings"].get("merge", result["timings"]["transforms"]) if result.get(
+        "rounds") else result["timings"]["transforms"]
+    lines.append(f"| {fed} (Flower) | {100 * acc['merged']:.2f} | {merge_s:.1f} |")
     table = "\n".join(lines)
     print(table)
     summary = {"federated": result, "offline": [{"method": r[0], "accuracy": r[1], "seconds": r[2], "gamma": r[3]}
@@ -74,7 +77,7 @@ def run_demo(cfg: FedConfig, backend: str = "inline", baselines=("avg", "permute
     (out / "demo.md").write_text(table + "\n")
     bars = ([(f"client {p}", v) for p, v in acc["clients_by_partition"].items()]
             + [(name.replace("offline ", ""), a) for name, a, _, _ in rows]
-            + [(f"federated {result['method']}", acc["merged"]), ("ensemble", acc["ensemble"])])
+            + [(fed, acc["merged"]), ("ensemble", acc["ensemble"])])
     try:
         plot_demo(bars, out / "demo.png", f"{cfg.num_clients} clients, {cfg.dataset} {cfg.split}, "
                                           f"{cfg.arch} x{cfg.width:g}")
