@@ -98,8 +98,13 @@ def custom_rows(models, fit, held, gamma: float, device) -> list[tuple[str, torc
     return out
 
 
-def held_accuracy(model, held, device) -> float:
-    return 100.0 * probe_score(probe_logits(model, held, device), held)[0]
+def record(name: str, labels: str, merged, seconds: float, test_loader, held, device, **extra) -> dict:
+    """One row of a pair: test and held-out probe accuracy of ``merged`` (printed as it is measured)."""
+    r = {"row": name, "labels": labels, "accuracy": pct(merged, test_loader, device),
+         "held_accuracy": 100.0 * probe_score(probe_logits(merged, held, device), held)[0], "seconds": seconds,
+         **extra}
+    print({k: r[k] for k in ("row", "accuracy", "held_accuracy", "seconds")}, flush=True)
+    return r
 
 
 def run_pair(args, sc, rows, custom: bool, done: dict | None = None) -> dict:
@@ -118,21 +123,15 @@ def run_pair(args, sc, rows, custom: bool, done: dict | None = None) -> dict:
         t = time.perf_counter()
         merged, info = merge_models(models, (fit, held), method=opts.pop("method", "cca"), reference=0,
                                     gamma="auto", return_info=True, device=args.device, **opts)
-        sec = time.perf_counter() - t
-        done[name] = r = {"row": name, "labels": labels, "accuracy": pct(merged, setup.test_loader, args.device),
-                          "held_accuracy": held_accuracy(merged, held, args.device), "seconds": sec,
-                          "gamma": info.gamma, "np_merge": info.np_merge, "distill": info.distill,
-                          "timings": info.timings, "options": key}
-        print({k: r[k] for k in ("row", "accuracy", "held_accuracy", "seconds", "gamma")}, flush=True)
+        done[name] = record(name, labels, merged, time.perf_counter() - t, setup.test_loader, held, args.device,
+                            gamma=info.gamma, np_merge=info.np_merge, distill=info.distill, timings=info.timings,
+                            options=key)
     names = [r[0] for r in rows]
     if custom and any(c not in done for c in CUSTOM):
         gamma = done[ROWS[1][0]]["gamma"]   # the gamma CCA + REPAIR chose
         for name, merged, extra, sec in custom_rows(models, fit, held, gamma, args.device):
-            done[name] = r = {"row": name, "labels": "label-free",
-                              "accuracy": pct(merged, setup.test_loader, args.device),
-                              "held_accuracy": held_accuracy(merged, held, args.device), "seconds": sec,
-                              "gamma": gamma, **extra}
-            print({k: r[k] for k in ("row", "accuracy", "held_accuracy", "seconds")}, flush=True)
+            done[name] = record(name, "label-free", merged, sec, setup.test_loader, held, args.device, gamma=gamma,
+                                **extra)
     names += CUSTOM if custom else []
     return {"seed": args.seed, "bases": bases, "ensemble": ens, "rows": [done[n] for n in names]}
 

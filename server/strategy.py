@@ -45,7 +45,6 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedmerge.common import progress
-from fedmerge.common.engine.distill import check_distill_options
 from fedmerge.common.engine.graph import MergeSpec, derive_spec
 from fedmerge.common.engine.linalg import default_device
 from fedmerge.common.engine.merge import (
@@ -55,7 +54,6 @@ from fedmerge.common.engine.merge import (
     check_gamma_clients,
     has_batchnorm,
 )
-from fedmerge.common.engine.npmerge import check_np_merge_options
 from fedmerge.common.engine.refine import check_refine, refine_options
 from fedmerge.common.engine.stats import samples_per_input
 from fedmerge.common.task.config import FedConfig, parse_method_schedule
@@ -152,8 +150,7 @@ class CCAMerge(MethodSchedule, Identities, Screening, PhaseTwo, Merging, FedAvg)
         self.bn_reset, self.repair, self.repair_target, self.weighted = bn_reset, repair, repair_target, weighted
         self.bn_fold = bool(bn_fold)
         # the refinements' options checked now (names, values), and again with the probe below
-        self.np_merge = refine_options(np_merge, "np_merge", check_np_merge_options)
-        self.distill = refine_options(distill, "distill", check_distill_options)
+        self.np_merge, self.distill = refine_options(np_merge, distill)
         self.num_clients, self.min_clients = num_clients, min_clients
         self.stats_on_server, self.query_timeout = stats_on_server, query_timeout
         self.wait_for_clients = wait_for_clients

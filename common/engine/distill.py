@@ -16,7 +16,6 @@ Cost: ``views * len(teachers)`` forward passes of the probe, then ``steps`` opti
 from __future__ import annotations
 
 import copy
-import math
 from typing import Sequence
 
 import torch
@@ -24,7 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fedmerge.common.engine.linalg import default_device
-from fedmerge.common.engine.options import check_options
+from fedmerge.common.engine.options import check_options, integer, is_number, number
+from fedmerge.common.engine.selection import probe_logits
 from fedmerge.common.wire.probe import Batches
 
 __all__ = ["distill", "augment_views", "ensemble_logits", "OPTIONS", "check_distill_options"]
@@ -82,23 +82,15 @@ def ensemble_logits(teachers: Sequence[nn.Module], inputs: Sequence[torch.Tensor
 
 #: The options of :func:`distill` a caller sets (``distill={...}`` of ``merge_models``), each with its check.
 OPTIONS = {
-    "steps": (lambda v: _int(v) and v >= 0, "an integer >= 0"),
-    "lr": (lambda v: _num(v) and v > 0, "a number > 0"),
-    "batch_size": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
-    "views": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
-    "temperature": (lambda v: _num(v) and v > 0, "a number > 0"),
-    "eval_every": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
-    "patience": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
-    "seed": (lambda v: _int(v), "an integer"),
+    "steps": integer(0),
+    "lr": number(0),
+    "batch_size": integer(1),
+    "views": integer(1),
+    "temperature": number(0),
+    "eval_every": integer(1),
+    "patience": integer(1),
+    "seed": integer(),
 }
-
-
-def _int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _num(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def check_distill_options(opts: dict) -> dict:
@@ -111,11 +103,8 @@ def _kl(student_logits: torch.Tensor, target_logits: torch.Tensor, temperature: 
                     reduction="batchmean", log_target=True) * temperature ** 2
 
 
-@torch.no_grad()
-def _held_kl(model: nn.Module, x: torch.Tensor, target: torch.Tensor, device, batch_size: int = 500) -> float:
-    model.eval()
-    z = torch.cat([model(x[i:i + batch_size].to(device)).float().cpu() for i in range(0, x.shape[0], batch_size)])
-    return float(_kl(z, target, 1.0))
+def _held_kl(model: nn.Module, held: Batches, target: torch.Tensor, device) -> float:
+    return float(_kl(probe_logits(model, held, device), target, 1.0))
 
 
 def distill(merged: nn.Module, teachers: Sequence[nn.Module], fit: Batches, held: Batches,
@@ -133,7 +122,7 @@ def distill(merged: nn.Module, teachers: Sequence[nn.Module], fit: Batches, held
     if fit is None or held is None or fit.num_samples == 0 or held.num_samples == 0:
         raise ValueError("distillation needs a probe with a held-out slice")
     n = len(teachers)
-    if weights is not None and (len(weights) != n or any(not _num(x) or x < 0 for x in weights) or sum(weights) <= 0):
+    if weights is not None and (len(weights) != n or any(not is_number(x) or x < 0 for x in weights) or sum(weights) <= 0):
         raise ValueError(f"distill weights must be {n} non-negative numbers with a positive sum, got {weights}")
     dev = default_device(device)
     w = [1.0 / n] * n if weights is None else [float(x) / sum(weights) for x in weights]
@@ -141,7 +130,7 @@ def distill(merged: nn.Module, teachers: Sequence[nn.Module], fit: Batches, held
     held_x, _ = held.tensors()
     fit_t, held_t = ensemble_logits(teachers, [fit_x, held_x], w, dev)
     model = copy.deepcopy(merged).to(dev).eval()   # eval: BatchNorm keeps its (reset) statistics
-    start = best_kl = _held_kl(model, held_x, held_t, dev)
+    start = best_kl = _held_kl(model, held, held_t, dev)
     best = {k: v.detach().clone() for k, v in model.state_dict().items()}
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     gen = torch.Generator().manual_seed(seed)
@@ -157,7 +146,7 @@ def distill(merged: nn.Module, teachers: Sequence[nn.Module], fit: Batches, held
         loss.backward()
         opt.step()
         if step % eval_every == 0 or step == steps:
-            kl = _held_kl(model, held_x, held_t, dev)
+            kl = _held_kl(model, held, held_t, dev)
             if kl < best_kl - 1e-6:
                 best_kl, bad = kl, 0
                 best = {k: v.detach().clone() for k, v in model.state_dict().items()}

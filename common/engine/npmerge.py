@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from fedmerge.common.engine.linalg import default_device
-from fedmerge.common.engine.options import check_options
+from fedmerge.common.engine.options import check_options, integer, number
 from fedmerge.common.progress import LOGGER
 from fedmerge.common.wire.probe import Batches
 
@@ -127,10 +127,10 @@ def np_merge(template: nn.Module, aligned: Sequence[dict[str, torch.Tensor]], we
 
 #: The options of :func:`np_merge` a caller sets (``np_merge={...}`` of ``merge_models``), each with its check.
 OPTIONS = {
-    "steps": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0"),
-    "lr": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, "a number > 0"),
-    "eval_every": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"),
-    "patience": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"),
+    "steps": integer(0),
+    "lr": number(0),
+    "eval_every": integer(1),
+    "patience": integer(1),
     "granularity": (lambda v: v in GRANULARITIES, f"one of {list(GRANULARITIES)}"),
 }
 

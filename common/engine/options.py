@@ -2,9 +2,26 @@
 ``np_merge={...}`` and ``distill={...}``): an unknown name or a bad value is a ValueError naming it."""
 from __future__ import annotations
 
+import math
 from typing import Callable
 
-__all__ = ["check_options"]
+__all__ = ["check_options", "is_number", "integer", "number"]
+
+
+def is_number(v) -> bool:
+    """A finite int or float (not a bool)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def integer(minimum: int | None = None) -> tuple[Callable[[object], bool], str]:
+    """The table entry of an integer option (not a bool), at least ``minimum`` when given."""
+    return ((lambda v: isinstance(v, int) and not isinstance(v, bool) and (minimum is None or v >= minimum)),
+            "an integer" + ("" if minimum is None else f" >= {minimum}"))
+
+
+def number(above: float) -> tuple[Callable[[object], bool], str]:
+    """The table entry of a finite number option greater than ``above``."""
+    return (lambda v: is_number(v) and v > above), f"a number > {above:g}"
 
 
 def check_options(opts: dict, options: dict[str, tuple[Callable[[object], bool], str]], what: str) -> dict:

@@ -12,9 +12,7 @@ from __future__ import annotations
 import time
 from typing import Sequence
 
-import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from fedmerge.common.engine.align import aligned_states
 from fedmerge.common.engine.distill import check_distill_options
@@ -24,7 +22,7 @@ from fedmerge.common.engine.methods import compute_alignment
 from fedmerge.common.engine.npmerge import check_np_merge_options
 from fedmerge.common.engine.npmerge import np_merge as learn_np_merge
 from fedmerge.common.engine.repair import reset_bn_stats
-from fedmerge.common.engine.selection import probe_logits
+from fedmerge.common.engine.selection import probe_logits, probe_score
 from fedmerge.common.engine.stats import Statistics
 from fedmerge.common.wire.probe import Batches
 
@@ -36,16 +34,22 @@ def enabled(opt) -> bool:
     return opt is True or isinstance(opt, dict)
 
 
-def refine_options(opt, name: str, check) -> dict | None:
-    """``None`` (off) for ``False``/``None``, the checked options dict for ``True`` (``{}``) or a dict; anything
-    else is a ValueError naming ``name``."""
-    if opt is None or opt is False:
-        return None
-    if opt is True:
-        return {}
-    if isinstance(opt, dict):
-        return check(opt)
-    raise ValueError(f"{name} must be True/False or a dict of options, got {type(opt).__name__}")
+def refine_options(np_merge, distill) -> tuple[dict | None, dict | None]:
+    """(NP Merge options, distillation options), each ``None`` (off) for ``False``/``None`` and the checked
+    options dict for ``True`` (``{}``) or a dict; anything else, an unknown option or a bad value is a ValueError
+    naming it."""
+    out = []
+    for name, opt, check in (("np_merge", np_merge, check_np_merge_options),
+                             ("distill", distill, check_distill_options)):
+        if opt is None or opt is False:
+            out.append(None)
+        elif opt is True:
+            out.append({})
+        elif isinstance(opt, dict):
+            out.append(check(opt))
+        else:
+            raise ValueError(f"{name} must be True/False or a dict of options, got {type(opt).__name__}")
+    return out[0], out[1]
 
 
 def check_refine(np_merge, distill, bn_fold: bool, fit: Batches | None, held: Batches | None,
@@ -53,8 +57,7 @@ def check_refine(np_merge, distill, bn_fold: bool, fit: Batches | None, held: Ba
     """The refinements' options, checked (unknown names and bad values are ValueErrors naming them), and whether
     they can run here (ValueError naming what is missing); returns (NP Merge options, distillation options), each
     None when off."""
-    np_opts = refine_options(np_merge, "np_merge", check_np_merge_options)
-    distill_opts = refine_options(distill, "distill", check_distill_options)
+    np_opts, distill_opts = refine_options(np_merge, distill)
     if bn_fold and np_opts is not None:
         raise ValueError("bn_fold and np_merge cannot be combined (NP Merge learns the BatchNorm parameters)")
     if (np_opts is not None or distill_opts is not None) and (fit is None or held is None):
@@ -66,11 +69,9 @@ def check_refine(np_merge, distill, bn_fold: bool, fit: Batches | None, held: Ba
     return np_opts, distill_opts
 
 
-@torch.no_grad()
 def _held_loss(model: nn.Module, held: Batches, device) -> float:
-    """Cross-entropy of ``model`` on the labelled held-out slice."""
-    z = probe_logits(model, held, device)
-    return float(F.cross_entropy(z, held.tensors()[1]))
+    """Cross-entropy of ``model`` on the labelled held-out slice (``probe_score``'s secondary score, negated)."""
+    return -probe_score(probe_logits(model, held, device), held)[1]
 
 
 def refine(merged: nn.Module, info, *, template: nn.Module, states, spec: MergeSpec, stats: Statistics | None,
